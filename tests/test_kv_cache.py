@@ -1,0 +1,68 @@
+"""Cache consistency: prefill + single-token steps reproduce one full forward, also left-padded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eft_jax.models import llama
+from eft_jax.models.config import LlamaConfig
+from eft_jax.models.kv_cache import KVCache
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=8, rope_theta=100.0, qkv_bias=True)
+forward = jax.jit(llama.forward, static_argnums=0)
+
+
+def _cache(batch, slots):
+    return KVCache.zeros(num_layers=CFG.num_layers, batch=batch, slots=slots, num_kv_heads=CFG.num_kv_heads,
+                         head_dim=CFG.head_dim, dtype=jnp.float32)
+
+
+def _full(params, tokens):
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(forward(CFG, params, jnp.asarray(tokens), jnp.asarray(positions))[0])
+
+
+@pytest.mark.parametrize("prompt_len,steps", [(5, 7), (1, 4)])
+def test_prefill_then_steps_equals_full_forward(prompt_len, steps):
+    params = llama.init_params(CFG, jax.random.key(0))
+    tokens = np.random.RandomState(0).randint(0, 97, size=(2, prompt_len + steps))
+    full = _full(params, tokens)
+
+    pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    logits, cache = forward(CFG, params, tokens[:, :prompt_len], pos[:, :prompt_len], _cache(2, 16))
+    got = [np.asarray(logits)]
+    for t in range(prompt_len, prompt_len + steps):
+        logits, cache = forward(CFG, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=1e-5)
+    assert np.asarray(cache.length).tolist() == [prompt_len + steps] * 2
+
+
+def test_left_padded_rows_match_their_unpadded_forward():
+    params = llama.init_params(CFG, jax.random.key(1))
+    rng = np.random.RandomState(1)
+    short, long = rng.randint(0, 97, size=4), rng.randint(0, 97, size=9)
+    tokens = np.stack([np.concatenate([np.zeros(5, int), short]), long])
+    positions = np.stack([np.r_[[-1] * 5, np.arange(4)], np.arange(9)])
+    logits, cache = forward(CFG, params, tokens, positions, _cache(2, 12))
+    np.testing.assert_allclose(np.asarray(logits)[0, 5:], _full(params, short[None])[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits)[1], _full(params, long[None])[0], atol=1e-5)
+    # One more token each: the padded row continues at position 4, the other at 9.
+    nxt = np.array([[3], [4]])
+    step, _ = forward(CFG, params, nxt, np.array([[4], [9]]), cache)
+    np.testing.assert_allclose(np.asarray(step)[0, 0], _full(params, np.r_[short, 3][None])[0, -1], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step)[1, 0], _full(params, np.r_[long, 4][None])[0, -1], atol=1e-5)
+
+
+def test_rewind_forgets_rejected_tokens():
+    params = llama.init_params(CFG, jax.random.key(2))
+    tokens = np.random.RandomState(2).randint(0, 97, size=(1, 8))
+    pos = np.arange(8)[None]
+    _, cache = forward(CFG, params, tokens[:, :6], pos[:, :6], _cache(1, 10))
+    cache = cache.rewind(jnp.array([4]))  # drop tokens 4 and 5, then write different ones
+    other = np.array([[11, 12]])
+    logits, _ = forward(CFG, params, other, pos[:, 4:6], cache)
+    expect = _full(params, np.concatenate([tokens[:, :4], other], axis=1))[:, 4:]
+    np.testing.assert_allclose(np.asarray(logits), expect, atol=1e-5)
