@@ -1,0 +1,202 @@
+"""The jitted core of EFT decoding: prefill, fixed-length scan chunks of decode steps, and scoring.
+
+One step, for every model of the spec: feed the last sampled token at that model's own position,
+get next-token logits, then combine (``eft.eft_logprobs``), filter (``sampling.final_logprobs``) and
+sample once for all. Plain decoding is the one-model case of the same code.
+
+Everything here is a pure function of a static ``Plan`` (shapes, configs, sampling settings) and
+pytrees of arrays (params, caches, ``DecodeState``). The host loop lives in ``engine.py``: it calls
+``decode_chunk`` (``chunk`` steps in one ``lax.scan``, no host round trip inside) until every row is
+done, checking between chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from eft_jax.eft import eft_logprobs, gather_logprobs
+from eft_jax.models import llama
+from eft_jax.models.config import LlamaConfig
+from eft_jax.models.kv_cache import KVCache
+from eft_jax.sampling import SamplingParams, final_logprobs, row_keys, safe_log_softmax, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of one compiled decode program (hashable; a jit static argument).
+
+    configs: the models in spec order (base, ref, fine-tunes). vocab: the common vocabulary size.
+    record_components: also return each model's log-prob of every sampled token.
+    record_distributions: also return every step's EFT distribution (analysis/tests; [B, T, vocab]).
+    """
+
+    configs: tuple[LlamaConfig, ...]
+    vocab: int
+    n_ft: int
+    base_top_p: float | None
+    sampling: SamplingParams
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    chunk: int
+    record_components: bool = False
+    record_distributions: bool = False
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything that changes during decoding (donated to each chunk).
+
+    ``token`` is the last sampled token (index ``index`` in the output), not yet fed to the models;
+    ``next_pos[m]`` is the position model m gives it (prompts differ in length per model).
+    """
+
+    caches: tuple[KVCache, ...]
+    token: Int[Array, " batch"]
+    next_pos: Int[Array, "models batch"]
+    index: Int[Array, ""]
+    done: Bool[Array, " batch"]
+    num_tokens: Int[Array, " batch"]
+    max_new: Int[Array, " batch"]
+    stream: Int[Array, " batch"]
+    tokens: Int[Array, "batch out"]
+    logprobs: Float[Array, "batch out"]
+    components: Float[Array, "models batch out"]  # empty when not recorded
+    distributions: Float[Array, "batch out vocab"]  # empty when not recorded
+
+
+def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array, " n_ft"]) -> Float[Array, "batch vocab"]:
+    """The normalised EFT log-probs [batch, vocab] from each model's next-token logits [batch, padded]."""
+    sliced = [x[:, : plan.vocab] for x in logits]  # drop padded embedding rows before normalising
+    if plan.n_ft == 0:
+        return eft_logprobs(sliced[0], None, None, None, base_top_p=plan.base_top_p)
+    return eft_logprobs(sliced[0], sliced[1], jnp.stack(sliced[2:]), weights, base_top_p=plan.base_top_p)
+
+
+def _write_column(buf: Array, value: Array, index: Array, active: Bool[Array, " batch"]) -> Array:
+    """``buf[..., b, index] = value[..., b]`` for active rows b (an out-of-range index writes nothing)."""
+    old = jax.lax.dynamic_index_in_dim(buf, index, axis=buf.ndim - 1, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(active, value, old), index, axis=buf.ndim - 1)
+
+
+def _choose_and_record(
+    plan: Plan, state: DecodeState, logits: tuple[Array, ...], weights: Array, seed: Array, index: Array
+) -> DecodeState:
+    """Sample output token ``index`` for every row and write it (rows already done write padding)."""
+    lp = eft_distribution(plan, logits, weights)
+    keys = row_keys(seed, state.stream, jnp.broadcast_to(index, state.stream.shape))
+    tok = sample(final_logprobs(lp, plan.sampling), keys)
+
+    active = ~state.done & (index < state.tokens.shape[1])
+    tok = jnp.where(active, tok, plan.pad_id)
+    num_tokens = state.num_tokens + active
+    is_stop = jnp.isin(tok, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros_like(active)
+    done = state.done | (active & is_stop) | (num_tokens >= state.max_new)
+
+    tokens = _write_column(state.tokens, tok, index, active)
+    logprobs = _write_column(state.logprobs, gather_logprobs(lp, tok), index, active)
+    components = state.components
+    if plan.record_components:
+        comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in logits])
+        components = _write_column(components, comp, index, active)
+    distributions = state.distributions
+    if plan.record_distributions:
+        old = jax.lax.dynamic_index_in_dim(distributions, index, axis=1, keepdims=False)
+        distributions = jax.lax.dynamic_update_index_in_dim(
+            distributions, jnp.where(active[:, None], lp, old), index, axis=1
+        )
+    return dataclasses.replace(
+        state, token=tok, index=index, done=done, num_tokens=num_tokens,
+        tokens=tokens, logprobs=logprobs, components=components, distributions=distributions,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames=("caches",))
+def prefill(
+    plan: Plan,
+    params: tuple[Any, ...],
+    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
+    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
+    caches: tuple[KVCache, ...],
+    weights: Float[Array, " n_ft"],
+    seed: Int[Array, ""],
+    stream: Int[Array, " batch"],
+    max_new: Int[Array, " batch"],
+    out_len: int,
+) -> DecodeState:
+    """Run every model over its own left-padded prompt and sample output token 0."""
+    logits, new_caches = [], []
+    for cfg, p, toks, pos, cache in zip(plan.configs, params, prompt_tokens, prompt_positions, caches, strict=True):
+        out, cache = llama.forward(cfg, p, toks, pos, cache)
+        logits.append(out[:, -1])  # left padding: the last column is every row's last prompt token
+        new_caches.append(cache)
+    batch = stream.shape[0]
+    n_models = len(plan.configs)
+    state = DecodeState(
+        caches=tuple(new_caches),
+        token=jnp.zeros((batch,), jnp.int32),
+        next_pos=jnp.stack([jnp.max(pos, axis=1) + 1 for pos in prompt_positions]).astype(jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+        done=max_new <= 0,
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        max_new=max_new.astype(jnp.int32),
+        stream=stream.astype(jnp.int32),
+        tokens=jnp.full((batch, out_len), plan.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, out_len), jnp.float32),
+        components=jnp.zeros((n_models, batch, out_len) if plan.record_components else (0,), jnp.float32),
+        distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
+    )
+    return _choose_and_record(plan, state, tuple(logits), weights, seed, jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("state",))
+def decode_chunk(
+    plan: Plan, params: tuple[Any, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""], state: DecodeState
+) -> DecodeState:
+    """``plan.chunk`` decode steps in one ``lax.scan``: feed the last token, combine, sample, record."""
+
+    def step(state: DecodeState, _: None) -> tuple[DecodeState, None]:
+        logits, caches = [], []
+        for m, (cfg, p, cache) in enumerate(zip(plan.configs, params, state.caches, strict=True)):
+            out, cache = llama.forward(cfg, p, state.token[:, None], state.next_pos[m][:, None], cache)
+            logits.append(out[:, 0])
+            caches.append(cache)
+        state = dataclasses.replace(state, caches=tuple(caches), next_pos=state.next_pos + 1)
+        return _choose_and_record(plan, state, tuple(logits), weights, seed, state.index + 1), None
+
+    state, _ = jax.lax.scan(step, state, None, length=plan.chunk)
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def score_batch(
+    plan: Plan,
+    params: tuple[Any, ...],
+    tokens: tuple[Int[Array, "batch seq"], ...],
+    positions: tuple[Int[Array, "batch seq"], ...],
+    predict_at: tuple[Int[Array, "batch resp"], ...],
+    targets: Int[Array, "batch resp"],
+    weights: Float[Array, " n_ft"],
+) -> tuple[Float[Array, "batch resp"], Float[Array, "models batch resp"]]:
+    """Teacher-forced log-probs of ``targets`` under the EFT distribution and under each model.
+
+    ``predict_at[m][b, j]``: the column of model m's (left-padded) sequence whose logits predict
+    response token j of row b.
+    """
+    logits = []
+    for cfg, p, toks, pos, at in zip(plan.configs, params, tokens, positions, predict_at, strict=True):
+        out, _ = llama.forward(cfg, p, toks, pos)
+        logits.append(jnp.take_along_axis(out, at[:, :, None], axis=1))  # [batch, resp, padded vocab]
+    b, r = targets.shape
+    flat = tuple(x.reshape(b * r, -1) for x in logits)
+    lp = eft_distribution(plan, flat, weights)
+    flat_targets = targets.reshape(-1)
+    eft = gather_logprobs(lp, flat_targets).reshape(b, r)
+    comps = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), flat_targets) for x in flat])
+    return eft, comps.reshape(len(flat), b, r)

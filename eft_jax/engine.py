@@ -1,0 +1,356 @@
+"""EFT generation and scoring for any number of prompts: batching, buckets, the host decode loop.
+
+``Engine(spec)`` checks the models once (shared vocabulary, same mesh) and then serves ``generate``
+and ``score`` calls. Prompts are sorted by length and run in fixed-size batches (the last one padded
+with dummy rows), prompt lengths are bucketed to powers of two and output lengths to whole chunks, so
+a job with many batches compiles a handful of programs. Results come back in input order.
+
+Randomness is per prompt: the sample of a prompt depends on (seed, its stream id, position) only,
+never on batch size, batch neighbours or sharding. A prompt's stream id is, by default, a hash of its
+content (so the same prompt gives the same sample wherever it sits in the input); pass ``ids`` to
+choose them (e.g. a job's own prompt ids combined with a sample index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from eft_jax import decode
+from eft_jax.prompts import Prompt, PromptError, bucket_length, left_pad, render_tokens, validate_prompt
+from eft_jax.sampling import SamplingParams
+from eft_jax.spec import EFTSpec
+from eft_jax.vocab import common_vocab_size
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One sample. ``tokens`` include the stop token when ``finish_reason == "stop"``; ``text`` does not.
+
+    ``logprob`` is the sum of ``token_logprobs``: each sampled token's log-prob under the EFT
+    distribution (temperature 1, before top-k/top-p/min-p, after the conservative base nucleus).
+    ``component_logprobs`` maps each model's role to its per-token log-probs (on request); their
+    difference ft - ref is the per-token implicit reward. ``error`` is set (and nothing else) for a
+    prompt that could not be run.
+    """
+
+    index: int
+    prompt: Any
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: Literal["stop", "length", "error"] = "length"
+    logprob: float = 0.0
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    component_logprobs: dict[str, list[float]] | None = None
+    error: str | None = None
+    distributions: np.ndarray | None = None  # [tokens, vocab] EFT log-probs per step, on request
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    """EFT log-likelihood of a response given its prompt: per token and summed, plus per model."""
+
+    index: int
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    logprob: float = 0.0
+    component_logprobs: dict[str, list[float]] | None = None
+    error: str | None = None
+
+
+def stream_id(prompt: Prompt, sample_index: int = 0) -> int:
+    """A stable 31-bit id from the prompt's content and a sample index (the default randomness stream)."""
+    digest = hashlib.blake2b(json.dumps([prompt, sample_index]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class Engine:
+    """Generation and scoring under one ``EFTSpec``.
+
+    chunk_size: decode steps per jitted chunk (the host checks for "all done" between chunks).
+    """
+
+    def __init__(self, spec: EFTSpec, *, chunk_size: int = 16):
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.spec = spec
+        self.chunk_size = chunk_size
+        comps = spec.components
+        missing = [c.label for c in comps if c.model.tokenizer is None]
+        if missing:
+            raise ValueError(f"model(s) {missing} have no tokenizer; EFT needs each model's tokenizer")
+        # Raises VocabMismatchError naming the first differing id.
+        self.vocab = min(common_vocab_size({c.label: c.model.tokenizer for c in comps}),
+                         *(c.model.vocab_size for c in comps))
+        self.tokenizer = comps[-1].model.tokenizer  # any one will do: the vocabularies agree
+        self.mesh = spec.base.model.mesh
+        self.data_size = self.mesh.shape.get("data", 1) if spec.base.model.rules.mesh_axis("batch") else 1
+        self.stop_ids = tuple(sorted({t for c in comps for t in _eos_ids(c.model.tokenizer) if t < self.vocab}))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None and pad < self.vocab else 0)
+        self.labels = [c.label for c in comps]
+
+    # --- public API ----------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams = SamplingParams(),
+        *,
+        max_new_tokens: int | Sequence[int] = 128,
+        batch_size: int = 8,
+        seed: int = 0,
+        ids: Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
+        stop_token_ids: Sequence[int] = (),
+        return_component_logprobs: bool = False,
+        return_distributions: bool = False,
+        on_error: Literal["raise", "report"] = "raise",
+        on_batch: Callable[[list[GenerationResult]], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Sample one response per prompt; results in input order.
+
+        max_new_tokens: one limit, or one per prompt. ids: per-prompt randomness streams (default
+        ``stream_id(prompt)``). weights: override the spec's reward weights (no recompilation).
+        on_error: "raise" refuses the whole call if any prompt is invalid (empty, longer than a model's
+        context, ...); "report" returns a result with ``error`` set for it and runs the rest.
+        on_batch: called with each finished batch's results (for incremental output).
+        """
+        n = len(prompts)
+        limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != n:
+            raise ValueError(f"{len(limits)} max_new_tokens values for {n} prompts")
+        streams = [stream_id(p) for p in prompts] if ids is None else [int(i) & 0x7FFFFFFF for i in ids]
+        if len(streams) != n:
+            raise ValueError(f"{len(streams)} ids for {n} prompts")
+        batch_size = self._batch_size(batch_size)
+
+        results: list[GenerationResult | None] = [None] * n
+        rendered: dict[int, list[list[int]]] = {}
+        for i, prompt in enumerate(prompts):
+            try:
+                rendered[i] = self._render(prompt, limits[i])
+            except PromptError as e:
+                if on_error == "raise":
+                    raise PromptError(f"prompt {i}: {e}") from None
+                results[i] = GenerationResult(index=i, prompt=prompt, finish_reason="error", error=str(e))
+
+        plan = decode.Plan(
+            configs=tuple(c.model.config for c in self.spec.components), vocab=self.vocab,
+            n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
+            stop_ids=tuple(sorted(set(self.stop_ids) | {int(t) for t in stop_token_ids})), pad_id=self.pad_id,
+            chunk=self.chunk_size, record_components=return_component_logprobs,
+            record_distributions=return_distributions,
+        )
+        w = self._weights(weights)
+        for batch in self._batches(rendered, batch_size):
+            done = self._generate_batch(plan, batch, batch_size, rendered, limits, streams, prompts, w, seed)
+            for r in done:
+                results[r.index] = r
+            if on_batch is not None:
+                on_batch(done)
+        return results  # type: ignore[return-value]
+
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[str | Sequence[int]],
+        *,
+        batch_size: int = 8,
+        weights: Sequence[float] | None = None,
+        on_error: Literal["raise", "report"] = "raise",
+    ) -> list[ScoreResult]:
+        """EFT log-likelihood of each response given its prompt (teacher forcing, no sampling).
+
+        A response is text (tokenized once, without special tokens) or a list of token ids. Memory
+        grows as batch x response length x vocab x models: lower ``batch_size`` for long responses.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        batch_size = self._batch_size(batch_size)
+        results: list[ScoreResult | None] = [None] * len(prompts)
+        rendered: dict[int, list[list[int]]] = {}
+        targets: dict[int, list[int]] = {}
+        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            try:
+                resp = (self.tokenizer(response, add_special_tokens=False)["input_ids"]
+                        if isinstance(response, str) else [int(t) for t in response])
+                if not resp:
+                    raise PromptError("empty response")
+                if max(resp) >= self.vocab or min(resp) < 0:
+                    raise PromptError(f"response token ids must lie in [0, {self.vocab})")
+                rendered[i] = self._render(prompt, len(resp))
+                targets[i] = resp
+            except PromptError as e:
+                if on_error == "raise":
+                    raise PromptError(f"pair {i}: {e}") from None
+                results[i] = ScoreResult(index=i, error=str(e))
+
+        plan = decode.Plan(
+            configs=tuple(c.model.config for c in self.spec.components), vocab=self.vocab,
+            n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=SamplingParams(),
+            stop_ids=(), pad_id=self.pad_id, chunk=1,
+        )
+        w = self._weights(weights)
+        for batch in self._batches(rendered, batch_size):
+            for r in self._score_batch(plan, batch, batch_size, rendered, targets, w):
+                results[r.index] = r
+        return results  # type: ignore[return-value]
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _batch_size(self, batch_size: int) -> int:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # The batch is split over the mesh's data axis: round up to a multiple of it.
+        return math.ceil(batch_size / self.data_size) * self.data_size
+
+    def _weights(self, weights: Sequence[float] | None) -> jax.Array:
+        w = self.spec.weights if weights is None else tuple(float(x) for x in weights)
+        if len(w) != len(self.spec.fine_tuned):
+            raise ValueError(f"{len(w)} weights for {len(self.spec.fine_tuned)} fine-tuned model(s)")
+        return jnp.asarray(w if w else (0.0,), jnp.float32)
+
+    def _render(self, prompt: Any, max_new: int) -> list[list[int]]:
+        """Each model's prompt tokens; PromptError if empty or too long for a model's context."""
+        if max_new <= 0:
+            raise PromptError(f"max_new_tokens must be positive, got {max_new}")
+        prompt = validate_prompt(prompt)
+        rows = []
+        for c in self.spec.components:
+            ids = render_tokens(c.model.tokenizer, prompt, c.prompt_format)
+            if not ids:
+                raise PromptError(f"prompt renders to no tokens for {c.label}")
+            context = c.model.config.max_position_embeddings
+            if len(ids) + max_new > context:
+                raise PromptError(
+                    f"prompt is {len(ids)} tokens for {c.label}, whose context is {context}: with "
+                    f"max_new_tokens={max_new} it needs {len(ids) + max_new}; shorten the prompt or max_new_tokens"
+                )
+            if max(ids) >= self.vocab:
+                raise PromptError(f"prompt for {c.label} uses token id {max(ids)} outside the shared vocabulary")
+            rows.append(ids)
+        return rows
+
+    def _batches(self, rendered: dict[int, list[list[int]]], batch_size: int) -> list[list[int]]:
+        """Prompt indices grouped into batches, longest first (similar lengths share a bucket)."""
+        order = sorted(rendered, key=lambda i: (-max(len(r) for r in rendered[i]), i))
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+    def _place(self, x: np.ndarray) -> jax.Array:
+        spec = PartitionSpec(self.spec.base.model.rules.mesh_axis("batch"), *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def _padded_rows(self, batch: list[int], batch_size: int) -> list[int]:
+        # Dummy rows repeat the batch's first prompt; their outputs are dropped.
+        return batch + [batch[0]] * (batch_size - len(batch))
+
+    def _prompt_arrays(self, rows: list[int], rendered: dict[int, list[list[int]]]) -> tuple[list, list, list[int]]:
+        tokens, positions, lengths = [], [], []
+        for m in range(len(self.spec.components)):
+            seqs = [rendered[i][m] for i in rows]
+            length = bucket_length(max(len(s) for s in seqs))
+            t, p = left_pad(seqs, length, self.pad_id)
+            tokens.append(self._place(t))
+            positions.append(self._place(p))
+            lengths.append(length)
+        return tokens, positions, lengths
+
+    def _generate_batch(self, plan, batch, batch_size, rendered, limits, streams, prompts, weights, seed) -> list[GenerationResult]:
+        rows = self._padded_rows(batch, batch_size)
+        max_new = np.array([limits[i] for i in rows], np.int32)
+        # Output buffer: token 0 comes from prefill, then whole chunks.
+        out_len = 1 + plan.chunk * math.ceil((int(max_new.max()) - 1) / plan.chunk)
+        tokens, positions, lengths = self._prompt_arrays(rows, rendered)
+        caches = tuple(c.model.init_cache(len(rows), length + out_len)
+                       for c, length in zip(self.spec.components, lengths, strict=True))
+        params = tuple(c.model.params for c in self.spec.components)
+        seed_arr = jnp.asarray(seed, jnp.int32)
+        state = decode.prefill(plan, params, tuple(tokens), tuple(positions), caches, weights, seed_arr,
+                               self._place(np.array([streams[i] for i in rows], np.int32)), self._place(max_new), out_len)
+        for _ in range(math.ceil((out_len - 1) / plan.chunk)):
+            if bool(jnp.all(state.done)):  # the one host sync per chunk
+                break
+            state = decode.decode_chunk(plan, params, weights, seed_arr, state)
+        return self._collect(plan, state, batch, prompts)
+
+    def _collect(self, plan, state, batch, prompts) -> list[GenerationResult]:
+        tokens, logprobs, counts = (np.asarray(x) for x in (state.tokens, state.logprobs, state.num_tokens))
+        comps = np.asarray(state.components) if plan.record_components else None
+        dists = np.asarray(state.distributions) if plan.record_distributions else None
+        out = []
+        for row, i in enumerate(batch):
+            n = int(counts[row])
+            toks = tokens[row, :n].tolist()
+            stopped = bool(toks) and toks[-1] in plan.stop_ids
+            text_tokens = toks[:-1] if stopped else toks
+            lps = logprobs[row, :n].astype(float).tolist()
+            out.append(GenerationResult(
+                index=i, prompt=prompts[i], tokens=toks,
+                text=self.tokenizer.decode(text_tokens, skip_special_tokens=True),
+                finish_reason="stop" if stopped else "length", logprob=float(sum(lps)), token_logprobs=lps,
+                component_logprobs=None if comps is None else {
+                    label: comps[m, row, :n].astype(float).tolist() for m, label in enumerate(self.labels)},
+                distributions=None if dists is None else dists[row, :n],
+            ))
+        return out
+
+    def _score_batch(self, plan, batch, batch_size, rendered, targets, weights) -> list[ScoreResult]:
+        rows = self._padded_rows(batch, batch_size)
+        resp_len = bucket_length(max(len(targets[i]) for i in rows), minimum=8)
+        seqs_per_model, predict_at = [], []
+        for m in range(len(self.spec.components)):
+            seqs = [rendered[i][m] + targets[i] for i in rows]
+            length = bucket_length(max(len(s) for s in seqs))
+            seqs_per_model.append(left_pad(seqs, length, self.pad_id))
+            # Left padding puts each response at the end: token j is predicted at length - r - 1 + j.
+            at = np.zeros((len(rows), resp_len), np.int32)
+            for b, i in enumerate(rows):
+                r = len(targets[i])
+                at[b, :r] = length - r - 1 + np.arange(r)
+            predict_at.append(self._place(at))
+        target = np.full((len(rows), resp_len), self.pad_id, np.int32)
+        for b, i in enumerate(rows):
+            target[b, : len(targets[i])] = targets[i]
+        params = tuple(c.model.params for c in self.spec.components)
+        eft, comps = decode.score_batch(
+            plan, params, tuple(self._place(t) for t, _ in seqs_per_model),
+            tuple(self._place(p) for _, p in seqs_per_model), tuple(predict_at), self._place(target), weights,
+        )
+        eft, comps = np.asarray(eft), np.asarray(comps)
+        out = []
+        for b, i in enumerate(batch):
+            r = len(targets[i])
+            lps = eft[b, :r].astype(float).tolist()
+            out.append(ScoreResult(
+                index=i, tokens=list(targets[i]), token_logprobs=lps, logprob=float(sum(lps)),
+                component_logprobs={label: comps[m, b, :r].astype(float).tolist() for m, label in enumerate(self.labels)},
+            ))
+        return out
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def generate(spec: EFTSpec, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(), **kwargs: Any) -> list[GenerationResult]:
+    """One-call EFT generation: ``Engine(spec).generate(prompts, sampling, **kwargs)``."""
+    chunk = kwargs.pop("chunk_size", 16)
+    return Engine(spec, chunk_size=chunk).generate(prompts, sampling, **kwargs)
+
+
+def score(spec: EFTSpec, prompts: Sequence[Prompt], responses: Sequence[str | Sequence[int]], **kwargs: Any) -> list[ScoreResult]:
+    """One-call EFT scoring: ``Engine(spec).score(prompts, responses, **kwargs)``."""
+    return Engine(spec).score(prompts, responses, **kwargs)

@@ -1,0 +1,103 @@
+"""The engine's next-token distributions equal the EFT formula computed independently.
+
+Reference: transformers (PyTorch) full forwards of each model over exactly the token sequence that
+model saw (its own prompt format + the shared generated tokens), combined in numpy (float64).
+"""
+
+import numpy as np
+import pytest
+
+import eft_jax
+from eft_jax.engine import Engine
+from eft_jax.prompts import render_tokens
+from eft_jax.sampling import SamplingParams
+from eft_jax.spec import Component, EFTSpec
+from eft_reference import eft_reference, next_token_logprobs
+from tiny import TOKENIZER_SIZE
+
+PROMPTS = ["The quick brown fox", [{"role": "user", "content": "Say something."}]]
+
+
+@pytest.fixture(scope="module")
+def loaded(family):
+    return {name: eft_jax.load_model(path) for name, (path, _) in family.items()}
+
+
+def _specs(m):
+    return {
+        "up": EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 1.0),
+        "down": EFTSpec.down_scaling(m["small_base"], m["large_base"], m["large_ft"], 1.0),
+        "w0.5": EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 0.5),
+        "w2": EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 2.0),
+        "mix": EFTSpec.up_scaling(m["large_base"], m["small_base"], [m["small_ft"], m["small_ft2"]], [0.3, 0.7]),
+        "conservative": EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 1.0, base_top_p=0.8),
+    }
+
+
+ROLES = {"up": ("large_base", "small_base", ["small_ft"]), "down": ("small_base", "large_base", ["large_ft"]),
+         "w0.5": ("large_base", "small_base", ["small_ft"]), "w2": ("large_base", "small_base", ["small_ft"]),
+         "mix": ("large_base", "small_base", ["small_ft", "small_ft2"]),
+         "conservative": ("large_base", "small_base", ["small_ft"])}
+
+
+@pytest.mark.parametrize("name", sorted(ROLES))
+def test_each_step_matches_the_formula(family, loaded, name):
+    spec = _specs(loaded)[name]
+    results = Engine(spec, chunk_size=4).generate(
+        PROMPTS, SamplingParams(temperature=1.0), max_new_tokens=7, batch_size=2, seed=3, return_distributions=True
+    )
+    base, ref, fts = ROLES[name]
+    torch_of = {k: v[1] for k, v in family.items()}
+    components = spec.components
+    assert components[2].prompt_format == "chat" and components[0].prompt_format == "plain"
+    for prompt, res in zip(PROMPTS, results):
+        prompt_ids = [render_tokens(c.model.tokenizer, prompt, c.prompt_format) for c in components]
+        assert prompt_ids[2] != prompt_ids[0]  # the fine-tune really sees its chat template
+        assert len(res.tokens) == res.distributions.shape[0] > 1
+        for j in range(len(res.tokens)):
+            gen = res.tokens[:j]
+            lps = [next_token_logprobs(torch_of[role], prompt_ids[m] + gen, TOKENIZER_SIZE)
+                   for m, role in enumerate([base, ref, *fts])]
+            expected = eft_reference(lps[0], lps[1], lps[2:], list(spec.weights), spec.base_top_p)
+            np.testing.assert_allclose(np.exp(res.distributions[j]), np.exp(expected), atol=1e-5)
+            # The reported log-prob of the sampled token is that distribution's.
+            assert abs(res.token_logprobs[j] - expected[res.tokens[j]]) < 1e-4
+
+
+def test_identity_ft_equals_ref_gives_the_large_base(loaded):
+    m = loaded
+    eft = EFTSpec.up_scaling(m["large_base"], m["small_base"], Component(m["small_base"], "plain"), 1.0)
+    alone = EFTSpec.single(m["large_base"])
+    greedy = SamplingParams(temperature=0.0)
+    a = Engine(eft).generate(PROMPTS, greedy, max_new_tokens=12)
+    b = Engine(alone).generate(PROMPTS, greedy, max_new_tokens=12)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_identity_large_equals_small_gives_the_fine_tune(loaded):
+    m = loaded
+    eft = EFTSpec.up_scaling(m["small_base"], m["small_base"], m["small_ft"], 1.0)
+    alone = EFTSpec.single(Component(m["small_ft"], "chat"))
+    greedy = SamplingParams(temperature=0.0)
+    a = Engine(eft).generate(PROMPTS, greedy, max_new_tokens=12)
+    b = Engine(alone).generate(PROMPTS, greedy, max_new_tokens=12)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_score_matches_the_formula(family, loaded):
+    spec = _specs(loaded)["up"]
+    response = "hi there!"
+    [res] = Engine(spec).score([PROMPTS[0]], [response])
+    torch_of = {k: v[1] for k, v in family.items()}
+    tok = loaded["small_ft"].tokenizer
+    target = tok(response, add_special_tokens=False)["input_ids"]
+    prompt_ids = [render_tokens(c.model.tokenizer, PROMPTS[0], c.prompt_format) for c in spec.components]
+    expected = []
+    for j, t in enumerate(target):
+        lps = [next_token_logprobs(torch_of[r], prompt_ids[m] + target[:j], TOKENIZER_SIZE)
+               for m, r in enumerate(["large_base", "small_base", "small_ft"])]
+        expected.append(eft_reference(lps[0], lps[1], lps[2:], [1.0])[t])
+    np.testing.assert_allclose(res.token_logprobs, expected, atol=1e-4)
+    assert res.logprob == pytest.approx(sum(expected), abs=1e-3)
+    # Per-model log-probs: ft - ref is the per-token implicit reward.
+    assert set(res.component_logprobs) == {"large_base", "small_base", "small_ft"}
