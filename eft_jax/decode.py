@@ -91,7 +91,8 @@ def _choose_and_record(
     """Sample output token ``index`` for every row and write it (rows already done write padding)."""
     lp = eft_distribution(plan, logits, weights)
     keys = row_keys(seed, state.stream, jnp.broadcast_to(index, state.stream.shape))
-    tok = sample(final_logprobs(lp, plan.sampling), keys)
+    # The EFT log-probs are already normalised: skip the filter pass when it would change nothing.
+    tok = sample(lp if plan.sampling.is_identity else final_logprobs(lp, plan.sampling), keys)
 
     active = ~state.done & (index < state.tokens.shape[1])
     tok = jnp.where(active, tok, plan.pad_id)

@@ -84,6 +84,11 @@ class SamplingParams:
         object.__setattr__(self, "min_p", float(self.min_p))
 
     @property
+    def is_identity(self) -> bool:
+        """True when sampling draws from the input distribution unchanged (no temperature, no filter)."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
+
+    @property
     def greedy(self) -> bool:
         """True when decoding is greedy (temperature 0)."""
         return self.temperature == 0.0
@@ -203,14 +208,39 @@ def final_logprobs(logprobs: Float[Array, "batch vocab"], params: SamplingParams
     return safe_log_softmax(x)
 
 
+_BLOCK = 256  # inverse-CDF block width: one pass over the vocabulary, then two short cumsums
+
+
 def sample(logprobs: Float[Array, "batch vocab"], keys: Key[Array, "batch"]) -> Int[Array, "batch"]:
     """One independent draw per row [batch] from ``softmax(logprobs)``, row i from ``keys[i]``.
 
-    A row's draw depends only on its own key and its own row (vmapped over rows), never on the
-    batch size or on its neighbours. ``-inf`` ids are never drawn (unless a row is all ``-inf``).
+    Inverse-CDF sampling with one uniform per row: pick the block of ``_BLOCK`` ids whose cumulative
+    mass crosses ``u * total``, then the id inside it. This needs one pass over the vocabulary and no
+    per-id random numbers (per-id Gumbel noise costs more than the rest of an EFT step on CPU). A row's
+    draw depends only on its own key and row, never on the batch. ``-inf`` ids are never drawn (a row
+    that is all ``-inf`` returns id 0).
     """
     x = jnp.asarray(logprobs, jnp.float32)
-    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+    batch, vocab = x.shape
+    u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+    row_max = jnp.max(jnp.where(_valid(x), x, -jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.where(_valid(x), jnp.exp(x - jnp.where(jnp.isfinite(row_max), row_max, 0.0)), 0.0)
+
+    blocks = -(-vocab // _BLOCK)
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * _BLOCK - vocab))).reshape(batch, blocks, _BLOCK)
+    block_mass = jnp.sum(probs, axis=-1)  # [batch, blocks]
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    target = u * block_cum[:, -1]
+    # The first block whose cumulative mass exceeds the target; rounding can push the target past
+    # the last block, so never go beyond the last block that has any mass.
+    last_block = jnp.max(jnp.where(block_mass > 0, jnp.arange(blocks), 0), axis=-1)
+    block = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1), last_block)
+    inside = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [batch, _BLOCK]
+    before = jnp.take_along_axis(block_cum - block_mass, block[:, None], axis=1)[:, 0]
+    inner_cum = jnp.cumsum(inside, axis=-1)
+    last_id = jnp.max(jnp.where(inside > 0, jnp.arange(_BLOCK), 0), axis=-1)
+    offset = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1), last_id)
+    return (block * _BLOCK + offset).astype(jnp.int32)
 
 
 def row_keys(

@@ -222,3 +222,27 @@ def test_validation(kwargs, field):
 def test_params_hashable_and_normalised():
     assert SamplingParams(temperature=1, top_p=1) == SamplingParams()
     assert hash(SamplingParams(top_k=np.int64(3))) == hash(SamplingParams(top_k=3))
+
+
+def test_inverse_cdf_sampler_across_block_edges():
+    """Support spread over block boundaries and the ragged last block (vocab not a multiple of 256)."""
+    import jax.numpy as jnp
+    from scipy import stats as st
+
+    from eft_jax.sampling import row_keys, sample
+
+    vocab = 700
+    support = np.array([0, 255, 256, 511, 512, 699])
+    logits = np.full(vocab, -np.inf, np.float32)
+    logits[support] = np.log(np.array([0.05, 0.3, 0.1, 0.2, 0.15, 0.2], np.float32))
+    n = 20_000
+    keys = row_keys(7, jnp.arange(n), jnp.zeros(n, jnp.int32))
+    draws = np.asarray(sample(jnp.broadcast_to(jnp.asarray(logits), (n, vocab)), keys))
+    assert set(np.unique(draws)) <= set(support.tolist())
+    counts = np.array([(draws == s).sum() for s in support])
+    expected = np.exp(logits[support].astype(np.float64))
+    assert st.chisquare(counts, expected / expected.sum() * n).pvalue > 1e-3
+    # A single valid id in the last (ragged) block is always drawn.
+    only_last = np.full((4, vocab), -np.inf, np.float32)
+    only_last[:, -1] = 0.0
+    assert np.asarray(sample(jnp.asarray(only_last), keys[:4])).tolist() == [vocab - 1] * 4

@@ -1,0 +1,134 @@
+"""Engine behaviour: sampling statistics, per-prompt randomness, batching, stops, bad input."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import eft_jax
+from eft_jax import decode
+from eft_jax.engine import Engine
+from eft_jax.prompts import PromptError, render_tokens
+from eft_jax.sampling import SamplingParams
+from eft_jax.sharding import make_mesh
+from eft_jax.spec import EFTSpec
+from eft_jax.vocab import VocabMismatchError
+from eft_reference import eft_reference, filtered, next_token_logprobs
+from tiny import TOKENIZER_SIZE, tiny_tokenizer, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trio(family):
+    m = {name: eft_jax.load_model(family[name][0]) for name in ("large_base", "small_base", "small_ft")}
+    return EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 1.5)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.7), SamplingParams(top_p=0.8)], ids=["temperature", "top_p"])
+def test_first_token_statistics(family, trio, sampling):
+    """10^4 draws of one step (10^4 streams of one prompt) follow the distribution computed independently."""
+    prompt = "Once upon a time"
+    n = 10_000
+    results = Engine(trio).generate([prompt] * n, sampling, max_new_tokens=1, batch_size=2500, seed=11, ids=range(n))
+    draws = np.array([r.tokens[0] for r in results])
+
+    ids = [render_tokens(c.model.tokenizer, prompt, c.prompt_format) for c in trio.components]
+    lps = [next_token_logprobs(family[k][1], ids[i], TOKENIZER_SIZE)
+           for i, k in enumerate(["large_base", "small_base", "small_ft"])]
+    probs = filtered(eft_reference(lps[0], lps[1], [lps[2]], [1.5]), sampling.temperature, sampling.top_p)
+    assert set(np.flatnonzero(np.bincount(draws, minlength=TOKENIZER_SIZE))) <= set(np.flatnonzero(probs))
+
+    # Chi-square over categories with expected count >= 5, the rest pooled.
+    expected = probs * n
+    observed = np.bincount(draws, minlength=TOKENIZER_SIZE).astype(float)
+    big = expected >= 5
+    f_exp = np.r_[expected[big], expected[~big].sum()]
+    f_obs = np.r_[observed[big], observed[~big].sum()]
+    keep = f_exp > 0
+    p_value = stats.chisquare(f_obs[keep], f_exp[keep]).pvalue
+    assert p_value > 1e-3, p_value
+
+
+def test_sample_does_not_depend_on_batch_or_mesh(family, trio):
+    prompt = "The same prompt"
+    others = ["x", "a much longer prompt than the others in this batch", "hi", "abc", "zz top", "q", "hello"]
+    sampling = SamplingParams(temperature=1.0, top_k=50)
+    alone = Engine(trio).generate([prompt], sampling, max_new_tokens=12, seed=5, batch_size=1)[0]
+    batched = Engine(trio).generate(others[:3] + [prompt] + others[3:], sampling, max_new_tokens=12, seed=5, batch_size=8)[3]
+    assert batched.tokens == alone.tokens
+    assert len(alone.tokens) > 3
+
+    mesh = make_mesh(data=2, model=4)
+    on_mesh = {name: eft_jax.load_model(family[name][0], mesh=mesh,
+                                        sharding="tensor_parallel" if name == "large_base" else "replicated")
+               for name in ("large_base", "small_base", "small_ft")}
+    spec = EFTSpec.up_scaling(on_mesh["large_base"], on_mesh["small_base"], on_mesh["small_ft"], 1.5)
+    sharded = Engine(spec).generate(others[:3] + [prompt] + others[3:], sampling, max_new_tokens=12, seed=5, batch_size=8)[3]
+    assert sharded.tokens == alone.tokens
+    np.testing.assert_allclose(sharded.token_logprobs, alone.token_logprobs, atol=1e-4)
+
+
+def test_chunk_size_does_not_change_samples(trio):
+    prompts = ["one", "two two", "three three three"]
+    a = Engine(trio, chunk_size=1).generate(prompts, max_new_tokens=9, seed=2, batch_size=4)
+    b = Engine(trio, chunk_size=16).generate(prompts, max_new_tokens=9, seed=2, batch_size=4)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+def test_stop_tokens_end_rows_independently(trio):
+    engine = Engine(trio)
+    free = engine.generate(["abc", "def"], max_new_tokens=10, seed=1)
+    # Use each row's 4th sampled token as an extra stop id: that row stops there, "stop" reason.
+    stop = free[0].tokens[3]
+    stopped = engine.generate(["abc", "def"], max_new_tokens=10, seed=1, stop_token_ids=[stop])
+    first = free[0].tokens.index(stop)
+    assert stopped[0].tokens == free[0].tokens[: first + 1]
+    assert stopped[0].finish_reason == "stop"
+    assert stopped[0].text == engine.tokenizer.decode(free[0].tokens[:first], skip_special_tokens=True)
+    assert len(free[0].tokens) == 10
+
+
+def test_per_prompt_max_new_tokens(trio):
+    res = Engine(trio).generate(["a", "b", "c"], max_new_tokens=[1, 5, 17], seed=0)
+    assert [len(r.tokens) for r in res] == [1, 5, 17]
+    assert all(r.finish_reason == "length" for r in res)
+
+
+def test_many_batches_compile_few_programs(trio):
+    engine = Engine(trio)
+    prompts = [("word " * k).strip() for k in range(1, 13)]  # lengths 4..59 chars: bucket 16/32/64
+    before_prefill, before_chunk = decode.prefill._cache_size(), decode.decode_chunk._cache_size()
+    engine.generate(prompts, max_new_tokens=6, batch_size=2, seed=0)
+    assert decode.prefill._cache_size() - before_prefill <= 3  # 6 batches, one program per prompt bucket
+    assert decode.decode_chunk._cache_size() - before_chunk <= 3
+
+
+def test_bad_input(family, trio, tmp_path):
+    engine = Engine(trio)
+    with pytest.raises(PromptError, match="prompt 1: empty prompt"):
+        engine.generate(["fine", "   "], max_new_tokens=4)
+    with pytest.raises(PromptError, match="context is 256"):
+        engine.generate(["x" * 300], max_new_tokens=4)
+    with pytest.raises(PromptError, match="max_new_tokens must be positive"):
+        engine.generate(["fine"], max_new_tokens=0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            SamplingParams(top_p=bad)
+
+    # "report" keeps going: the bad prompts get an error, the good ones their samples.
+    res = engine.generate(["fine", "", "x" * 300, "also fine"], max_new_tokens=4, on_error="report")
+    assert [r.error is None for r in res] == [True, False, False, True]
+    assert res[1].finish_reason == "error" and "empty" in res[1].error
+    assert len(res[0].tokens) == 4 and len(res[3].tokens) == 4
+
+
+def test_different_tokenizers_are_refused(family, trio, tmp_path):
+    tok = tiny_tokenizer()
+    vocab = tok.backend_tokenizer.get_vocab()
+    # Same size, two byte tokens swapped: id 65 now means something else.
+    path = tmp_path / "other"
+    write_checkpoint(path, "gqa", seed=9)
+    swapped = tok.backend_tokenizer.to_str().replace('"A":', '"__A__":').replace('"B":', '"A":').replace('"__A__":', '"B":')
+    (path / "tokenizer.json").write_text(swapped)
+    other = eft_jax.load_model(path)
+    assert other.tokenizer.convert_ids_to_tokens(vocab["A"]) == "B"
+    with pytest.raises(VocabMismatchError, match=f"token id {vocab['A']}"):
+        Engine(EFTSpec.up_scaling(trio.base.model, trio.ref.model, other, 1.0))
