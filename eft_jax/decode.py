@@ -47,6 +47,11 @@ class Plan:
     record_components: bool = False
     record_distributions: bool = False
 
+    @property
+    def rule_size(self) -> int:
+        """How many of ``configs`` enter the EFT rule (base, ref, fine-tunes); any after are drafters."""
+        return 1 if self.n_ft == 0 else 2 + self.n_ft
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -73,7 +78,7 @@ class DecodeState:
 
 def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array, " n_ft"]) -> Float[Array, "batch vocab"]:
     """The normalised EFT log-probs [batch, vocab] from each model's next-token logits [batch, padded]."""
-    sliced = [x[:, : plan.vocab] for x in logits]  # drop padded embedding rows before normalising
+    sliced = [x[:, : plan.vocab] for x in logits[: plan.rule_size]]  # drop padded vocab rows before normalising
     if plan.n_ft == 0:
         return eft_logprobs(sliced[0], None, None, None, base_top_p=plan.base_top_p)
     return eft_logprobs(sliced[0], sliced[1], jnp.stack(sliced[2:]), weights, base_top_p=plan.base_top_p)
@@ -104,7 +109,7 @@ def _choose_and_record(
     logprobs = _write_column(state.logprobs, gather_logprobs(lp, tok), index, active)
     components = state.components
     if plan.record_components:
-        comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in logits])
+        comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in logits[: plan.rule_size]])
         components = _write_column(components, comp, index, active)
     distributions = state.distributions
     if plan.record_distributions:
@@ -138,7 +143,6 @@ def prefill(
         logits.append(out[:, -1])  # left padding: the last column is every row's last prompt token
         new_caches.append(cache)
     batch = stream.shape[0]
-    n_models = len(plan.configs)
     state = DecodeState(
         caches=tuple(new_caches),
         token=jnp.zeros((batch,), jnp.int32),
@@ -150,7 +154,7 @@ def prefill(
         stream=stream.astype(jnp.int32),
         tokens=jnp.full((batch, out_len), plan.pad_id, jnp.int32),
         logprobs=jnp.zeros((batch, out_len), jnp.float32),
-        components=jnp.zeros((n_models, batch, out_len) if plan.record_components else (0,), jnp.float32),
+        components=jnp.zeros((plan.rule_size, batch, out_len) if plan.record_components else (0,), jnp.float32),
         distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
     )
     return _choose_and_record(plan, state, tuple(logits), weights, seed, jnp.zeros((), jnp.int32))

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eft_jax import decode
+from eft_jax import decode, speculative
 from eft_jax.prompts import Prompt, PromptError, bucket_length, left_pad, render_tokens, validate_prompt
 from eft_jax.sampling import SamplingParams
-from eft_jax.spec import EFTSpec
+from eft_jax.model import Model
+from eft_jax.spec import Component, EFTSpec
 from eft_jax.vocab import common_vocab_size
 
 
@@ -53,6 +54,27 @@ class GenerationResult:
     component_logprobs: dict[str, list[float]] | None = None
     error: str | None = None
     distributions: np.ndarray | None = None  # [tokens, vocab] EFT log-probs per step, on request
+    speculative: SpeculativeStats | None = None
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """Per-sample speculative accounting. ``from_draft[i]``: token i was an accepted draft;
+    ``round_of[i]``: the round that emitted it (0 = the first token, sampled at prefill)."""
+
+    rounds: int
+    drafted: int
+    accepted: int
+    from_draft: list[bool]
+    round_of: list[int]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return sum(1 for r in self.round_of if r > 0) / self.rounds if self.rounds else 0.0
 
 
 @dataclasses.dataclass
@@ -77,14 +99,37 @@ class Engine:
     """Generation and scoring under one ``EFTSpec``.
 
     chunk_size: decode steps per jitted chunk (the host checks for "all done" between chunks).
+    speculative_k: draft length for speculative EFT (0: off). drafter: the drafting model - an index
+      into ``spec.components`` (default: the first fine-tune, i.e. the small fine-tuned model of an
+      up-scaling spec) or a separate model (e.g. to speed up plain decoding).
     """
 
-    def __init__(self, spec: EFTSpec, *, chunk_size: int = 16):
+    def __init__(self, spec: EFTSpec, *, chunk_size: int = 16, speculative_k: int = 0,
+                 drafter: int | Model | Component | None = None):
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if speculative_k < 0:
+            raise ValueError(f"speculative_k must be >= 0, got {speculative_k}")
         self.spec = spec
         self.chunk_size = chunk_size
-        comps = spec.components
+        self.speculative_k = speculative_k
+        # The engine's models: the rule's, then a drafter from outside the rule if one is given.
+        self.components: tuple[Component, ...] = spec.components
+        self.drafter_index = -1
+        if speculative_k:
+            if drafter is None:
+                if spec.is_plain:
+                    raise ValueError("speculative decoding of a single model needs a drafter model (drafter=...)")
+                drafter = 2
+            if isinstance(drafter, int):
+                if not 0 <= drafter < len(spec.components):
+                    raise ValueError(f"drafter index {drafter} is not one of the spec's {len(spec.components)} models")
+                self.drafter_index = drafter
+            else:
+                extra = drafter if isinstance(drafter, Component) else Component(drafter, "plain", "drafter")
+                self.components = self.components + (extra,)
+                self.drafter_index = len(self.components) - 1
+        comps = self.components
         missing = [c.label for c in comps if c.model.tokenizer is None]
         if missing:
             raise ValueError(f"model(s) {missing} have no tokenizer; EFT needs each model's tokenizer")
@@ -97,7 +142,7 @@ class Engine:
         self.stop_ids = tuple(sorted({t for c in comps for t in _eos_ids(c.model.tokenizer) if t < self.vocab}))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None and pad < self.vocab else 0)
-        self.labels = [c.label for c in comps]
+        self.labels = [c.label for c in spec.components]
 
     # --- public API ----------------------------------------------------------------------------------
 
@@ -144,8 +189,10 @@ class Engine:
                     raise PromptError(f"prompt {i}: {e}") from None
                 results[i] = GenerationResult(index=i, prompt=prompt, finish_reason="error", error=str(e))
 
+        if return_distributions and self.speculative_k:
+            raise ValueError("return_distributions is not available with speculative decoding")
         plan = decode.Plan(
-            configs=tuple(c.model.config for c in self.spec.components), vocab=self.vocab,
+            configs=tuple(c.model.config for c in self.components), vocab=self.vocab,
             n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
             stop_ids=tuple(sorted(set(self.stop_ids) | {int(t) for t in stop_token_ids})), pad_id=self.pad_id,
             chunk=self.chunk_size, record_components=return_component_logprobs,
@@ -188,7 +235,7 @@ class Engine:
                     raise PromptError("empty response")
                 if max(resp) >= self.vocab or min(resp) < 0:
                     raise PromptError(f"response token ids must lie in [0, {self.vocab})")
-                rendered[i] = self._render(prompt, len(resp))
+                rendered[i] = self._render(prompt, len(resp), self.spec.components)
                 targets[i] = resp
             except PromptError as e:
                 if on_error == "raise":
@@ -220,13 +267,13 @@ class Engine:
             raise ValueError(f"{len(w)} weights for {len(self.spec.fine_tuned)} fine-tuned model(s)")
         return jnp.asarray(w if w else (0.0,), jnp.float32)
 
-    def _render(self, prompt: Any, max_new: int) -> list[list[int]]:
+    def _render(self, prompt: Any, max_new: int, components: Sequence[Component] | None = None) -> list[list[int]]:
         """Each model's prompt tokens; PromptError if empty or too long for a model's context."""
         if max_new <= 0:
             raise PromptError(f"max_new_tokens must be positive, got {max_new}")
         prompt = validate_prompt(prompt)
         rows = []
-        for c in self.spec.components:
+        for c in self.components if components is None else components:
             ids = render_tokens(c.model.tokenizer, prompt, c.prompt_format)
             if not ids:
                 raise PromptError(f"prompt renders to no tokens for {c.label}")
@@ -256,7 +303,7 @@ class Engine:
 
     def _prompt_arrays(self, rows: list[int], rendered: dict[int, list[list[int]]]) -> tuple[list, list, list[int]]:
         tokens, positions, lengths = [], [], []
-        for m in range(len(self.spec.components)):
+        for m in range(len(self.components)):
             seqs = [rendered[i][m] for i in rows]
             length = bucket_length(max(len(s) for s in seqs))
             t, p = left_pad(seqs, length, self.pad_id)
@@ -271,22 +318,36 @@ class Engine:
         # Output buffer: token 0 comes from prefill, then whole chunks.
         out_len = 1 + plan.chunk * math.ceil((int(max_new.max()) - 1) / plan.chunk)
         tokens, positions, lengths = self._prompt_arrays(rows, rendered)
-        caches = tuple(c.model.init_cache(len(rows), length + out_len)
-                       for c, length in zip(self.spec.components, lengths, strict=True))
-        params = tuple(c.model.params for c in self.spec.components)
+        k = self.speculative_k
+        # A speculative round may write k + 1 entries past the last emitted token before rewinding.
+        caches = tuple(c.model.init_cache(len(rows), length + out_len + (k + 1 if k else 0))
+                       for c, length in zip(self.components, lengths, strict=True))
+        params = tuple(c.model.params for c in self.components)
         seed_arr = jnp.asarray(seed, jnp.int32)
         state = decode.prefill(plan, params, tuple(tokens), tuple(positions), caches, weights, seed_arr,
                                self._place(np.array([streams[i] for i in rows], np.int32)), self._place(max_new), out_len)
-        for _ in range(math.ceil((out_len - 1) / plan.chunk)):
-            if bool(jnp.all(state.done)):  # the one host sync per chunk
+        if not k:
+            for _ in range(math.ceil((out_len - 1) / plan.chunk)):
+                if bool(jnp.all(state.done)):  # the one host sync per chunk
+                    break
+                state = decode.decode_chunk(plan, params, weights, seed_arr, state)
+            return self._collect(plan, state, None, batch, prompts)
+        # Every round emits at least one token per unfinished row, so out_len - 1 rounds always suffice.
+        rounds = max(1, plan.chunk // (k + 1))
+        spec_state = speculative.init_spec_state(state)
+        for _ in range(math.ceil((out_len - 1) / rounds)):
+            if bool(jnp.all(spec_state.decode.done)):
                 break
-            state = decode.decode_chunk(plan, params, weights, seed_arr, state)
-        return self._collect(plan, state, batch, prompts)
+            spec_state = speculative.spec_chunk(plan, k, self.drafter_index, rounds, params, weights, seed_arr, spec_state)
+        return self._collect(plan, spec_state.decode, spec_state, batch, prompts)
 
-    def _collect(self, plan, state, batch, prompts) -> list[GenerationResult]:
+    def _collect(self, plan, state, spec_state, batch, prompts) -> list[GenerationResult]:
         tokens, logprobs, counts = (np.asarray(x) for x in (state.tokens, state.logprobs, state.num_tokens))
         comps = np.asarray(state.components) if plan.record_components else None
         dists = np.asarray(state.distributions) if plan.record_distributions else None
+        if spec_state is not None:
+            rounds, drafted, accepted, round_of, from_draft = (np.asarray(x) for x in (
+                spec_state.rounds, spec_state.drafted, spec_state.accepted, spec_state.round_of, spec_state.from_draft))
         out = []
         for row, i in enumerate(batch):
             n = int(counts[row])
@@ -301,6 +362,9 @@ class Engine:
                 component_logprobs=None if comps is None else {
                     label: comps[m, row, :n].astype(float).tolist() for m, label in enumerate(self.labels)},
                 distributions=None if dists is None else dists[row, :n],
+                speculative=None if spec_state is None else SpeculativeStats(
+                    rounds=int(rounds[row]), drafted=int(drafted[row]), accepted=int(accepted[row]),
+                    from_draft=from_draft[row, :n].tolist(), round_of=round_of[row, :n].tolist()),
             ))
         return out
 
@@ -345,10 +409,12 @@ def _eos_ids(tokenizer: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def generate(spec: EFTSpec, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(), **kwargs: Any) -> list[GenerationResult]:
-    """One-call EFT generation: ``Engine(spec).generate(prompts, sampling, **kwargs)``."""
-    chunk = kwargs.pop("chunk_size", 16)
-    return Engine(spec, chunk_size=chunk).generate(prompts, sampling, **kwargs)
+def generate(spec: EFTSpec, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(), *,
+             chunk_size: int = 16, speculative_k: int = 0, drafter: int | Model | Component | None = None,
+             **kwargs: Any) -> list[GenerationResult]:
+    """One-call EFT generation: ``Engine(spec, ...).generate(prompts, sampling, **kwargs)``."""
+    engine = Engine(spec, chunk_size=chunk_size, speculative_k=speculative_k, drafter=drafter)
+    return engine.generate(prompts, sampling, **kwargs)
 
 
 def score(spec: EFTSpec, prompts: Sequence[Prompt], responses: Sequence[str | Sequence[int]], **kwargs: Any) -> list[ScoreResult]:

@@ -1,0 +1,103 @@
+"""Speculative EFT against non-speculative EFT, side by side in one run.
+
+For each batch size and draft length k it reports tokens/s, the speedup over k = 0 (same engine,
+prompts, lengths and sampling), the measured acceptance rate and tokens per round, and the acceptance
+rate that k would need for a 2.5x speedup given the measured cost of a round. Expected tokens per
+round at acceptance a: (1 - a^(k+1)) / (1 - a); speedup = that x (step time) / (round time).
+
+Models: ``--models DIR`` with subdirectories large_base, small_base, small_ft (default:
+checkpoints/toy). Prompts: the toy evaluation questions when the toy world is present, else a few
+fixed strings. Usage: python bench/bench_speculative.py [--batches 1,4,16] [--ks 2,4,6,8]
+Measures, prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import eft_jax
+from eft_jax.engine import Engine
+from eft_jax.sampling import SamplingParams
+from eft_jax.spec import EFTSpec
+
+FALLBACK_PROMPTS = [
+    "Where was the author born?", "What does the engineer do for a living?", "Tell me about the city.",
+    "Who employs the chemist?", "When was the painter born?", "Describe the company.",
+]
+
+
+def expected_tokens(a: float, k: int) -> float:
+    return k + 1.0 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+
+
+def needed_acceptance(target: float, k: int, round_over_step: float) -> float | None:
+    """Smallest acceptance a with expected_tokens(a, k) / round_over_step >= target (None: impossible)."""
+    if expected_tokens(1.0, k) / round_over_step < target:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) / round_over_step < target else (lo, mid)
+    return hi
+
+
+def timed(engine: Engine, prompts, sampling, max_new: int, batch: int) -> tuple[float, list]:
+    # The warm-up does exactly the timed work (same seed), so every program it needs is compiled.
+    engine.generate(prompts, sampling, max_new_tokens=max_new, batch_size=batch, seed=1)
+    start = time.perf_counter()
+    res = engine.generate(prompts, sampling, max_new_tokens=max_new, batch_size=batch, seed=1)
+    return time.perf_counter() - start, res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="checkpoints/toy")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--ks", default="2,4,6,8")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--weight", type=float, default=1.0)
+    args = parser.parse_args()
+
+    root = Path(args.models)
+    m = {name: eft_jax.load_model(root / name, dtype="float32") for name in ("large_base", "small_base", "small_ft")}
+    spec = EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], args.weight)
+    try:
+        from eft_jax.toy.eval import benchmark_prompts  # the toy world's questions, when present
+
+        prompts = benchmark_prompts()
+    except ImportError:
+        prompts = FALLBACK_PROMPTS
+    sampling = SamplingParams(temperature=args.temperature)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# bench_speculative models={root} device={jax.devices()[0].device_kind} commit={commit} "
+          f"date={time.strftime('%Y-%m-%d')} temperature={args.temperature} w={args.weight} "
+          f"max_new_tokens={args.max_new_tokens}")
+    print("| batch | k | tok/s | speedup vs k=0 | acceptance | tokens/round | acceptance needed for 2.5x |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        rows = (prompts * (batch // len(prompts) + 1))[:batch]
+        base_time, base_res = timed(Engine(spec), rows, sampling, args.max_new_tokens, batch)
+        base_tokens = sum(len(r.tokens) for r in base_res)
+        step_time = base_time / max(base_tokens / batch, 1)
+        print(f"| {batch} | 0 | {base_tokens / base_time:,.1f} | 1.00 | - | 1.00 | - |", flush=True)
+        for k in [int(x) for x in args.ks.split(",")]:
+            t, res = timed(Engine(spec, speculative_k=k), rows, sampling, args.max_new_tokens, batch)
+            tokens = sum(len(r.tokens) for r in res)
+            acc = sum(r.speculative.accepted for r in res) / max(sum(r.speculative.drafted for r in res), 1)
+            rounds = np.mean([r.speculative.rounds for r in res])
+            per_round = np.mean([r.speculative.tokens_per_round for r in res])
+            round_over_step = (t / max(rounds, 1)) / step_time
+            need = needed_acceptance(2.5, k, round_over_step)
+            print(f"| {batch} | {k} | {tokens / t:,.1f} | {(tokens / t) / (base_tokens / base_time):.2f} | {acc:.2f} | "
+                  f"{per_round:.2f} | {'unreachable' if need is None else f'{need:.2f}'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Speculative EFT: a small drafter proposes k tokens, every model of the rule scores them in one pass.
+
+One round, for every row of the batch at once (static shapes, inside ``jit``):
+
+1. Draft: the drafter (by default the small fine-tune of an up-scaling spec, which is one of the
+   models of the rule anyway) samples ``d_1..d_k`` autoregressively from its own filtered
+   distribution ``q`` (same temperature / top-k / top-p / min-p as the target).
+2. Verify: each other model runs ONE forward over ``[last, d_1..d_k]``; the drafter feeds only
+   ``d_k`` (its logits for the other positions come from drafting). This gives the exact final EFT
+   sampling distribution ``p_0..p_k`` at the k + 1 positions.
+3. Accept ``d_j`` with probability ``min(1, p(d_j) / q(d_j))`` while all previous drafts were
+   accepted; at the first rejection sample from ``norm(max(0, p - q))``; if all k are accepted, sample
+   a bonus token from ``p_k``. The output distribution is exactly the EFT one (the standard lossless
+   rule). Greedy: p and q are one-hot, so a draft is accepted iff it equals the EFT argmax.
+4. Roll back: each row's cache pointer moves to just past its accepted tokens (``KVCache.rewind``:
+   nothing is copied; stale slots are overwritten next round).
+
+Each row accepts its own number of tokens and writes them at its own output offset. Rows that are
+done keep running (static shapes) but write nothing; the host stops the batch when all are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from eft_jax.decode import DecodeState, Plan, eft_distribution
+from eft_jax.eft import gather_logprobs
+from eft_jax.models import llama
+from eft_jax.sampling import final_logprobs, row_keys, safe_log_softmax, sample
+
+# Randomness tags: a row's draws for drafting, acceptance and the corrected token are independent
+# streams keyed by (seed, row stream, output index, tag).
+_DRAFT, _ACCEPT, _CORRECT = 1, 2, 3
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecState:
+    """Decode state plus per-row speculative accounting.
+
+    ``round_of[b, i]``: the round (1-based; 0 = prefill) in which output token i was emitted;
+    ``from_draft[b, i]``: whether it was an accepted draft (else sampled from the target).
+    """
+
+    decode: DecodeState
+    rounds: Int[Array, " batch"]
+    drafted: Int[Array, " batch"]
+    accepted: Int[Array, " batch"]
+    round_of: Int[Array, "batch out"]
+    from_draft: Bool[Array, "batch out"]
+
+
+def init_spec_state(state: DecodeState) -> SpecState:
+    batch, out = state.tokens.shape
+    # Distinct buffers for each counter: the state is donated, and one buffer may not be donated twice.
+    counters = [jnp.zeros((batch,), jnp.int32) for _ in range(3)]
+    return SpecState(state, *counters, jnp.zeros((batch, out), jnp.int32), jnp.zeros((batch, out), bool))
+
+
+def _keys(plan: Plan, seed: Array, stream: Array, index: Array, tag: int) -> Array:
+    return row_keys(seed, stream, index * 4 + tag)
+
+
+def _filtered(plan: Plan, lp: Array) -> Array:
+    return lp if plan.sampling.is_identity else final_logprobs(lp, plan.sampling)
+
+
+def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weights: Array, seed: Array,
+               spec: SpecState) -> SpecState:
+    """One draft / verify / accept round for every row (see the module docstring)."""
+    st = spec.decode
+    batch = st.token.shape[0]
+    base_len = [c.length for c in st.caches]
+
+    # 1. Draft k tokens with the drafter.
+    d_cfg, d_params = plan.configs[drafter], params[drafter]
+
+    def draft_step(carry, j):
+        tok, cache = carry
+        out, cache = llama.forward(d_cfg, d_params, tok[:, None], (st.next_pos[drafter] + j)[:, None], cache)
+        logits = out[:, 0]
+        q = _filtered(plan, safe_log_softmax(logits[:, : plan.vocab]))
+        d = sample(q, _keys(plan, seed, st.stream, st.num_tokens + j, _DRAFT))
+        return (d, cache), (d, q, logits)
+
+    (_, d_cache), (drafts, q, d_logits) = jax.lax.scan(
+        draft_step, (st.token, st.caches[drafter]), jnp.arange(k, dtype=jnp.int32)
+    )
+    drafts, q, d_logits = drafts.T, q.transpose(1, 0, 2), d_logits.transpose(1, 0, 2)  # [B, k(, V)]
+
+    # 2. Verify: one forward per model over [last, d_1..d_k]; the drafter only feeds d_k.
+    fed = jnp.concatenate([st.token[:, None], drafts], axis=1)  # [B, k + 1]
+    steps = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    logits, caches = [], []
+    for m, (cfg, p, cache) in enumerate(zip(plan.configs, params, st.caches, strict=True)):
+        if m == drafter:
+            out, cache = llama.forward(cfg, p, drafts[:, -1:], (st.next_pos[m] + k)[:, None], d_cache)
+            out = jnp.concatenate([d_logits, out], axis=1)
+        else:
+            out, cache = llama.forward(cfg, p, fed, st.next_pos[m][:, None] + steps, cache)
+        logits.append(out)
+        caches.append(cache)
+    flat = tuple(x.reshape(batch * (k + 1), -1) for x in logits[: plan.rule_size])
+    lp = eft_distribution(plan, flat, weights)  # [B*(k+1), V] EFT log-probs (reported)
+    p = _filtered(plan, lp).reshape(batch, k + 1, -1)  # the exact sampling distribution
+    lp = lp.reshape(batch, k + 1, -1)
+
+    # 3. Accept the longest prefix of drafts; then one token from the residual or the bonus.
+    take = lambda dist, toks: jnp.take_along_axis(dist, toks[:, :, None], axis=2)[:, :, 0]  # noqa: E731
+    p_d, q_d = take(p[:, :k], drafts), take(q, drafts)
+    u = jax.vmap(lambda j: jax.vmap(lambda key: jax.random.uniform(key))(
+        _keys(plan, seed, st.stream, st.num_tokens + j, _ACCEPT)))(jnp.arange(k)).T  # [B, k]
+    accept = jnp.log(u) < p_d - q_d  # u < p/q, in log space (q_d is finite: d was drawn from q)
+    n_acc = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # [B]
+
+    p_at = jnp.take_along_axis(p, n_acc[:, None, None], axis=1)[:, 0]
+    q_pad = jnp.concatenate([q, jnp.full_like(q[:, :1], -jnp.inf)], axis=1)  # no q after the last draft
+    q_at = jnp.take_along_axis(q_pad, n_acc[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(jnp.exp(p_at) - jnp.exp(q_at), 0.0)
+    # p == q exactly leaves no residual (a rejection then has probability 0): fall back to p.
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, jnp.exp(p_at))
+    corrected = sample(jnp.log(residual), _keys(plan, seed, st.stream, st.num_tokens + n_acc, _CORRECT))
+
+    # 4. Emit d_1..d_{n_acc}, corrected; cut at a stop token and at max_new; rows done write nothing.
+    j = jnp.arange(k + 1)[None, :]
+    emitted = jnp.where(j < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), corrected[:, None])
+    is_stop = (jnp.isin(emitted, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids
+               else jnp.zeros(emitted.shape, bool))
+    after_stop = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
+    valid = (j <= n_acc[:, None]) & ~after_stop & (j < (st.max_new - st.num_tokens)[:, None]) & ~st.done[:, None]
+    out_len = st.tokens.shape[1]
+    rows = jnp.arange(batch)[:, None]
+    at = jnp.where(valid, st.num_tokens[:, None] + j, out_len)  # out of range = dropped
+    emitted_lp = take(lp, emitted)
+    tokens = st.tokens.at[rows, at].set(emitted, mode="drop")
+    logprobs = st.logprobs.at[rows, at].set(emitted_lp, mode="drop")
+    components = st.components
+    if plan.record_components:
+        per_model = jnp.stack([take(safe_log_softmax(x[..., : plan.vocab]), emitted) for x in logits[: plan.rule_size]])
+        components = components.at[:, rows, at].set(per_model, mode="drop")
+    count = jnp.sum(valid, axis=1)
+    num_tokens = st.num_tokens + count
+    done = st.done | jnp.any(is_stop & valid, axis=1) | (num_tokens >= st.max_new)
+
+    active = ~st.done
+    rounds = spec.rounds + active
+    new_decode = dataclasses.replace(
+        st,
+        caches=tuple(c.rewind(length + 1 + n_acc) for c, length in zip(caches, base_len, strict=True)),
+        token=corrected,
+        next_pos=st.next_pos + 1 + n_acc[None, :],
+        done=done, num_tokens=num_tokens, tokens=tokens, logprobs=logprobs, components=components,
+    )
+    return SpecState(
+        decode=new_decode,
+        rounds=rounds,
+        drafted=spec.drafted + k * active,
+        accepted=spec.accepted + jnp.sum(valid & (j < n_acc[:, None]), axis=1),
+        round_of=spec.round_of.at[rows, at].set(jnp.broadcast_to(rounds[:, None], at.shape), mode="drop"),
+        from_draft=spec.from_draft.at[rows, at].set(j < n_acc[:, None], mode="drop"),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("spec",))
+def spec_chunk(plan: Plan, k: int, drafter: int, rounds: int, params: tuple[Any, ...], weights: Float[Array, " n_ft"],
+               seed: Int[Array, ""], spec: SpecState) -> SpecState:
+    """``rounds`` speculative rounds in one ``lax.scan`` (no host round trip inside)."""
+    spec, _ = jax.lax.scan(lambda s, _: (spec_round(plan, k, drafter, params, weights, seed, s), None),
+                           spec, None, length=rounds)
+    return spec
