@@ -294,8 +294,12 @@ class Engine:
         return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
     def _place(self, x: np.ndarray) -> jax.Array:
+        """A host array (identical on every process) onto the mesh, batch over the data axis.
+
+        Built from a callback so it also works on multi-host meshes, where each process only
+        places its own devices' slices."""
         spec = PartitionSpec(self.spec.base.model.rules.mesh_axis("batch"), *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda index: x[index])
 
     def _padded_rows(self, batch: list[int], batch_size: int) -> list[int]:
         # Dummy rows repeat the batch's first prompt; their outputs are dropped.
@@ -342,11 +346,11 @@ class Engine:
         return self._collect(plan, spec_state.decode, spec_state, batch, prompts)
 
     def _collect(self, plan, state, spec_state, batch, prompts) -> list[GenerationResult]:
-        tokens, logprobs, counts = (np.asarray(x) for x in (state.tokens, state.logprobs, state.num_tokens))
-        comps = np.asarray(state.components) if plan.record_components else None
-        dists = np.asarray(state.distributions) if plan.record_distributions else None
+        tokens, logprobs, counts = (_to_host(x) for x in (state.tokens, state.logprobs, state.num_tokens))
+        comps = _to_host(state.components) if plan.record_components else None
+        dists = _to_host(state.distributions) if plan.record_distributions else None
         if spec_state is not None:
-            rounds, drafted, accepted, round_of, from_draft = (np.asarray(x) for x in (
+            rounds, drafted, accepted, round_of, from_draft = (_to_host(x) for x in (
                 spec_state.rounds, spec_state.drafted, spec_state.accepted, spec_state.round_of, spec_state.from_draft))
         out = []
         for row, i in enumerate(batch):
@@ -390,7 +394,7 @@ class Engine:
             plan, params, tuple(self._place(t) for t, _ in seqs_per_model),
             tuple(self._place(p) for _, p in seqs_per_model), tuple(predict_at), self._place(target), weights,
         )
-        eft, comps = np.asarray(eft), np.asarray(comps)
+        eft, comps = _to_host(eft), _to_host(comps)
         out = []
         for b, i in enumerate(batch):
             r = len(targets[i])
@@ -400,6 +404,15 @@ class Engine:
                 component_logprobs={label: comps[m, b, :r].astype(float).tolist() for m, label in enumerate(self.labels)},
             ))
         return out
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes on a multi-host mesh)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _eos_ids(tokenizer: Any) -> list[int]:

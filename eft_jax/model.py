@@ -83,5 +83,6 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
         spec = logical_to_spec(("batch", "seq"), tokens.shape, self.rules, self.mesh)
-        tokens_on_mesh = jax.device_put(tokens, NamedSharding(self.mesh, spec))
+        # From a callback, so that each process of a multi-host mesh places only its own slices.
+        tokens_on_mesh = jax.make_array_from_callback(tokens.shape, NamedSharding(self.mesh, spec), lambda i: tokens[i])
         return _full_logits(self.config, self.params, self.vocab_size, tokens_on_mesh)
