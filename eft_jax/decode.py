@@ -139,8 +139,10 @@ def prefill(
     """Run every model over its own left-padded prompt and sample output token 0."""
     logits, new_caches = [], []
     for cfg, p, toks, pos, cache in zip(plan.configs, params, prompt_tokens, prompt_positions, caches, strict=True):
-        out, cache = llama.forward(cfg, p, toks, pos, cache)
-        logits.append(out[:, -1])  # left padding: the last column is every row's last prompt token
+        # Left padding: the last column is every row's last prompt token; only it needs logits.
+        last = jnp.full((toks.shape[0], 1), toks.shape[1] - 1, jnp.int32)
+        out, cache = llama.forward(cfg, p, toks, pos, cache, logits_at=last)
+        logits.append(out[:, 0])
         new_caches.append(cache)
     batch = stream.shape[0]
     state = DecodeState(
@@ -196,8 +198,8 @@ def score_batch(
     """
     logits = []
     for cfg, p, toks, pos, at in zip(plan.configs, params, tokens, positions, predict_at, strict=True):
-        out, _ = llama.forward(cfg, p, toks, pos)
-        logits.append(jnp.take_along_axis(out, at[:, :, None], axis=1))  # [batch, resp, padded vocab]
+        out, _ = llama.forward(cfg, p, toks, pos, logits_at=at)
+        logits.append(out)  # [batch, resp, padded vocab]
     b, r = targets.shape
     flat = tuple(x.reshape(b * r, -1) for x in logits)
     lp = eft_distribution(plan, flat, weights)

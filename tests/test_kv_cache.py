@@ -66,3 +66,13 @@ def test_rewind_forgets_rejected_tokens():
     logits, _ = forward(CFG, params, other, pos[:, 4:6], cache)
     expect = _full(params, np.concatenate([tokens[:, :4], other], axis=1))[:, 4:]
     np.testing.assert_allclose(np.asarray(logits), expect, atol=1e-5)
+
+
+def test_logits_at_selects_columns_of_the_full_forward():
+    params = llama.init_params(CFG, jax.random.key(3))
+    tokens = np.random.RandomState(3).randint(0, 97, size=(2, 7))
+    full = _full(params, tokens)
+    at = np.array([[6, 2], [0, 5]])
+    positions = np.broadcast_to(np.arange(7), tokens.shape)
+    got, _ = forward(CFG, params, tokens, positions, logits_at=at)
+    np.testing.assert_allclose(np.asarray(got), np.take_along_axis(full, at[:, :, None], axis=1), atol=1e-6)

@@ -152,7 +152,8 @@ class Llama(nnx.Module):
         tokens: Int[Array, "batch seq"],
         positions: Int[Array, "batch seq"],
         cache: KVCache | None,
-    ) -> tuple[Float[Array, "batch seq vocab"], KVCache | None]:
+        logits_at: Int[Array, "batch n"] | None = None,
+    ) -> tuple[Float[Array, "batch seq_or_n vocab"], KVCache | None]:
         cfg = self.config
         inv_freq = jnp.asarray(np.asarray(rope_inverse_frequencies(cfg), np.float32))
         x = jnp.take(self.embed[...], tokens, axis=0)
@@ -194,6 +195,10 @@ class Llama(nnx.Module):
             (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, 0), layer_params)
             new_cache = KVCache(k=k_all, v=v_all, pos=pos, length=length)
 
+        if logits_at is not None:
+            # Only these columns need logits (e.g. the last prompt token): the LM head over the whole
+            # sequence would cost batch x seq x vocab floats.
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
@@ -236,12 +241,14 @@ def forward(
     tokens: Int[Array, "batch seq"],
     positions: Int[Array, "batch seq"],
     cache: KVCache | None = None,
-) -> tuple[Float[Array, "batch seq vocab"], KVCache | None]:
+    logits_at: Int[Array, "batch n"] | None = None,
+) -> tuple[Float[Array, "batch seq_or_n vocab"], KVCache | None]:
     """Logits (float32, padded vocab) for ``tokens`` at ``positions`` (-1 marks padding).
 
     With a cache, the new tokens' keys/values are written at each row's ``cache.length`` and they attend
     to everything already cached at positions <= their own; the updated cache is returned. Without a
-    cache, tokens attend causally to each other. Pure: call it under ``jax.jit`` with ``cfg`` static.
+    cache, tokens attend causally to each other. ``logits_at`` (column indices per row) restricts the
+    output to those columns: ``[batch, n, vocab]``. Pure: call it under ``jax.jit`` with ``cfg`` static.
     """
     graphdef = _graphdef_and_abstract(cfg, "float32")[0]
-    return nnx.merge(graphdef, params)(tokens, positions, cache)
+    return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at)
