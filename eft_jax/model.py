@@ -30,6 +30,19 @@ def _full_logits(cfg: LlamaConfig, params: Any, vocab: int, tokens: Array) -> Ar
     return logits[..., :vocab]
 
 
+def _empty_cache(cfg: LlamaConfig, dtype: str, batch: int, slots: int) -> KVCache:
+    return KVCache.zeros(num_layers=cfg.num_layers, batch=batch, slots=slots, num_kv_heads=cfg.num_kv_heads,
+                         head_dim=cfg.head_dim, dtype=jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_builder(cfg: LlamaConfig, dtype: str, batch: int, slots: int, mesh: Mesh, rules: ShardingRules):
+    """A compiled zero-cache constructor per shape (jit of a fresh lambda would recompile every batch)."""
+    abstract = jax.eval_shape(lambda: _empty_cache(cfg, dtype, batch, slots))
+    shardings = tree_shardings(CACHE_LOGICAL_AXES, abstract, rules, mesh)
+    return jax.jit(functools.partial(_empty_cache, cfg, dtype, batch, slots), out_shardings=shardings)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
     """A causal LM ready to run: ``params`` is a plain pytree of arrays already in their shardings."""
@@ -56,24 +69,9 @@ class Model:
     def weight_bytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.params))
 
-    def batch_sharding(self, ndim: int) -> NamedSharding:
-        """Sharding of a ``[batch, ...]`` array: batch over the data axis (where it divides)."""
-        return NamedSharding(self.mesh, PartitionSpec(self.rules.mesh_axis("batch"), *([None] * (ndim - 1))))
-
-    def cache_shardings(self, batch: int, slots: int) -> KVCache:
-        abstract = jax.eval_shape(lambda: self._empty_cache(batch, slots))
-        return tree_shardings(CACHE_LOGICAL_AXES, abstract, self.rules, self.mesh)
-
-    def _empty_cache(self, batch: int, slots: int) -> KVCache:
-        c = self.config
-        return KVCache.zeros(
-            num_layers=c.num_layers, batch=batch, slots=slots, num_kv_heads=c.num_kv_heads,
-            head_dim=c.head_dim, dtype=self.dtype,
-        )
-
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty cache of ``slots`` positions per row, created directly in its shardings."""
-        return jax.jit(lambda: self._empty_cache(batch, slots), out_shardings=self.cache_shardings(batch, slots))()
+        return _cache_builder(self.config, jnp.dtype(self.dtype).name, batch, slots, self.mesh, self.rules)()
 
     def logits(self, tokens: Int[Array, "batch seq"] | np.ndarray) -> Float[Array, "batch seq vocab"]:
         """Full-sequence float32 logits ``[batch, seq, vocab_size]`` (positions 0..seq-1, no padding)."""
