@@ -7,6 +7,7 @@ A config is a YAML file with five sections (see ``configs/`` and the README's co
     sampling: {temperature, top_k, top_p, min_p, stop_token_ids}
     mesh:     {data, model, distributed}
     job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt}
+    speculative: {k, drafter}                                 optional: speculative EFT (k = 0: off)
 
 Any key can be overridden with ``key.sub=value`` (the value is read as a YAML scalar or flow list,
 ``eft.weights=[0.5]``; a list element by index, ``eft.weights.0=0.5``). Unknown keys, wrong types and
@@ -187,6 +188,16 @@ class JobConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative EFT: ``k`` drafted tokens per round (0: off); ``drafter`` names the drafting model
+    (default: the first fine-tuned model - the small fine-tune of an up-scaling config). A drafter
+    outside the EFT rule is allowed (e.g. to speed up plain decoding)."""
+
+    k: int = 0
+    drafter: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A validated job config. ``source`` says where it came from (for messages)."""
 
@@ -195,6 +206,7 @@ class Config:
     sampling: SamplingConfig = SamplingConfig()
     mesh: MeshConfig = MeshConfig()
     job: JobConfig = JobConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
     description: str = ""
     source: str = "<config>"
 
@@ -206,6 +218,12 @@ class Config:
         out += [(f"ft{i}", name) for i, name in enumerate(self.eft.fine_tuned)]
         return out
 
+    def drafter_name(self) -> str | None:
+        """The drafting model's name when speculative decoding is on."""
+        if not self.speculative.k:
+            return None
+        return self.speculative.drafter or (self.eft.fine_tuned[0] if self.eft.fine_tuned else None)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON-ready), in the file layout."""
         return {
@@ -216,6 +234,7 @@ class Config:
             "sampling": {**dataclasses.asdict(self.sampling), "stop_token_ids": list(self.sampling.stop_token_ids)},
             "mesh": dataclasses.asdict(self.mesh),
             "job": dataclasses.asdict(self.job),
+            "speculative": dataclasses.asdict(self.speculative),
         }
 
     def fingerprint_payload(self, command: str) -> dict[str, Any]:
@@ -240,6 +259,8 @@ class Config:
                                    "stop_token_ids": sorted(set(self.sampling.stop_token_ids))}
             payload["seed"] = self.job.seed
             payload["max_new_tokens"] = self.job.max_new_tokens
+            if self.speculative.k:  # same distribution, but other random draws: other samples
+                payload["speculative"] = {"k": self.speculative.k, "drafter": model(self.drafter_name())}
         return payload
 
     def fingerprint(self, command: str = "generate") -> str:
@@ -562,14 +583,34 @@ def _parse_job(ctx: _Ctx, raw: Any) -> JobConfig:
     )
 
 
+def _parse_speculative(ctx: _Ctx, raw: Any, models: Mapping[str, ModelEntry], eft: EFTConfig) -> SpeculativeConfig:
+    raw = ctx.section(raw, "speculative", ("k", "drafter"))
+    known = ", ".join(models)
+
+    def model_name(v: Any) -> str:
+        if not isinstance(v, str) or v not in models:
+            raise _Bad(f"must name an entry of models ({known})")
+        return v
+
+    k = ctx.get(raw, "speculative", "k", _int(0, what="an integer >= 0 (0 = off)"), 0)
+    drafter = ctx.get(raw, "speculative", "drafter", _optional(model_name, f"null or an entry of models ({known})"), None)
+    if k and drafter is None and not eft.fine_tuned:
+        raise ctx.fail("speculative.drafter", "plain decoding (no eft.fine_tuned) needs a drafter model to speculate "
+                       "with; name one, or set speculative.k=0")
+    return SpeculativeConfig(k=k, drafter=drafter)
+
+
 def parse_config(raw: Any, source: str = "<config>", overridden: Mapping[str, str] | None = None) -> Config:
     """Validate plain data (as read from YAML) into a :class:`Config`."""
     ctx = _Ctx(source, dict(overridden or {}))
-    raw = ctx.section(raw, "", ("description", "models", "eft", "sampling", "mesh", "job"), required=("models", "eft"))
+    raw = ctx.section(raw, "", ("description", "models", "eft", "sampling", "mesh", "job", "speculative"),
+                      required=("models", "eft"))
     models = _parse_models(ctx, raw["models"])
+    eft = _parse_eft(ctx, raw["eft"], models)
     cfg = Config(
         models=models,
-        eft=_parse_eft(ctx, raw["eft"], models),
+        eft=eft,
+        speculative=_parse_speculative(ctx, raw.get("speculative"), models, eft),
         sampling=_parse_sampling(ctx, raw.get("sampling")),
         mesh=_parse_mesh(ctx, raw.get("mesh")),
         job=_parse_job(ctx, raw.get("job")),

@@ -61,7 +61,7 @@ def test_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text, overrides, message", [
-    (MINIMAL + "extra: 1\n", [], "extra: unknown key; allowed top-level keys: description, models, eft, sampling, mesh, job"),
+    (MINIMAL + "extra: 1\n", [], "extra: unknown key; allowed top-level keys: description, models, eft, sampling, mesh, job, speculative"),
     (MINIMAL + "sampling: {temprature: 1}\n", [], "sampling.temprature: unknown key (did you mean 'temperature'?)"),
     (MINIMAL + "sampling: {top_p: high}\n", [], "sampling.top_p: must be a number in (0, 1] (1 = off); got 'high' (a string)"),
     (MINIMAL + "sampling: {top_p: 1.5}\n", [], "sampling.top_p: must be a number in (0, 1]"),
@@ -86,6 +86,9 @@ def test_overrides(tmp_path):
     (MINIMAL.replace("base: m", "base: m, ref: m, fine_tuned: [m, m]"), [], "eft.fine_tuned: must not list a model twice"),
     (MINIMAL.replace("base: m", "base: m, base_top_p: 0"), [], "eft.base_top_p: must be null (off) or a number in (0, 1]"),
     ("models: {m: {path: a}}\nmodels: {}\n", [], "not valid YAML: line 2, column 1: duplicate key 'models'"),
+    (MINIMAL + "speculative: {k: -1}\n", [], "speculative.k: must be an integer >= 0 (0 = off)"),
+    (MINIMAL + "speculative: {k: 2}\n", [], "speculative.drafter: plain decoding (no eft.fine_tuned) needs a drafter"),
+    (MINIMAL + "speculative: {k: 2, drafter: z}\n", [], "speculative.drafter: must be null or an entry of models (m)"),
     (MINIMAL, ["job.seed=-1"], "command-line override 'job.seed=-1'): job.seed: must be an integer in [0, 2**31)"),
     (MINIMAL, ["jobs.seed=1"], "command-line override 'jobs.seed=1'): jobs: unknown key (did you mean 'job'?)"),
     (MINIMAL, ["job.seed"], "command-line override 'job.seed': expected key.sub=value"),
@@ -115,7 +118,7 @@ def test_fingerprint_covers_what_changes_samples_and_nothing_else():
     changed = ["job.seed=1", "sampling.temperature=0.5", "sampling.top_k=5", "eft.weights=[0.5]", "job.max_new_tokens=9",
                "models.smollm2_chat.dtype=bfloat16", "models.smollm2_chat.prompt_format=plain",
                "models.smollm2_chat.path=/other.gguf", "job.on_long_prompt=skip", "eft.base_top_p=0.9",
-               "sampling.stop_token_ids=[5]"]
+               "sampling.stop_token_ids=[5]", "speculative.k=3"]
     for o in changed:
         assert load_config(None, [o]).fingerprint() != fp, o
     # Scores do not depend on sampling, the seed or max_new_tokens.

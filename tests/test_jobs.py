@@ -307,6 +307,22 @@ def test_mismatched_tokenizers_fail_before_any_work(family, tmp_path, capsys):
 # --- The long-prompt policy (in-process, tokenizers only) --------------------------------------------------
 
 
+def test_speculative_greedy_job_writes_the_same_responses(family, env, tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["hi", "a b c", "xyz"])))
+    cfg = trio_config(family, tmp_path / "c.yaml", max_new_tokens=10)
+    outs = {}
+    for name, extra in (("plain", []), ("spec", ["speculative.k=3"])):
+        r = run(env, "generate", "--config", cfg, "--prompts", prompts, "--out", tmp_path / f"{name}.jsonl",
+                "--no-progress", "sampling.temperature=0", *extra)
+        assert r.returncode == 0, r.stderr
+        lines = read_jsonl(tmp_path / f"{name}.jsonl")
+        outs[name] = {line["id"]: line["response"] for line in lines}
+        assert all(("speculative" in line) == (name == "spec") for line in lines)
+        assert ("speculative: acceptance" in r.stdout) == (name == "spec")
+    assert outs["spec"] == outs["plain"] and len(outs["plain"]) == 3
+
+
 @pytest.fixture(scope="module")
 def components(family):
     import eft_jax

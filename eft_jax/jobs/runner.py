@@ -50,6 +50,9 @@ class Summary:
     run_s: float = 0.0
     wall_s: float = 0.0
     interrupted: bool = False
+    drafted: int = 0  # speculative decoding: drafted and accepted draft tokens, rounds
+    accepted: int = 0
+    rounds: int = 0
 
     def render(self) -> str:
         unit = "samples" if self.command == "generate" else "pairs"
@@ -66,6 +69,9 @@ class Summary:
             f"{self.setup_s:.1f}s)",
             f"  fingerprint: {self.fingerprint}",
         ]
+        if self.drafted:
+            lines.insert(3, f"  speculative: acceptance {self.accepted / self.drafted:.2f}, "
+                            f"{(self.tokens - self.written) / max(self.rounds, 1):.2f} tokens per round")
         if self.interrupted:
             lines.append("  re-run the same command to resume: finished batches are kept")
         return "\n".join(lines)
@@ -112,7 +118,8 @@ def build_engine(config: Config, *, log: TextIO = sys.stderr) -> JobEngine:
     loaded: dict[tuple[str, str | None, str], Any] = {}
     components: dict[str, Any] = {}
     roles = []
-    for role, name in config.roles():
+
+    def load(name: str) -> Any:
         entry = config.models[name]
         path = resolve_model_path(entry.path)
         key = (str(path), entry.dtype, entry.sharding)
@@ -123,18 +130,30 @@ def build_engine(config: Config, *, log: TextIO = sys.stderr) -> JobEngine:
             m = loaded[key]
             print(f"eft-jax: loaded models.{name} ({path}): {_count(m.config.num_params)} parameters, "
                   f"{jnp.dtype(m.dtype).name}, {entry.sharding}, {time.perf_counter() - start:.1f}s", file=log)
+        return loaded[key]
+
+    for role, name in config.roles():
+        entry = config.models[name]
         label = f"{role}={name}"
         try:
-            components[role] = Component(loaded[key], entry.prompt_format, label)
+            components[role] = Component(load(name), entry.prompt_format, label)
         except ValueError as e:
             raise JobError(f"{config.source}: models.{name}.prompt_format: {e}; use 'plain' or a template "
                            "with {prompt}") from None
         roles.append((role, name, label))
     fts = tuple(components[r] for r, _, _ in roles if r.startswith("ft"))
+    drafter: int | Any = None
+    if config.speculative.k:
+        name = config.drafter_name()
+        in_rule = [i for i, (_, n) in enumerate(config.roles()) if n == name]
+        if in_rule:
+            drafter = in_rule[0]
+        else:  # a drafter outside the EFT rule
+            drafter = Component(load(name), config.models[name].prompt_format, f"drafter={name}")
     try:
         spec = EFTSpec(base=components["base"], ref=components.get("ref"), fine_tuned=fts,
                        weights=config.eft.weights, base_top_p=config.eft.base_top_p)
-        engine = Engine(spec, chunk_size=config.job.chunk_size)
+        engine = Engine(spec, chunk_size=config.job.chunk_size, speculative_k=config.speculative.k, drafter=drafter)
     except VocabMismatchError as e:
         raise JobError(f"{config.source}: the models of eft do not share a tokenizer: {e}") from None
     except ValueError as e:
@@ -248,6 +267,13 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
                         "tokens": len(r.tokens), "finish_reason": r.finish_reason, "logprob": r.logprob,
                         "prompt_truncated": req.key in truncated, "fingerprint": summary.fingerprint,
                     })
+                    if r.speculative is not None:
+                        records[-1]["speculative"] = {"rounds": r.speculative.rounds,
+                                                      "drafted": r.speculative.drafted,
+                                                      "accepted": r.speculative.accepted}
+                        summary.drafted += r.speculative.drafted
+                        summary.accepted += r.speculative.accepted
+                        summary.rounds += r.speculative.rounds
                 output.append(records)
                 tokens = sum(len(r.tokens) for r in results)
                 summary.written += len(records)
