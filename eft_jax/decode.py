@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -31,7 +32,9 @@ from eft_jax.sampling import SamplingParams, final_logprobs, row_keys, safe_log_
 class Plan:
     """Static description of one compiled decode program (hashable; a jit static argument).
 
-    configs: the models in spec order (base, ref, fine-tunes). vocab: the common vocabulary size.
+    configs: the distinct models to run (a model used twice with the same prompt is run once).
+    sources: for each member of the EFT rule (base, ref, fine-tunes, in that order), its index in
+      ``configs``; empty means "the first rule_size configs, in order". vocab: the common vocabulary size.
     record_components: also return each model's log-prob of every sampled token.
     record_distributions: also return every step's EFT distribution (analysis/tests; [B, T, vocab]).
     """
@@ -46,11 +49,16 @@ class Plan:
     chunk: int
     record_components: bool = False
     record_distributions: bool = False
+    sources: tuple[int, ...] = ()
 
     @property
     def rule_size(self) -> int:
-        """How many of ``configs`` enter the EFT rule (base, ref, fine-tunes); any after are drafters."""
+        """Members of the EFT rule: base, ref and the fine-tunes (1 for plain decoding)."""
         return 1 if self.n_ft == 0 else 2 + self.n_ft
+
+    def rule(self, per_model: Sequence[Array]) -> list[Array]:
+        """Per-model arrays (one per config) -> one per rule member, in rule order."""
+        return [per_model[i] for i in (self.sources or range(self.rule_size))]
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +86,7 @@ class DecodeState:
 
 def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array, " n_ft"]) -> Float[Array, "batch vocab"]:
     """The normalised EFT log-probs [batch, vocab] from each model's next-token logits [batch, padded]."""
-    sliced = [x[:, : plan.vocab] for x in logits[: plan.rule_size]]  # drop padded vocab rows before normalising
+    sliced = [x[:, : plan.vocab] for x in plan.rule(logits)]  # drop padded vocab rows before normalising
     if plan.n_ft == 0:
         return eft_logprobs(sliced[0], None, None, None, base_top_p=plan.base_top_p)
     return eft_logprobs(sliced[0], sliced[1], jnp.stack(sliced[2:]), weights, base_top_p=plan.base_top_p)
@@ -109,7 +117,7 @@ def _choose_and_record(
     logprobs = _write_column(state.logprobs, gather_logprobs(lp, tok), index, active)
     components = state.components
     if plan.record_components:
-        comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in logits[: plan.rule_size]])
+        comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in plan.rule(logits)])
         components = _write_column(components, comp, index, active)
     distributions = state.distributions
     if plan.record_distributions:
@@ -205,5 +213,5 @@ def score_batch(
     lp = eft_distribution(plan, flat, weights)
     flat_targets = targets.reshape(-1)
     eft = gather_logprobs(lp, flat_targets).reshape(b, r)
-    comps = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), flat_targets) for x in flat])
-    return eft, comps.reshape(len(flat), b, r)
+    comps = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), flat_targets) for x in plan.rule(flat)])
+    return eft, comps.reshape(plan.rule_size, b, r)

@@ -129,6 +129,9 @@ class Engine:
                 extra = drafter if isinstance(drafter, Component) else Component(drafter, "plain", "drafter")
                 self.components = self.components + (extra,)
                 self.drafter_index = len(self.components) - 1
+        # A model used in two roles with the same prompt (e.g. base == ref) is run once.
+        self.runs, self.sources = _distinct(self.components)
+        self.score_runs, self.score_sources = _distinct(spec.components)
         comps = self.components
         missing = [c.label for c in comps if c.model.tokenizer is None]
         if missing:
@@ -183,7 +186,7 @@ class Engine:
         rendered: dict[int, list[list[int]]] = {}
         for i, prompt in enumerate(prompts):
             try:
-                rendered[i] = self._render(prompt, limits[i])
+                rendered[i] = self._render(prompt, limits[i], self.runs)
             except PromptError as e:
                 if on_error == "raise":
                     raise PromptError(f"prompt {i}: {e}") from None
@@ -192,8 +195,8 @@ class Engine:
         if return_distributions and self.speculative_k:
             raise ValueError("return_distributions is not available with speculative decoding")
         plan = decode.Plan(
-            configs=tuple(c.model.config for c in self.components), vocab=self.vocab,
-            n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
+            configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
+            vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
             stop_ids=tuple(sorted(set(self.stop_ids) | {int(t) for t in stop_token_ids})), pad_id=self.pad_id,
             chunk=self.chunk_size, record_components=return_component_logprobs,
             record_distributions=return_distributions,
@@ -235,7 +238,7 @@ class Engine:
                     raise PromptError("empty response")
                 if max(resp) >= self.vocab or min(resp) < 0:
                     raise PromptError(f"response token ids must lie in [0, {self.vocab})")
-                rendered[i] = self._render(prompt, len(resp), self.spec.components)
+                rendered[i] = self._render(prompt, len(resp), self.score_runs)
                 targets[i] = resp
             except PromptError as e:
                 if on_error == "raise":
@@ -243,7 +246,7 @@ class Engine:
                 results[i] = ScoreResult(index=i, error=str(e))
 
         plan = decode.Plan(
-            configs=tuple(c.model.config for c in self.spec.components), vocab=self.vocab,
+            configs=tuple(c.model.config for c in self.score_runs), sources=self.score_sources, vocab=self.vocab,
             n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=SamplingParams(),
             stop_ids=(), pad_id=self.pad_id, chunk=1,
         )
@@ -267,13 +270,13 @@ class Engine:
             raise ValueError(f"{len(w)} weights for {len(self.spec.fine_tuned)} fine-tuned model(s)")
         return jnp.asarray(w if w else (0.0,), jnp.float32)
 
-    def _render(self, prompt: Any, max_new: int, components: Sequence[Component] | None = None) -> list[list[int]]:
+    def _render(self, prompt: Any, max_new: int, components: Sequence[Component]) -> list[list[int]]:
         """Each model's prompt tokens; PromptError if empty or too long for a model's context."""
         if max_new <= 0:
             raise PromptError(f"max_new_tokens must be positive, got {max_new}")
         prompt = validate_prompt(prompt)
         rows = []
-        for c in self.components if components is None else components:
+        for c in components:
             ids = render_tokens(c.model.tokenizer, prompt, c.prompt_format)
             if not ids:
                 raise PromptError(f"prompt renders to no tokens for {c.label}")
@@ -307,7 +310,7 @@ class Engine:
 
     def _prompt_arrays(self, rows: list[int], rendered: dict[int, list[list[int]]]) -> tuple[list, list, list[int]]:
         tokens, positions, lengths = [], [], []
-        for m in range(len(self.components)):
+        for m in range(len(rendered[rows[0]])):
             seqs = [rendered[i][m] for i in rows]
             length = bucket_length(max(len(s) for s in seqs))
             t, p = left_pad(seqs, length, self.pad_id)
@@ -325,8 +328,8 @@ class Engine:
         k = self.speculative_k
         # A speculative round may write k + 1 entries past the last emitted token before rewinding.
         caches = tuple(c.model.init_cache(len(rows), length + out_len + (k + 1 if k else 0))
-                       for c, length in zip(self.components, lengths, strict=True))
-        params = tuple(c.model.params for c in self.components)
+                       for c, length in zip(self.runs, lengths, strict=True))
+        params = tuple(c.model.params for c in self.runs)
         seed_arr = jnp.asarray(seed, jnp.int32)
         state = decode.prefill(plan, params, tuple(tokens), tuple(positions), caches, weights, seed_arr,
                                self._place(np.array([streams[i] for i in rows], np.int32)), self._place(max_new), out_len)
@@ -342,7 +345,8 @@ class Engine:
         for _ in range(math.ceil((out_len - 1) / rounds)):
             if bool(jnp.all(spec_state.decode.done)):
                 break
-            spec_state = speculative.spec_chunk(plan, k, self.drafter_index, rounds, params, weights, seed_arr, spec_state)
+            spec_state = speculative.spec_chunk(plan, k, self.sources[self.drafter_index], rounds, params, weights,
+                                                seed_arr, spec_state)
         return self._collect(plan, spec_state.decode, spec_state, batch, prompts)
 
     def _collect(self, plan, state, spec_state, batch, prompts) -> list[GenerationResult]:
@@ -376,7 +380,7 @@ class Engine:
         rows = self._padded_rows(batch, batch_size)
         resp_len = bucket_length(max(len(targets[i]) for i in rows), minimum=8)
         seqs_per_model, predict_at = [], []
-        for m in range(len(self.spec.components)):
+        for m in range(len(self.score_runs)):
             seqs = [rendered[i][m] + targets[i] for i in rows]
             length = bucket_length(max(len(s) for s in seqs))
             seqs_per_model.append(left_pad(seqs, length, self.pad_id))
@@ -389,7 +393,7 @@ class Engine:
         target = np.full((len(rows), resp_len), self.pad_id, np.int32)
         for b, i in enumerate(rows):
             target[b, : len(targets[i])] = targets[i]
-        params = tuple(c.model.params for c in self.spec.components)
+        params = tuple(c.model.params for c in self.score_runs)
         eft, comps = decode.score_batch(
             plan, params, tuple(self._place(t) for t, _ in seqs_per_model),
             tuple(self._place(p) for _, p in seqs_per_model), tuple(predict_at), self._place(target), weights,
@@ -404,6 +408,20 @@ class Engine:
                 component_logprobs={label: comps[m, b, :r].astype(float).tolist() for m, label in enumerate(self.labels)},
             ))
         return out
+
+
+def _distinct(components: Sequence[Component]) -> tuple[tuple[Component, ...], tuple[int, ...]]:
+    """The distinct (model, prompt format) pairs to run, and each component's index among them."""
+    runs: list[Component] = []
+    keys: list[tuple[int, str]] = []
+    sources = []
+    for c in components:
+        key = (id(c.model), c.prompt_format)
+        if key not in keys:
+            keys.append(key)
+            runs.append(c)
+        sources.append(keys.index(key))
+    return tuple(runs), tuple(sources)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -106,7 +106,7 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
             out, cache = llama.forward(cfg, p, fed, st.next_pos[m][:, None] + steps, cache)
         logits.append(out)
         caches.append(cache)
-    flat = tuple(x.reshape(batch * (k + 1), -1) for x in logits[: plan.rule_size])
+    flat = tuple(x.reshape(batch * (k + 1), -1) for x in logits)
     lp = eft_distribution(plan, flat, weights)  # [B*(k+1), V] EFT log-probs (reported)
     p = _filtered(plan, lp).reshape(batch, k + 1, -1)  # the exact sampling distribution
     lp = lp.reshape(batch, k + 1, -1)
@@ -142,7 +142,7 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
     logprobs = st.logprobs.at[rows, at].set(emitted_lp, mode="drop")
     components = st.components
     if plan.record_components:
-        per_model = jnp.stack([take(safe_log_softmax(x[..., : plan.vocab]), emitted) for x in logits[: plan.rule_size]])
+        per_model = jnp.stack([take(safe_log_softmax(x[..., : plan.vocab]), emitted) for x in plan.rule(logits)])
         components = components.at[:, rows, at].set(per_model, mode="drop")
     count = jnp.sum(valid, axis=1)
     num_tokens = st.num_tokens + count

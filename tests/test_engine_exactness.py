@@ -79,7 +79,11 @@ def test_identity_large_equals_small_gives_the_fine_tune(loaded):
     eft = EFTSpec.up_scaling(m["small_base"], m["small_base"], m["small_ft"], 1.0)
     alone = EFTSpec.single(Component(m["small_ft"], "chat"))
     greedy = SamplingParams(temperature=0.0)
-    a = Engine(eft).generate(PROMPTS, greedy, max_new_tokens=12)
+    engine = Engine(eft)
+    assert len(engine.runs) == 2 and engine.sources == (0, 0, 1)  # base == ref is run once
+    a = engine.generate(PROMPTS, greedy, max_new_tokens=12, return_component_logprobs=True)
+    # Both roles still report their (identical) log-probs.
+    assert a[0].component_logprobs["small_base"] == a[0].component_logprobs["large_base"]
     b = Engine(alone).generate(PROMPTS, greedy, max_new_tokens=12)
     assert [r.tokens for r in a] == [r.tokens for r in b]
 
