@@ -291,6 +291,12 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
         summary.interrupted = True
     finally:
         bar.close()
+    return _close_summary(summary, issues, errors, start, run_start)
+
+
+def _close_summary(summary: Summary, issues: Sequence[Issue], errors: ErrorsFile, start: float,
+                   run_start: float) -> Summary:
+    """Counts and times at the end of a run (also an interrupted one)."""
     summary.skipped = sum(1 for i in issues if i.action == "skipped") + errors.failed_prompts
     summary.warnings = sum(1 for i in issues if i.action == "warning")
     summary.run_s = time.perf_counter() - run_start
@@ -414,8 +420,4 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
         summary.interrupted = True
     finally:
         bar.close()
-    summary.skipped = sum(1 for i in issues if i.action == "skipped") + errors.failed_prompts
-    summary.warnings = sum(1 for i in issues if i.action == "warning")
-    summary.run_s = time.perf_counter() - run_start
-    summary.wall_s = time.perf_counter() - start
-    return summary
+    return _close_summary(summary, issues, errors, start, run_start)
