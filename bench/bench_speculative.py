@@ -5,9 +5,9 @@ prompts, lengths and sampling), the measured acceptance rate and tokens per roun
 rate that k would need for a 2.5x speedup given the measured cost of a round. Expected tokens per
 round at acceptance a: (1 - a^(k+1)) / (1 - a); speedup = that x (step time) / (round time).
 
-Models: ``--models DIR`` with subdirectories large_base, small_base, small_ft (default:
-checkpoints/toy). Prompts: the toy evaluation questions when the toy world is present, else a few
-fixed strings. Usage: python bench/bench_speculative.py [--batches 1,4,16] [--ks 2,4,6,8]
+Models: ``--models DIR``: the toy family (default: checkpoints/toy: large-base, small-base, small-ft,
+world.json; its held-out questions are the prompts), or any directory with large_base, small_base and
+small_ft checkpoints (then a few fixed prompts). Usage: python bench/bench_speculative.py [--batches 1,4,16] [--ks 2,4,6,8]
 Measures, prints; asserts nothing.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import eft_jax
 from eft_jax.engine import Engine
 from eft_jax.sampling import SamplingParams
-from eft_jax.spec import EFTSpec
+from eft_jax.spec import Component, EFTSpec
 
 FALLBACK_PROMPTS = [
     "Where was the author born?", "What does the engineer do for a living?", "Tell me about the city.",
@@ -47,11 +47,12 @@ def needed_acceptance(target: float, k: int, round_over_step: float) -> float | 
     return hi
 
 
-def timed(engine: Engine, prompts, sampling, max_new: int, batch: int) -> tuple[float, list]:
+def timed(engine: Engine, prompts, sampling, max_new: int, batch: int, ignore_eos: bool) -> tuple[float, list]:
     # The warm-up does exactly the timed work (same seed), so every program it needs is compiled.
-    engine.generate(prompts, sampling, max_new_tokens=max_new, batch_size=batch, seed=1)
+    kwargs = dict(max_new_tokens=max_new, batch_size=batch, seed=1, ignore_eos=ignore_eos)
+    engine.generate(prompts, sampling, **kwargs)
     start = time.perf_counter()
-    res = engine.generate(prompts, sampling, max_new_tokens=max_new, batch_size=batch, seed=1)
+    res = engine.generate(prompts, sampling, **kwargs)
     return time.perf_counter() - start, res
 
 
@@ -63,32 +64,39 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="decode exactly --max-new-tokens per row (steady-state speed, no end-of-answer effects)")
     args = parser.parse_args()
 
     root = Path(args.models)
-    m = {name: eft_jax.load_model(root / name, dtype="float32") for name in ("large_base", "small_base", "small_ft")}
-    spec = EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], args.weight)
-    try:
-        from eft_jax.toy.eval import benchmark_prompts  # the toy world's questions, when present
+    if (root / "world.json").is_file():  # the toy family: its base-style template and its questions
+        from eft_jax.toy import data as toy_data
+        from eft_jax.toy.eval import eval_items
+        from eft_jax.toy.world import World
 
-        prompts = benchmark_prompts()
-    except ImportError:
-        prompts = FALLBACK_PROMPTS
+        names, base_fmt = ("large-base", "small-base", "small-ft"), toy_data.BASE_PROMPT_FORMAT
+        prompts = [item.prompt for item in eval_items(World.load(root / "world.json"), 4)]
+    else:
+        names, base_fmt, prompts = ("large_base", "small_base", "small_ft"), "plain", FALLBACK_PROMPTS
+    m = {name: eft_jax.load_model(root / name, dtype="float32", sharding="replicated") for name in names}
+    spec = EFTSpec.up_scaling(Component(m[names[0]], base_fmt, "large_base"), Component(m[names[1]], base_fmt, "small_base"),
+                              Component(m[names[2]], "chat", "small_ft"), args.weight)
     sampling = SamplingParams(temperature=args.temperature)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# bench_speculative models={root} device={jax.devices()[0].device_kind} commit={commit} "
           f"date={time.strftime('%Y-%m-%d')} temperature={args.temperature} w={args.weight} "
-          f"max_new_tokens={args.max_new_tokens}")
+          f"max_new_tokens={args.max_new_tokens} ignore_eos={args.ignore_eos}")
     print("| batch | k | tok/s | speedup vs k=0 | acceptance | tokens/round | acceptance needed for 2.5x |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batches.split(",")]:
         rows = (prompts * (batch // len(prompts) + 1))[:batch]
-        base_time, base_res = timed(Engine(spec), rows, sampling, args.max_new_tokens, batch)
+        base_time, base_res = timed(Engine(spec), rows, sampling, args.max_new_tokens, batch, args.ignore_eos)
         base_tokens = sum(len(r.tokens) for r in base_res)
         step_time = base_time / max(base_tokens / batch, 1)
         print(f"| {batch} | 0 | {base_tokens / base_time:,.1f} | 1.00 | - | 1.00 | - |", flush=True)
         for k in [int(x) for x in args.ks.split(",")]:
-            t, res = timed(Engine(spec, speculative_k=k), rows, sampling, args.max_new_tokens, batch)
+            t, res = timed(Engine(spec, speculative_k=k), rows, sampling, args.max_new_tokens, batch,
+                           args.ignore_eos)
             tokens = sum(len(r.tokens) for r in res)
             acc = sum(r.speculative.accepted for r in res) / max(sum(r.speculative.drafted for r in res), 1)
             rounds = np.mean([r.speculative.rounds for r in res])

@@ -160,6 +160,7 @@ class Engine:
         ids: Sequence[int] | None = None,
         weights: Sequence[float] | None = None,
         stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
         return_component_logprobs: bool = False,
         return_distributions: bool = False,
         on_error: Literal["raise", "report"] = "raise",
@@ -172,6 +173,8 @@ class Engine:
         on_error: "raise" refuses the whole call if any prompt is invalid (empty, longer than a model's
         context, ...); "report" returns a result with ``error`` set for it and runs the rest.
         on_batch: called with each finished batch's results (for incremental output).
+        ignore_eos: do not stop at the models' end-of-sequence tokens (only at ``stop_token_ids``), e.g.
+        to benchmark fixed-length decoding.
         """
         n = len(prompts)
         limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -197,7 +200,8 @@ class Engine:
         plan = decode.Plan(
             configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
             vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
-            stop_ids=tuple(sorted(set(self.stop_ids) | {int(t) for t in stop_token_ids})), pad_id=self.pad_id,
+            stop_ids=tuple(sorted((set() if ignore_eos else set(self.stop_ids)) | {int(t) for t in stop_token_ids})),
+            pad_id=self.pad_id,
             chunk=self.chunk_size, record_components=return_component_logprobs,
             record_distributions=return_distributions,
         )

@@ -132,3 +132,24 @@ def test_different_tokenizers_are_refused(family, trio, tmp_path):
     assert other.tokenizer.convert_ids_to_tokens(vocab["A"]) == "B"
     with pytest.raises(VocabMismatchError, match=f"token id {vocab['A']}"):
         Engine(EFTSpec.up_scaling(trio.base.model, trio.ref.model, other, 1.0))
+
+
+def test_ignore_eos_decodes_to_the_limit(trio):
+    engine = Engine(trio)
+    prompts = [f"prompt {i}" for i in range(8)]
+    # Find a run where some row stops at an end-of-sequence token.
+    for seed in range(20):
+        normal = engine.generate(prompts, max_new_tokens=40, seed=seed)
+        stopped = [r for r in normal if r.finish_reason == "stop"]
+        if stopped:
+            break
+    assert stopped, "no end-of-sequence token sampled in 20 seeds"
+    free = engine.generate(prompts, max_new_tokens=40, seed=seed, ignore_eos=True)
+    assert [len(r.tokens) for r in free] == [40] * 8 and all(r.finish_reason == "length" for r in free)
+    row = free[stopped[0].index]
+    # Same random streams: the row continues past its EOS instead of stopping there.
+    assert row.tokens[: len(stopped[0].tokens)] == stopped[0].tokens
+    assert stopped[0].tokens[-1] in engine.stop_ids
+    # Extra stop ids still stop a row.
+    extra = engine.generate(prompts[:1], max_new_tokens=40, seed=seed, ignore_eos=True, stop_token_ids=[free[0].tokens[5]])
+    assert len(extra[0].tokens) <= 6 and extra[0].finish_reason == "stop"
