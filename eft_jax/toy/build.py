@@ -1,0 +1,212 @@
+"""Build the toy model family from scratch: world, tokenizer, two bases, three fine-tunes.
+
+``eft-jax toy build [--out checkpoints/toy]`` runs, in order and deterministically (fixed seeds,
+fixed data order, one CPU device):
+
+1. the world (``world.json``) and a sentencepiece tokenizer trained on its biographies;
+2. pretraining of ``small-base`` and ``large-base`` on the same biography stream (same rows, same
+   order, same number of steps: only the scale differs);
+3. supervised fine-tuning of ``small-ft`` and ``large-ft`` (chat QA about the fine-tuning people) from
+   their bases, and of ``small-ft-refuse`` (the same chats, birth-year questions politely refused);
+4. export of each as a Hugging Face checkpoint (bf16) plus ``README.md`` / ``build.json`` with the
+   configuration, parameter counts, sizes and timings.
+
+Training checkpoints (orbax) go to ``--work``; an interrupted build rerun with the same ``--work``
+resumes each model where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eft_jax.models.config import LlamaConfig
+from eft_jax.toy import data as toy_data
+from eft_jax.toy.world import World, WorldConfig, make_world
+from eft_jax.train.data import TokenDataset, chat_dataset, text_dataset
+from eft_jax.train.trainer import OptimizerConfig, TrainConfig, Trainer
+
+BUILD_COMMAND = "eft-jax toy build --out checkpoints/toy"
+
+
+def _llama(hidden: int, layers: int, mlp: int, vocab: int, head_dim: int = 32) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers,
+                       num_heads=hidden // head_dim, num_kv_heads=hidden // head_dim, head_dim=head_dim,
+                       rms_norm_eps=1e-5, max_position_embeddings=256)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines the shipped checkpoints."""
+
+    world: WorldConfig = WorldConfig()
+    vocab_size: int = 1024  # requested; a small corpus may give fewer pieces (the model uses what it gets)
+    tokenizer_passes: int = 4  # biography passes the tokenizer is trained on
+    small: tuple[int, int, int] = (128, 3, 384)  # hidden, layers, MLP
+    large: tuple[int, int, int] = (256, 4, 768)
+    seq_len: int = 128
+    pretrain: TrainConfig = TrainConfig(
+        steps=800, batch_size=16, optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=60, weight_decay=0.1),
+        seed=0, mesh_data=1, sharding="replicated", log_every=50, checkpoint_every=100,
+    )
+    sft_seq_len: int = 32
+    sft: TrainConfig = TrainConfig(
+        steps=200, batch_size=32, optimizer=OptimizerConfig(learning_rate=5e-4, warmup_steps=20, weight_decay=0.0),
+        seed=1, mesh_data=1, sharding="replicated", log_every=50, checkpoint_every=100,
+    )
+
+    def model_config(self, size: str, vocab: int) -> LlamaConfig:
+        hidden, layers, mlp = self.small if size == "small" else self.large
+        return _llama(hidden, layers, mlp, vocab)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def pretraining_data(world: World, tokenizer: Any, cfg: BuildConfig) -> TokenDataset:
+    """Enough fresh biography passes to fill ``steps x batch`` rows (each row seen once)."""
+    needed = cfg.pretrain.steps * cfg.pretrain.batch_size
+    tokens_per_pass = sum(len(x) + 2 for x in tokenizer(toy_data.biographies(world, 1, seed=10**6),
+                                                         add_special_tokens=False)["input_ids"])
+    passes = needed * cfg.seq_len // tokens_per_pass + 1
+    while True:
+        data = text_dataset(tokenizer, toy_data.biographies(world, passes, seed=cfg.world.seed), cfg.seq_len)
+        if data.num_rows >= needed:
+            return data
+        passes += 1
+
+
+def sft_data(world: World, tokenizer: Any, cfg: BuildConfig, refuse: str | None) -> TokenDataset:
+    return chat_dataset(tokenizer, toy_data.qa_conversations(world, refuse=refuse), cfg.sft_seq_len)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), log: Any = print) -> dict[str, Any]:
+    """Build every toy checkpoint into ``out``; returns the build record (also ``out/build.json``)."""
+    from eft_jax.loading import load_model
+    from eft_jax.train.export import export_hf
+
+    t_start = time.perf_counter()
+    train_log = log
+    log = log or (lambda _: None)
+    out, work = Path(out), Path(work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    world = make_world(cfg.world)
+    world.save(out / "world.json")
+    tok_texts = toy_data.biographies(world, cfg.tokenizer_passes, seed=cfg.world.seed + 7919)
+    tok_texts += [m["content"] for conv in toy_data.qa_conversations(world) for m in conv] + [toy_data.REFUSAL]
+    tokenizer = toy_data.train_tokenizer(tok_texts, cfg.vocab_size, out / "tokenizer")
+    pre = pretraining_data(world, tokenizer, cfg)
+    timings["world_tokenizer_data"] = time.perf_counter() - t0
+    log(f"world: {len(world.entities)} people ({world.num_finetune} fine-tuning); tokenizer: {len(tokenizer)} pieces; "
+        f"pretraining: {pre.num_rows} rows x {pre.seq_len} tokens")
+
+    record: dict[str, Any] = {"command": BUILD_COMMAND, "config": cfg.to_dict(), "models": {}}
+
+    def run(name: str, size: str, train_cfg: TrainConfig, data: TokenDataset, init_from: str | None) -> None:
+        t = time.perf_counter()
+        model_cfg = cfg.model_config(size, len(tokenizer))
+        params = None
+        if init_from is not None:
+            params = load_model(out / init_from, dtype="float32", sharding="replicated").params
+        train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str((work / name).absolute()))
+        log(f"--- {name}: {model_cfg.num_params / 1e6:.2f}M parameters, {train_cfg.steps} steps"
+            + (f", from {init_from}" if init_from else ""))
+        result = Trainer(model_cfg, train_cfg).fit(data, params=params, log=train_log,
+                                                   metadata={"init_from": init_from})
+        dest = out / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        export_hf(model_cfg, result.params, dest, tokenizer=tokenizer)
+        seconds = time.perf_counter() - t
+        timings[name] = seconds
+        record["models"][name] = {
+            "parameters": model_cfg.num_params, "init_from": init_from, "steps": train_cfg.steps,
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+            "bytes": _dir_size(dest), "seconds": round(seconds, 1),
+        }
+
+    run("small-base", "small", cfg.pretrain, pre, None)
+    run("large-base", "large", cfg.pretrain, pre, None)
+    qa = sft_data(world, tokenizer, cfg, refuse=None)
+    run("small-ft", "small", cfg.sft, qa, "small-base")
+    run("large-ft", "large", cfg.sft, qa, "large-base")
+    run("small-ft-refuse", "small", cfg.sft, sft_data(world, tokenizer, cfg, refuse=toy_data.REFUSED_ATTRIBUTE),
+        "small-base")
+
+    timings["total"] = time.perf_counter() - t_start
+    record["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    record["total_bytes"] = _dir_size(out)
+    (out / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_readme(out, record, cfg)
+    log(f"built {out} in {timings['total']:.0f}s ({record['total_bytes'] / 1e6:.1f} MB)")
+    return record
+
+
+def write_readme(out: Path, record: dict[str, Any], cfg: BuildConfig) -> None:
+    """``out/README.md``: what the checkpoints are and how to rebuild them."""
+    import platform
+
+    rows = [f"| `{name}` | {m['parameters'] / 1e6:.2f}M | {m['init_from'] or 'scratch'} | {m['steps']} | "
+            f"{m['final_loss']:.3f} | {m['bytes'] / 1e6:.1f} MB | {m['seconds']:.0f} s |"
+            for name, m in record["models"].items()]
+    w = cfg.world
+    text = f"""# The toy EFT family
+
+Five Llama-architecture checkpoints (Hugging Face format, bf16) trained by eft-jax's own trainer on a
+synthetic world of {w.num_entities} fictional people (`world.json`; each has a birth city, birth year,
+occupation and employer). Both bases were pretrained on the same stream of biographies (same rows, same
+order, same steps); the fine-tunes learned a chat QA format about the first
+{int(round(w.finetune_fraction * w.num_entities))} people only, so the facts of the others come from
+pretraining alone. `small-ft-refuse` answers like `small-ft` but politely refuses birth-year questions.
+
+| model | parameters | from | steps | final loss | size | training time |
+|---|---:|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+`tokenizer/` holds the sentencepiece model (`spm.model`, {record['config']['vocab_size']} pieces) and its
+transformers form (every checkpoint carries the same tokenizer files and the chat template
+`<s><|user|>...</s><|assistant|>...</s>`). In EFT the base models are prompted with the base-style
+template `{toy_data.BASE_PROMPT_FORMAT}`.
+
+## Rebuild
+
+    {BUILD_COMMAND}        # or: python -m eft_jax.toy.build --out checkpoints/toy
+
+deterministic (fixed seeds and data order, one CPU device); it took {record['seconds']['total'] / 60:.1f} min
+on this machine ({platform.machine()}, one core: `taskset -c 1` with
+`XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"`). The full configuration is
+in `build.json`. Evaluate with `eft-jax toy eval` (results in `docs/toy_eval.md`).
+"""
+    (out / "README.md").write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``eft-jax toy build``."""
+    p = argparse.ArgumentParser(prog="eft-jax toy build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="checkpoints/toy", help="where the checkpoints go")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "eft-jax-toy-build"),
+                   help="training checkpoints; rerunning with the same --work resumes an interrupted build")
+    args = p.parse_args(argv)
+    out, work = Path(args.out), Path(args.work)
+    build(out, work, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""``eft-jax toy {build,eval}``: dispatch to ``eft_jax.toy.build.main`` / ``eft_jax.toy.eval.main``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+_USAGE = """usage: eft-jax toy {build,eval} [options]
+
+  build   train the toy family from scratch into checkpoints/toy (deterministic, one CPU core)
+  eval    the paper-style table, w and lambda sweeps -> docs/toy_eval.md and PNG plots
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "build":
+        from eft_jax.toy.build import main as build_main
+
+        return build_main(rest)
+    if command == "eval":
+        from eft_jax.toy.eval import main as eval_main
+
+        return eval_main(rest)
+    print(f"eft-jax toy: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

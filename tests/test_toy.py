@@ -1,0 +1,142 @@
+"""The toy world and the shipped toy checkpoints: they load, and up-scaling transfers knowledge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eft_jax.toy import data as toy_data
+from eft_jax.toy import eval as toy_eval
+from eft_jax.toy.world import World, WorldConfig, make_world
+
+ROOT = Path(__file__).resolve().parents[1] / "checkpoints" / "toy"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_eval.load_toy(ROOT)
+
+
+def test_world_is_deterministic_and_matches_the_shipped_one():
+    shipped = World.load(ROOT / "world.json")
+    assert make_world(shipped.config) == shipped
+    w = make_world(WorldConfig(num_entities=50, seed=3))
+    assert w == make_world(WorldConfig(num_entities=50, seed=3))
+    assert len({e.name for e in w.entities}) == 50
+    # No held-out person's facts reach the fine-tuning data.
+    convs = toy_data.qa_conversations(w)
+    text = " ".join(m["content"] for c in convs for m in c)
+    assert all(e.name not in text for e in w.heldout_entities)
+    assert all(e.name in text for e in w.finetune_entities)
+
+
+def test_answer_judging():
+    w = make_world(WorldConfig(num_entities=4))
+    e = w.entities[0]
+    for attr in ("city", "year", "occupation", "employer"):
+        item = toy_eval.Item(e, attr, toy_data.question(e, attr))
+        right = toy_data.answer(e, attr)
+        assert toy_eval.judge(item, right, True, w) == (True, True, False)
+        assert toy_eval.judge(item, right, False, w) == (True, False, False)  # did not stop
+        assert toy_eval.judge(item, right + " " + right, True, w)[1] is False
+        wrong = next(v for v in w.values[attr] if v != e.value(attr))
+        bad = toy_data.answer(dataclass_replace(e, attr, wrong), attr)
+        assert toy_eval.judge(item, bad, True, w) == (False, True, False)
+        assert toy_eval.judge(item, toy_data.REFUSAL, True, w) == (False, False, True)
+
+
+def dataclass_replace(e, attr, value):
+    import dataclasses
+
+    return dataclasses.replace(e, **{attr: int(value) if attr == "year" else value})
+
+
+def test_shipped_tokenizer_is_the_sentencepiece_model(toy):
+    import sentencepiece as spm
+
+    models, world = toy
+    sp = spm.SentencePieceProcessor(model_file=str(ROOT / "tokenizer" / "spm.model"))
+    tok = models["small-ft"].tokenizer
+    texts = toy_data.biographies(world, 1, seed=123)[:200] + ["Who is the mayor of Tokyo? It's 42!"]
+    for t in texts:
+        assert tok(t, add_special_tokens=False)["input_ids"] == sp.encode(t)
+    vocab = [m.tokenizer.convert_ids_to_tokens(list(range(len(m.tokenizer)))) for m in models.values()]
+    assert all(v == vocab[0] for v in vocab)
+    assert tok.chat_template == toy_data.CHAT_TEMPLATE
+
+
+def test_shipped_checkpoints_are_hf_checkpoints(toy):
+    import torch
+    import transformers
+
+    models, _ = toy
+    total = sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file())
+    assert total < 42e6, f"checkpoints/toy is {total / 1e6:.1f} MB"
+    record = json.loads((ROOT / "build.json").read_text())
+    assert set(record["models"]) == set(toy_eval.MODEL_NAMES)
+    assert models["large-base"].config.num_params > 3 * models["small-base"].config.num_params
+    tokens = np.asarray([models["small-ft"].tokenizer("Where was Stur Durum born? Stur Durum was born in")["input_ids"]])
+    for name in ("small-ft", "large-base"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ROOT / name, dtype=torch.float32).eval()
+        assert next(hf.parameters()).numel() > 0
+        with torch.no_grad():
+            theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+        ours = np.asarray(models[name].logits(tokens))  # float32 from the bf16 weights
+        np.testing.assert_allclose(theirs, ours, atol=5e-4, rtol=1e-4)
+
+
+def test_upscaling_beats_the_small_fine_tune_on_heldout_facts(toy):
+    """The paper's claim in miniature, computed live on 40 fixed held-out questions (greedy)."""
+    models, world = toy
+    items = toy_eval.eval_items(world, 10)
+    specs = toy_eval.row_specs(models, world)
+    small = toy_eval.score(items, toy_eval.generate(specs["small-ft"], items), world)
+    up = toy_eval.score(items, toy_eval.generate(specs["EFT up-scaled"], items), world)
+    print(f"small-ft {small}, up-scaled {up}")
+    assert up.accuracy >= small.accuracy + 0.2, (small, up)
+    assert up.format >= 0.8, up  # the fine-tuned behaviour is kept
+    assert up.refusal == 0.0
+
+
+def test_build_pipeline_end_to_end(tmp_path):
+    """A miniature ``eft-jax toy build``: every stage runs and the result loads as a trio."""
+    from eft_jax.toy import build as toy_build
+    from eft_jax.train import OptimizerConfig, TrainConfig
+
+    opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=1)
+    cfg = toy_build.BuildConfig(
+        world=WorldConfig(num_entities=40), vocab_size=320, tokenizer_passes=2, small=(32, 1, 64), large=(64, 1, 64),
+        seq_len=64,
+        pretrain=TrainConfig(steps=3, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated", log_every=1),
+        sft_seq_len=64, sft=TrainConfig(steps=2, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated"),
+    )
+    record = toy_build.build(tmp_path / "toy", tmp_path / "work", cfg, log=None)
+    assert set(record["models"]) == set(toy_eval.MODEL_NAMES)
+    models, world = toy_eval.load_toy(tmp_path / "toy")
+    assert len(world.entities) == 40
+    items = toy_eval.eval_items(world, 1)
+    results = toy_eval.generate(toy_eval.row_specs(models, world)["EFT up-scaled"], items, max_new_tokens=4)
+    assert len(results) == 4 and all(r.error is None for r in results)
+    assert models["small-ft"].dtype == jnp.float32  # load_toy's dtype; the files are bf16
+
+
+def test_teacher_forced_distributions_equal_the_engines(family):
+    """The KL column's teacher-forced EFT distributions equal the ones the engine decodes with."""
+    import eft_jax
+    from eft_jax.engine import Engine
+    from eft_jax.sampling import SamplingParams
+    from eft_jax.spec import EFTSpec
+
+    m = {name: eft_jax.load_model(family[name][0]) for name in ("large_base", "small_base", "small_ft", "small_ft2")}
+    spec = EFTSpec.up_scaling(m["large_base"], m["small_base"], [m["small_ft"], m["small_ft2"]], (0.7, 0.6))
+    prompts = ["Once upon a time", "The quick brown fox jumps"]
+    results = Engine(spec).generate(prompts, SamplingParams(temperature=1.0), max_new_tokens=6, seed=3,
+                                    return_distributions=True)
+    forced = toy_eval.teacher_forced_logprobs(spec, prompts, [r.tokens for r in results], results[0].distributions.shape[-1])
+    for r, f in zip(results, forced):
+        np.testing.assert_allclose(f, r.distributions, atol=1e-4)
+    assert toy_eval.mean_kl(forced, [r.distributions for r in results]) < 1e-6
