@@ -61,8 +61,8 @@ def test_overrides(tmp_path):
     assert load_config(None, ["eft.weights.0=2"]).eft.weights == (2.0,)
     assert load_config(None, ["eft.weights=1.5"]).eft.weights == (1.5,)  # one number for every fine-tune
     assert load_config(None, ["sampling.min_p=1e-3"]).sampling.min_p == 0.001
-    plain = load_config(None, ["eft.ref=null", "eft.fine_tuned=[]", "eft.weights=[]", "eft.base=smollm2_chat"])
-    assert plain.roles() == [("base", "smollm2_chat")]
+    plain = load_config(None, ["eft.ref=null", "eft.fine_tuned=[]", "eft.weights=[]", "eft.base=small_ft"])
+    assert plain.roles() == [("base", "small_ft")]
     p = tmp_path / "c.yaml"
     p.write_text(MINIMAL)
     config = load_config(p, ["job.batch_size=3"])
@@ -121,12 +121,12 @@ def test_missing_config_file(tmp_path):
 def test_fingerprint_covers_what_changes_samples_and_nothing_else():
     fp = load_config(None).fingerprint()
     same = ["job.batch_size=3", "job.chunk_size=4", "mesh.data=-1", "mesh.model=2", "job.n=5",
-            "models.smollm2_chat.sharding=tensor_parallel", "description=hello", "models.unused.path=x"]
+            "models.small_ft.sharding=tensor_parallel", "description=hello", "models.unused.path=x"]
     for o in same:
         assert load_config(None, [o]).fingerprint() == fp, o
     changed = ["job.seed=1", "sampling.temperature=0.5", "sampling.top_k=5", "eft.weights=[0.5]", "job.max_new_tokens=9",
-               "models.smollm2_chat.dtype=bfloat16", "models.smollm2_chat.prompt_format=plain",
-               "models.smollm2_chat.path=/other.gguf", "job.on_long_prompt=skip", "eft.base_top_p=0.9",
+               "models.small_ft.dtype=bfloat16", "models.small_ft.prompt_format=plain",
+               "models.small_ft.path=/other", "job.on_long_prompt=skip", "eft.base_top_p=0.9",
                "sampling.stop_token_ids=[5]", "speculative.k=3"]
     for o in changed:
         assert load_config(None, [o]).fingerprint() != fp, o

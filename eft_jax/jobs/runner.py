@@ -245,12 +245,7 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
     summary.prompts_run = len({r[0].key for r in rows})
     summary.truncated = len(truncated)
 
-    errors = ErrorsFile(summary.errors, writer=_is_writer())
-    errors.start(issues)
-    if overwrite and output.writer and out.exists():
-        out.unlink()
-    summary.setup_s = time.perf_counter() - start
-    bar = Progress(len(rows), unit="samples", stream=log, enabled=progress and _is_writer())
+    errors, bar = _open_run(summary, issues, output, out, overwrite, start, len(rows), "samples", log, progress)
     sampling = config.sampling.params()
     run_start = time.perf_counter()
     slab_rows = config.job.batch_size * SLAB_BATCHES
@@ -292,6 +287,17 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
     finally:
         bar.close()
     return _close_summary(summary, issues, errors, start, run_start)
+
+
+def _open_run(summary: Summary, issues: Sequence[Issue], output: OutputFile, out: Path, overwrite: bool,
+              start: float, total: int, unit: str, log: TextIO, progress: bool) -> tuple[ErrorsFile, Progress]:
+    """Start the errors file with the input's issues, clear the output on --overwrite, start the bar."""
+    errors = ErrorsFile(summary.errors, writer=_is_writer())
+    errors.start(issues)
+    if overwrite and output.writer and out.exists():
+        out.unlink()
+    summary.setup_s = time.perf_counter() - start
+    return errors, Progress(total, unit=unit, stream=log, enabled=progress and _is_writer())
 
 
 def _close_summary(summary: Summary, issues: Sequence[Issue], errors: ErrorsFile, start: float,
@@ -376,12 +382,7 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
     summary.prompts_run = len(rows)
     summary.truncated = len(truncated)
 
-    errors = ErrorsFile(summary.errors, writer=_is_writer())
-    errors.start(issues)
-    if overwrite and output.writer and out.exists():
-        out.unlink()
-    summary.setup_s = time.perf_counter() - start
-    bar = Progress(len(rows), unit="pairs", stream=log, enabled=progress and _is_writer())
+    errors, bar = _open_run(summary, issues, output, out, overwrite, start, len(rows), "pairs", log, progress)
     ref = jobs.label("ref") if config.eft.ref else None
     fts = [(name, label) for role, name, label in jobs.roles if role.startswith("ft")]
     run_start = time.perf_counter()
