@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -36,7 +35,6 @@ import numpy as np
 from eft_jax import eft
 from eft_jax.engine import Engine
 from eft_jax.model import Model
-from eft_jax.models import llama
 from eft_jax.prompts import render_tokens
 from eft_jax.sampling import SamplingParams
 from eft_jax.spec import Component, EFTSpec
@@ -196,21 +194,10 @@ def _response_logits(model: Model, prompts: Sequence[list[int]], responses: Sequ
     tokens = np.zeros((len(seqs), length), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = s
-    logits = np.asarray(_forward(model.config, model.params, jnp.asarray(tokens)))[..., :vocab]
+    logits = np.asarray(model.logits(tokens))[..., :vocab]
     return [jnp.asarray(logits[i, len(p) - 1 : len(p) - 1 + len(r)]) for i, (p, r) in enumerate(zip(prompts, responses))]
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_forward(cfg: Any) -> Any:
-    def f(params: Any, tokens: jnp.ndarray) -> jnp.ndarray:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return llama.forward(cfg, params, tokens, positions)[0]
-
-    return jax.jit(f)
-
-
-def _forward(cfg: Any, params: Any, tokens: jnp.ndarray) -> jnp.ndarray:
-    return _jitted_forward(cfg)(params, tokens)
 
 
 def mean_kl(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> float:
@@ -261,7 +248,7 @@ def _sequence_logprobs(model: Model, seqs: Sequence[list[int]], batch: int = 256
         for i, s in enumerate(chunk):
             tokens[i, : len(s)] = s
             mask[i, 1 : len(s)] = 1.0
-        logits = _forward(model.config, model.params, jnp.asarray(tokens))
+        logits = model.logits(tokens)
         lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         picked = jnp.take_along_axis(lp, jnp.asarray(tokens[:, 1:, None]), axis=-1)[..., 0]
         out.append(np.asarray(jnp.sum(picked * mask[:, 1:], axis=-1)))
