@@ -47,7 +47,13 @@ TENSOR_PARALLEL = ShardingRules.from_mapping(
 # Small models: every device holds all weights; only the batch is split.
 REPLICATED = ShardingRules.from_mapping({"batch": DATA})
 
-PRESETS = {"tensor_parallel": TENSOR_PARALLEL, "replicated": REPLICATED}
+# Training (FSDP): tensor-parallel as above, and the embed dimension of every weight also split over
+# `data` (XLA gathers it where a matmul needs it).
+FSDP = ShardingRules.from_mapping(
+    {"batch": DATA, "embed": DATA, "vocab": MODEL, "heads": MODEL, "kv_heads": MODEL, "mlp": MODEL}
+)
+
+PRESETS = {"tensor_parallel": TENSOR_PARALLEL, "replicated": REPLICATED, "fsdp": FSDP}
 
 
 def resolve_rules(rules: str | ShardingRules | Mapping[str, str | None]) -> ShardingRules:

@@ -31,17 +31,11 @@ from jaxtyping import Array, Float, Int
 from eft_jax.model import param_shardings
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
-from eft_jax.sharding import DATA, MODEL, ShardingRules, make_mesh, resolve_rules
+from eft_jax.sharding import DATA, ShardingRules, make_mesh, resolve_rules
 from eft_jax.train.data import TokenDataset
 
 Params = dict[str, Any]
 
-# Training layouts: the inference presets, plus FSDP (weights also split over `data`, gathered by XLA
-# where a matmul needs them).
-FSDP = ShardingRules.from_mapping(
-    {"batch": DATA, "embed": DATA, "vocab": MODEL, "heads": MODEL, "kv_heads": MODEL, "mlp": MODEL}
-)
-TRAIN_PRESETS = {"fsdp": FSDP}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +160,7 @@ class Trainer:
         data_size = self.mesh.shape[DATA]
         if config.batch_size % data_size:
             raise ValueError(f"batch_size {config.batch_size} is not a multiple of the data axis ({data_size} devices)")
-        rules = TRAIN_PRESETS[config.sharding] if isinstance(config.sharding, str) and config.sharding in TRAIN_PRESETS \
-            else resolve_rules(config.sharding)
+        rules = resolve_rules(config.sharding)
         c = _compiled(model_config, config.optimizer, config.steps, self.mesh, rules, config.min_shard_size)
         self.tx, self.schedule = c.tx, c.schedule
         self.param_shardings, self.opt_shardings = c.param_shardings, c.opt_shardings
