@@ -26,7 +26,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eft_jax import decode, speculative
-from eft_jax.prompts import Prompt, PromptError, bucket_length, left_pad, render_tokens, validate_prompt
+from eft_jax.prompts import (
+    Prompt, PromptError, bucket_length, context_overflow, left_pad, render_tokens, validate_prompt,
+)
 from eft_jax.sampling import SamplingParams
 from eft_jax.model import Model
 from eft_jax.spec import Component, EFTSpec
@@ -284,12 +286,9 @@ class Engine:
             ids = render_tokens(c.model.tokenizer, prompt, c.prompt_format)
             if not ids:
                 raise PromptError(f"prompt renders to no tokens for {c.label}")
-            context = c.model.config.max_position_embeddings
-            if len(ids) + max_new > context:
-                raise PromptError(
-                    f"prompt is {len(ids)} tokens for {c.label}, whose context is {context}: with "
-                    f"max_new_tokens={max_new} it needs {len(ids) + max_new}; shorten the prompt or max_new_tokens"
-                )
+            problem = context_overflow(c.label, c.model.config.max_position_embeddings, len(ids), max_new)
+            if problem:
+                raise PromptError(f"{problem}; shorten the prompt or max_new_tokens")
             if max(ids) >= self.vocab:
                 raise PromptError(f"prompt for {c.label} uses token id {max(ids)} outside the shared vocabulary")
             rows.append(ids)

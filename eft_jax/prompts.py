@@ -78,3 +78,11 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
             tokens[i, length - n:] = row
             positions[i, length - n:] = np.arange(n)
     return tokens, positions
+
+
+def context_overflow(label: str, context: int, prompt_tokens: int, max_new: int) -> str | None:
+    """None if ``prompt_tokens + max_new`` fits a model's ``context``, else a message saying why not."""
+    if prompt_tokens + max_new <= context:
+        return None
+    return (f"prompt is {prompt_tokens} tokens for {label}, whose context is {context}: with "
+            f"max_new_tokens={max_new} it needs {prompt_tokens + max_new}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eft_jax.prompts import Prompt, PromptError, render_tokens
+from eft_jax.prompts import Prompt, PromptError, context_overflow, render_tokens
 from eft_jax.spec import Component
 
 
@@ -24,10 +24,9 @@ def prompt_lengths(components: Sequence[Component], prompt: Prompt) -> list[int]
 def _overflow(components: Sequence[Component], prompt: Prompt, max_new: int) -> str | None:
     """None if the prompt fits every model; otherwise a description of the first model it does not fit."""
     for c, n in zip(components, prompt_lengths(components, prompt), strict=True):
-        context = c.model.config.max_position_embeddings
-        if n + max_new > context:
-            return (f"prompt is {n} tokens for {c.label}, whose context is {context}: with max_new_tokens="
-                    f"{max_new} it needs {n + max_new}")
+        problem = context_overflow(c.label, c.model.config.max_position_embeddings, n, max_new)
+        if problem:
+            return problem
     return None
 
 
