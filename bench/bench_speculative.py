@@ -5,9 +5,16 @@ prompts, lengths and sampling), the measured acceptance rate and tokens per roun
 rate that k would need for a 2.5x speedup given the measured cost of a round. Expected tokens per
 round at acceptance a: (1 - a^(k+1)) / (1 - a); speedup = that x (step time) / (round time).
 
-Models: ``--models DIR``: the toy family (default: checkpoints/toy: large-base, small-base, small-ft,
-world.json; its held-out questions are the prompts), or any directory with large_base, small_base and
-small_ft checkpoints (then a few fixed prompts). Usage: python bench/bench_speculative.py [--batches 1,4,16] [--ks 2,4,6,8]
+Models:
+- ``--models DIR``: the toy family (default: checkpoints/toy: large-base, small-base, small-ft,
+  world.json; its held-out questions are the prompts), or any directory with large_base, small_base
+  and small_ft checkpoints (then a few fixed prompts).
+- ``--synthetic cpu|gpu``: random-weight Llama shapes of realistic size whose drafts are accepted at a
+  controlled rate (``eft_jax.synthetic``: the large base contains the small base exactly, plus noise
+  calibrated to ``--acceptance``, or set with ``--noise``). cpu: a 0.9B-parameter large model and a
+  55M drafter, float32; gpu: Llama-3-8B and a 1.2B drafter shape, bfloat16. Random prompts of 32 words.
+
+Usage: python bench/bench_speculative.py [--batches 1,4,16] [--ks 2,4,6,8] [--synthetic cpu --acceptance 0.8]
 Measures, prints; asserts nothing.
 """
 
@@ -22,9 +29,23 @@ import jax
 import numpy as np
 
 import eft_jax
+from eft_jax import synthetic
 from eft_jax.engine import Engine
 from eft_jax.sampling import SamplingParams
 from eft_jax.spec import Component, EFTSpec
+
+SYNTHETIC_PRESETS = {
+    "cpu": dict(
+        large=dict(hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64),
+        small=dict(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64),
+        vocab=32000, dtype="float32",
+    ),
+    "gpu": dict(
+        large=dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128),
+        small=dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=128),
+        vocab=128256, dtype="bfloat16",
+    ),
+}
 
 FALLBACK_PROMPTS = [
     "Where was the author born?", "What does the engineer do for a living?", "Tell me about the city.",
@@ -56,18 +77,8 @@ def timed(engine: Engine, prompts, sampling, max_new: int, batch: int, ignore_eo
     return time.perf_counter() - start, res
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="checkpoints/toy")
-    parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--ks", default="2,4,6,8")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--weight", type=float, default=1.0)
-    parser.add_argument("--ignore-eos", action="store_true",
-                        help="decode exactly --max-new-tokens per row (steady-state speed, no end-of-answer effects)")
-    args = parser.parse_args()
-
+def checkpoint_spec(args) -> tuple[EFTSpec, list[str], str]:
+    """Up-scaling with the checkpoints of --models, and prompts for them."""
     root = Path(args.models)
     if (root / "world.json").is_file():  # the toy family: its base-style template and its questions
         from eft_jax.toy import data as toy_data
@@ -81,9 +92,45 @@ def main() -> None:
     m = {name: eft_jax.load_model(root / name, dtype="float32", sharding="replicated") for name in names}
     spec = EFTSpec.up_scaling(Component(m[names[0]], base_fmt, "large_base"), Component(m[names[1]], base_fmt, "small_base"),
                               Component(m[names[2]], "chat", "small_ft"), args.weight)
+    return spec, prompts, str(root)
+
+
+def synthetic_spec(args) -> tuple[EFTSpec, list[str], str]:
+    """Up-scaling with a related random family (see eft_jax.synthetic), and random word prompts."""
+    p = SYNTHETIC_PRESETS[args.synthetic]
+    start = time.perf_counter()
+    family = synthetic.make_family(p["large"], p["small"], vocab=p["vocab"], dtype=p["dtype"], noise=args.noise or 0.0,
+                                   target_acceptance=None if args.noise is not None else args.acceptance)
+    print(f"# built in {time.perf_counter() - start:.0f} s")
+    large, base, ft = synthetic.family_models(family)
+    print(f"# synthetic {args.synthetic}: large {family.large_cfg.num_params / 1e6:.0f}M params, "
+          f"drafter {family.small_cfg.num_params / 1e6:.0f}M, {p['dtype']}, noise={family.noise:.4g}")
+    spec = EFTSpec.up_scaling(Component(large, "plain"), Component(base, "plain"), Component(ft, "plain"), args.weight)
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"t{i}" for i in rng.integers(3, p["vocab"], 32)) for _ in range(16)]
+    return spec, prompts, f"synthetic-{args.synthetic}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="checkpoints/toy")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--ks", default="2,4,6,8")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--synthetic", choices=sorted(SYNTHETIC_PRESETS),
+                        help="random-weight related models of realistic size instead of --models")
+    parser.add_argument("--acceptance", type=float, default=0.8, help="--synthetic: target acceptance (calibrated)")
+    parser.add_argument("--noise", type=float, help="--synthetic: noise of the large model (skips calibration)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="decode exactly --max-new-tokens per row (steady-state speed, no end-of-answer effects)")
+    args = parser.parse_args()
+
+    spec, prompts, label = (synthetic_spec(args) if args.synthetic else checkpoint_spec(args))
     sampling = SamplingParams(temperature=args.temperature)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# bench_speculative models={root} device={jax.devices()[0].device_kind} commit={commit} "
+    print(f"# bench_speculative models={label} device={jax.devices()[0].device_kind} commit={commit} "
           f"date={time.strftime('%Y-%m-%d')} temperature={args.temperature} w={args.weight} "
           f"max_new_tokens={args.max_new_tokens} ignore_eos={args.ignore_eos}")
     print("| batch | k | tok/s | speedup vs k=0 | acceptance | tokens/round | acceptance needed for 2.5x |")
