@@ -1,9 +1,17 @@
 """Speculative EFT against non-speculative EFT, side by side in one run.
 
 For each batch size and draft length k it reports tokens/s, the speedup over k = 0 (same engine,
-prompts, lengths and sampling), the measured acceptance rate and tokens per round, and the acceptance
+prompts, lengths and sampling), the measured acceptance rate (accepted / tested drafts, the
+probability a draft is accepted; drafts after a rejection are not tested) and tokens per round, and the acceptance
 rate that k would need for a 2.5x speedup given the measured cost of a round. Expected tokens per
 round at acceptance a: (1 - a^(k+1)) / (1 - a); speedup = that x (step time) / (round time).
+
+"Bound at 0.8" is the speedup that k could reach at acceptance 0.8 if everything but the forward
+passes were free: each model's cached forward is timed alone for 1 and for k + 1 new tokens (same
+batch, a 64-token context), and a round is taken to cost k drafter forwards of 1 token, one forward of
+k + 1 tokens of every other model and one more drafter forward, against one 1-token forward of every
+model per plain EFT step. It shows how far the hardware, not the implementation, allows speculation
+to go: the bound is low where a forward of k + 1 tokens costs much more than one of 1 token.
 
 Models:
 - ``--models DIR``: the toy family (default: checkpoints/toy: large-base, small-base, small-ft,
@@ -31,6 +39,7 @@ import numpy as np
 import eft_jax
 from eft_jax import synthetic
 from eft_jax.engine import Engine
+from eft_jax.models import llama
 from eft_jax.sampling import SamplingParams
 from eft_jax.spec import Component, EFTSpec
 
@@ -66,6 +75,42 @@ def needed_acceptance(target: float, k: int, round_over_step: float) -> float | 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if expected_tokens(mid, k) / round_over_step < target else (lo, mid)
     return hi
+
+
+_FORWARD_MS: dict = {}
+
+
+def forward_ms(model, batch: int, new_tokens: int, context: int = 64, reps: int = 5) -> float:
+    """Milliseconds of one cached forward of ``new_tokens`` tokens per row after ``context`` cached ones
+    (the best of ``reps``; remembered per model and shape)."""
+    key = (id(model), batch, new_tokens, context)
+    if key not in _FORWARD_MS:
+        _FORWARD_MS[key] = _time_forward(model, batch, new_tokens, context, reps)
+    return _FORWARD_MS[key]
+
+
+def _time_forward(model, batch: int, new_tokens: int, context: int, reps: int) -> float:
+    cfg = model.config
+    cache = model.init_cache(batch, context + new_tokens).rewind(jax.numpy.full((batch,), context, jax.numpy.int32))
+    tokens = jax.numpy.full((batch, new_tokens), 3, jax.numpy.int32)
+    positions = context + jax.numpy.broadcast_to(jax.numpy.arange(new_tokens, dtype=jax.numpy.int32), tokens.shape)
+    run = jax.jit(lambda p, t, pos, c: llama.forward(cfg, p, t, pos, c)[0])
+    jax.block_until_ready(run(model.params, tokens, positions, cache))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(run(model.params, tokens, positions, cache))
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def speedup_bound(spec: EFTSpec, batch: int, k: int, acceptance: float = 0.8) -> float:
+    """Speedup at ``acceptance`` if only forward passes cost anything (see the module docstring)."""
+    base, ref, drafter = spec.base.model, spec.ref.model, spec.fine_tuned[0].model
+    step = sum(forward_ms(m, batch, 1) for m in (base, ref, drafter))
+    one = forward_ms(drafter, batch, 1)
+    round_ = (k + 1) * one + forward_ms(base, batch, k + 1) + forward_ms(ref, batch, k + 1)
+    return expected_tokens(acceptance, k) * step / round_
 
 
 def timed(engine: Engine, prompts, sampling, max_new: int, batch: int, ignore_eos: bool) -> tuple[float, list]:
@@ -133,25 +178,27 @@ def main() -> None:
     print(f"# bench_speculative models={label} device={jax.devices()[0].device_kind} commit={commit} "
           f"date={time.strftime('%Y-%m-%d')} temperature={args.temperature} w={args.weight} "
           f"max_new_tokens={args.max_new_tokens} ignore_eos={args.ignore_eos}")
-    print("| batch | k | tok/s | speedup vs k=0 | acceptance | tokens/round | acceptance needed for 2.5x |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | k | tok/s | speedup vs k=0 | acceptance | tokens/round | acceptance needed for 2.5x | bound at 0.8 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batches.split(",")]:
         rows = (prompts * (batch // len(prompts) + 1))[:batch]
         base_time, base_res = timed(Engine(spec), rows, sampling, args.max_new_tokens, batch, args.ignore_eos)
         base_tokens = sum(len(r.tokens) for r in base_res)
         step_time = base_time / max(base_tokens / batch, 1)
-        print(f"| {batch} | 0 | {base_tokens / base_time:,.1f} | 1.00 | - | 1.00 | - |", flush=True)
+        print(f"| {batch} | 0 | {base_tokens / base_time:,.1f} | 1.00 | - | 1.00 | - | - |", flush=True)
         for k in [int(x) for x in args.ks.split(",")]:
             t, res = timed(Engine(spec, speculative_k=k), rows, sampling, args.max_new_tokens, batch,
                            args.ignore_eos)
             tokens = sum(len(r.tokens) for r in res)
-            acc = sum(r.speculative.accepted for r in res) / max(sum(r.speculative.drafted for r in res), 1)
+            accepted = sum(r.speculative.accepted for r in res)
+            acc = accepted / max(accepted + sum(r.speculative.rejected for r in res), 1)
             rounds = np.mean([r.speculative.rounds for r in res])
             per_round = np.mean([r.speculative.tokens_per_round for r in res])
             round_over_step = (t / max(rounds, 1)) / step_time
             need = needed_acceptance(2.5, k, round_over_step)
             print(f"| {batch} | {k} | {tokens / t:,.1f} | {(tokens / t) / (base_tokens / base_time):.2f} | {acc:.2f} | "
-                  f"{per_round:.2f} | {'unreachable' if need is None else f'{need:.2f}'} |", flush=True)
+                  f"{per_round:.2f} | {'unreachable' if need is None else f'{need:.2f}'} | "
+                  f"{speedup_bound(spec, batch, k):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,18 +61,28 @@ class GenerationResult:
 
 @dataclasses.dataclass
 class SpeculativeStats:
-    """Per-sample speculative accounting. ``from_draft[i]``: token i was an accepted draft;
-    ``round_of[i]``: the round that emitted it (0 = the first token, sampled at prefill)."""
+    """Per-sample speculative accounting, counted over the emitted tokens.
+
+    ``drafted``: k per round; ``accepted``: drafts emitted; ``rejected``: rounds whose drafts stopped at a
+    rejection (a corrected token was emitted after fewer than k drafts). Drafts after a rejection are
+    never tested, so the per-draft acceptance probability (the "a" of the speculative decoding
+    literature: expected tokens per round (1 - a^(k+1)) / (1 - a)) is accepted / (accepted + rejected),
+    not accepted / drafted. ``from_draft[i]``: token i was an accepted draft; ``round_of[i]``: the round
+    that emitted it (0 = the first token, sampled at prefill).
+    """
 
     rounds: int
     drafted: int
     accepted: int
+    rejected: int
     from_draft: list[bool]
     round_of: list[int]
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        """Estimated probability that a draft is accepted: accepted / (accepted + rejected)."""
+        tested = self.accepted + self.rejected
+        return self.accepted / tested if tested else 0.0
 
     @property
     def tokens_per_round(self) -> float:
@@ -357,8 +367,9 @@ class Engine:
         comps = _to_host(state.components) if plan.record_components else None
         dists = _to_host(state.distributions) if plan.record_distributions else None
         if spec_state is not None:
-            rounds, drafted, accepted, round_of, from_draft = (_to_host(x) for x in (
-                spec_state.rounds, spec_state.drafted, spec_state.accepted, spec_state.round_of, spec_state.from_draft))
+            rounds, drafted, accepted, rejected, round_of, from_draft = (_to_host(x) for x in (
+                spec_state.rounds, spec_state.drafted, spec_state.accepted, spec_state.rejected, spec_state.round_of,
+                spec_state.from_draft))
         out = []
         for row, i in enumerate(batch):
             n = int(counts[row])
@@ -375,6 +386,7 @@ class Engine:
                 distributions=None if dists is None else dists[row, :n],
                 speculative=None if spec_state is None else SpeculativeStats(
                     rounds=int(rounds[row]), drafted=int(drafted[row]), accepted=int(accepted[row]),
+                    rejected=int(rejected[row]),
                     from_draft=from_draft[row, :n].tolist(), round_of=round_of[row, :n].tolist()),
             ))
         return out

@@ -46,12 +46,16 @@ class SpecState:
 
     ``round_of[b, i]``: the round (1-based; 0 = prefill) in which output token i was emitted;
     ``from_draft[b, i]``: whether it was an accepted draft (else sampled from the target).
+    ``accepted`` / ``rejected``: emitted drafts, and rounds that emitted a corrected token after a
+    rejected draft (drafts after a rejection are never tested, so accepted / (accepted + rejected)
+    estimates the per-draft acceptance probability).
     """
 
     decode: DecodeState
     rounds: Int[Array, " batch"]
     drafted: Int[Array, " batch"]
     accepted: Int[Array, " batch"]
+    rejected: Int[Array, " batch"]
     round_of: Int[Array, "batch out"]
     from_draft: Bool[Array, "batch out"]
 
@@ -59,7 +63,7 @@ class SpecState:
 def init_spec_state(state: DecodeState) -> SpecState:
     batch, out = state.tokens.shape
     # Distinct buffers for each counter: the state is donated, and one buffer may not be donated twice.
-    counters = [jnp.zeros((batch,), jnp.int32) for _ in range(3)]
+    counters = [jnp.zeros((batch,), jnp.int32) for _ in range(4)]
     return SpecState(state, *counters, jnp.zeros((batch, out), jnp.int32), jnp.zeros((batch, out), bool))
 
 
@@ -162,6 +166,7 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
         rounds=rounds,
         drafted=spec.drafted + k * active,
         accepted=spec.accepted + jnp.sum(valid & (j < n_acc[:, None]), axis=1),
+        rejected=spec.rejected + jnp.any(valid & (j == n_acc[:, None]) & (n_acc[:, None] < k), axis=1),
         round_of=spec.round_of.at[rows, at].set(jnp.broadcast_to(rounds[:, None], at.shape), mode="drop"),
         from_draft=spec.from_draft.at[rows, at].set(j < n_acc[:, None], mode="drop"),
     )

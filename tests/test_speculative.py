@@ -96,10 +96,16 @@ def test_acceptance_accounting_agrees_with_the_outputs(m):
         assert s.accepted == sum(s.from_draft)
         assert s.drafted == 4 * s.rounds
         assert s.tokens_per_round == pytest.approx((len(r.tokens) - 1) / s.rounds)
-        # Within a round: accepted drafts first, then (unless cut by the length limit) one target token.
+        # Within a round: accepted drafts first, then (unless cut by the length limit) one target token,
+        # which is a correction after a rejected draft when fewer than k = 4 drafts came before it.
+        rejections = 0
         for rnd in rounds_seen:
             flags = [f for f, ro in zip(s.from_draft, s.round_of) if ro == rnd]
             assert flags == sorted(flags, reverse=True)
             assert len(flags) <= 5
+            rejections += (not flags[-1]) and sum(flags) < 4
+        assert s.rejected == rejections
+        assert s.acceptance_rate == pytest.approx(s.accepted / (s.accepted + s.rejected))
+    assert sum(r.speculative.rejected for r in res) > 0
     overall = sum(r.speculative.accepted for r in res) / sum(r.speculative.drafted for r in res)
     assert 0.0 < overall < 1.0

@@ -50,8 +50,9 @@ class Summary:
     run_s: float = 0.0
     wall_s: float = 0.0
     interrupted: bool = False
-    drafted: int = 0  # speculative decoding: drafted and accepted draft tokens, rounds
+    drafted: int = 0  # speculative decoding: drafted, accepted and rejected drafts, rounds
     accepted: int = 0
+    rejected: int = 0
     rounds: int = 0
 
     def render(self) -> str:
@@ -70,7 +71,7 @@ class Summary:
             f"  fingerprint: {self.fingerprint}",
         ]
         if self.drafted:
-            lines.insert(3, f"  speculative: acceptance {self.accepted / self.drafted:.2f}, "
+            lines.insert(3, f"  speculative: acceptance {self.accepted / max(self.accepted + self.rejected, 1):.2f}, "
                             f"{(self.tokens - self.written) / max(self.rounds, 1):.2f} tokens per round")
         if self.interrupted:
             lines.append("  re-run the same command to resume: finished batches are kept")
@@ -265,9 +266,11 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
                     if r.speculative is not None:
                         records[-1]["speculative"] = {"rounds": r.speculative.rounds,
                                                       "drafted": r.speculative.drafted,
-                                                      "accepted": r.speculative.accepted}
+                                                      "accepted": r.speculative.accepted,
+                                                      "rejected": r.speculative.rejected}
                         summary.drafted += r.speculative.drafted
                         summary.accepted += r.speculative.accepted
+                        summary.rejected += r.speculative.rejected
                         summary.rounds += r.speculative.rounds
                 output.append(records)
                 tokens = sum(len(r.tokens) for r in results)
