@@ -20,7 +20,8 @@ Models:
 - ``--synthetic cpu|gpu``: random-weight Llama shapes of realistic size whose drafts are accepted at a
   controlled rate (``eft_jax.synthetic``: the large base contains the small base exactly, plus noise
   calibrated to ``--acceptance``, or set with ``--noise``). cpu: a 0.9B-parameter large model and a
-  55M drafter, float32; gpu: Llama-3-8B and a 1.2B drafter shape, bfloat16. Random prompts of 32 words.
+  55M drafter, float32; gpu: a Llama-3-8B-shaped base and a 1.5B drafter (hidden 2048, 16 layers),
+  bfloat16. Random prompts of 32 words.
 
 Usage: python bench/bench_speculative.py [--batches 1,4,16] [--ks 2,4,6,8] [--synthetic cpu --acceptance 0.8]
 Measures, prints; asserts nothing.

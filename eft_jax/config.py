@@ -63,8 +63,9 @@ DEFAULT_CONFIG_YAML = """\
 # fine-tune alone, 0.97 for the large fine-tune it emulates).
 # Try: eft.weights=[0.5] or [2.0] (damp / amplify the reward);
 #      eft.fine_tuned=[small_ft,small_ft_refuse] eft.weights=[0.5,0.5] (mix in the refusing behaviour);
-#      eft.base=small_base eft.ref=large_base eft.fine_tuned=[large_ft] (down-scaling);
-#      speculative.k=4 (the small fine-tune drafts).
+#      eft.base=small_base eft.ref=large_base eft.fine_tuned=[large_ft] speculative.k=0 (down-scaling:
+#        the drafter would be the large fine-tune, no faster than the models it drafts for);
+#      speculative.k=0 (no speculation; same distribution, other random draws).
 # Needs: 1 CPU device, ~200 MB of RAM. Paths "repo:..." are relative to the eft-jax checkout.
 description: >-
   Toy EFT up-scaling: large base + (small fine-tune - small base), the models of checkpoints/toy,
@@ -118,8 +119,10 @@ job:
   seed: 0
   chunk_size: 8
   on_long_prompt: truncate_left
+# Speculative EFT: the small fine-tune drafts 4 tokens per round (k=4 sped up every batch size
+# measured, 1-16, docs/benchmarks.md).
 speculative:
-  k: 0
+  k: 4
   drafter: null
 """
 

@@ -100,7 +100,8 @@ def contain(small_cfg: LlamaConfig, small_params: Any, large_cfg: LlamaConfig) -
 
 def perturbed(cfg: LlamaConfig, params: Any, key: jax.Array, scale: float) -> Any:
     """``params + scale * (fresh random params of cfg)``: every weight moved by ``scale`` of its init size."""
-    return _add(params, _init(cfg, key), jnp.float32(scale), jax.tree.leaves(params)[0].dtype.name)
+    dtype = jax.tree.leaves(params)[0].dtype.name
+    return _add(params, _init(cfg, key, dtype), jnp.float32(scale), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,18 +117,21 @@ class Family:
 
 
 def _parts(large_shape: dict[str, int], small_shape: dict[str, int], vocab: int, ft_noise: float, seed: int,
-           max_position_embeddings: int) -> tuple[LlamaConfig, LlamaConfig, Any, Any, Any, Any]:
-    """float32 (small_cfg, large_cfg, small_base, small_ft, contained small_base, large noise direction)."""
+           max_position_embeddings: int, dtype: str) -> tuple[LlamaConfig, LlamaConfig, Any, Any, Any, Any]:
+    """(small_cfg, large_cfg, small_base, small_ft, contained small_base, large noise direction).
+
+    The small models are float32; the large trees are in ``dtype`` (for an 8B shape, two float32 copies
+    would not fit next to the result on an 80 GB accelerator)."""
     small_cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=max_position_embeddings, **small_shape)
     large_cfg = containing_config(small_cfg, **large_shape)
     k_small, k_ft, k_large = jax.random.split(jax.random.key(seed), 3)
-    small_base = _init(small_cfg, k_small)
+    small_base = _init(small_cfg, k_small, "float32")
     small_ft = perturbed(small_cfg, small_base, k_ft, ft_noise)
-    contained = _contain(small_cfg, small_base, large_cfg)
-    return small_cfg, large_cfg, small_base, small_ft, contained, _init(large_cfg, k_large)
+    contained = _cast(_contain(small_cfg, small_base, large_cfg), dtype)
+    return small_cfg, large_cfg, small_base, small_ft, contained, _init(large_cfg, k_large, dtype)
 
 
-_init = jax.jit(lambda cfg, key: llama.init_params(cfg, key, jnp.float32), static_argnums=0)
+_init = jax.jit(lambda cfg, key, dtype: llama.init_params(cfg, key, jnp.dtype(dtype)), static_argnums=(0, 2))
 _contain = jax.jit(contain, static_argnums=(0, 2))
 _cast = jax.jit(lambda tree, dtype: jax.tree.map(lambda a: a.astype(dtype), tree), static_argnums=1)
 
@@ -147,7 +151,7 @@ def make_family(large_shape: dict[str, int], small_shape: dict[str, int], *, voc
     from ``small_ft`` are accepted at about that rate by EFT up-scaling with w = 1.
     """
     small_cfg, large_cfg, small_base, small_ft, contained, direction = _parts(
-        large_shape, small_shape, vocab, ft_noise, seed, max_position_embeddings)
+        large_shape, small_shape, vocab, ft_noise, seed, max_position_embeddings, dtype)
     if target_acceptance is not None:
         noise, _ = calibrate_noise(small_cfg, large_cfg, small_base, small_ft, contained, direction, target_acceptance)
     large_base = _add(contained, direction, jnp.float32(noise), dtype)
@@ -175,22 +179,25 @@ def _logits(cfg: LlamaConfig, params: Any, tokens: Int[Array, "batch seq"]) -> A
     return out.reshape(-1, out.shape[-1])[:, : cfg.vocab_size].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
 def _acceptance(small_cfg: LlamaConfig, large_cfg: LlamaConfig, large: Any, base: Any, ft: Any,
-                tokens: Int[Array, "batch seq"], weight: Array) -> Array:
-    """Mean over the positions of ``tokens`` of sum_v min(p_v, q_v), p = EFT up-scaling, q = small_ft."""
+                tokens: Int[Array, "batch seq"], weight: Array, start: int = 0) -> Array:
+    """Mean over positions >= start of ``tokens`` of sum_v min(p_v, q_v), p = EFT up-scaling, q = small_ft."""
     big, ref, tuned = (_logits(large_cfg, large, tokens), _logits(small_cfg, base, tokens),
                        _logits(small_cfg, ft, tokens))
     p = jnp.exp(eft_logprobs(big, ref, tuned[None], weight[None]))
     q = jnp.exp(safe_log_softmax(tuned))
-    return jnp.mean(jnp.sum(jnp.minimum(p, q), axis=-1))
+    per_position = jnp.sum(jnp.minimum(p, q), axis=-1).reshape(tokens.shape)
+    return jnp.mean(per_position[:, start:])
 
 
-def expected_acceptance(family: Family, tokens: Int[Array, "batch seq"], weight: float = 1.0) -> float:
+def expected_acceptance(family: Family, tokens: Int[Array, "batch seq"], weight: float = 1.0,
+                        start: int = 0) -> float:
     """The chance that a draft from q = small_ft is accepted against p = EFT up-scaling (temperature 1,
-    no filters), averaged over the positions of ``tokens`` (teacher-forced): mean of sum_v min(p_v, q_v)."""
+    no filters) for the token after each position >= ``start`` of ``tokens`` (teacher-forced), averaged:
+    the mean of sum_v min(p_v, q_v)."""
     return float(_acceptance(family.small_cfg, family.large_cfg, family.large_base, family.small_base,
-                             family.small_ft, tokens, jnp.float32(weight)))
+                             family.small_ft, tokens, jnp.float32(weight), start))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -219,7 +226,8 @@ def calibrate_noise(small_cfg: LlamaConfig, large_cfg: LlamaConfig, small_base: 
     closest to ``target``, by bisection in log space (acceptance falls as noise grows), measured on
     :func:`drafter_probe` sequences of the fine-tune. Returns (noise, its expected acceptance)."""
     probe = drafter_probe(small_cfg, small_ft)
-    with_noise = jax.jit(lambda p, d, s, base, ft: _acceptance(small_cfg, large_cfg, _add(p, d, s, "float32"), base,
+    dtype = jax.tree.leaves(contained)[0].dtype.name
+    with_noise = jax.jit(lambda p, d, s, base, ft: _acceptance(small_cfg, large_cfg, _add(p, d, s, dtype), base,
                                                                 ft, probe, jnp.float32(1.0)))
     lo, hi = 1e-4, 4.0
     best = (hi, 0.0)

@@ -89,3 +89,21 @@ def test_calibrated_family_hits_the_target_acceptance():
     other_probe = synthetic.drafter_probe(family.small_cfg, family.small_ft, seed=7)
     assert family.noise > 0
     assert abs(synthetic.expected_acceptance(family, other_probe) - 0.8) < 0.05
+
+
+def test_speculative_acceptance_matches_the_exact_acceptance_probability():
+    """The engine's acceptance rate (accepted / tested drafts) against sum_v min(p_v, q_v) computed from the
+    three models' full-sequence logits on the very sequences it generated (an independent count)."""
+    family = synthetic.make_family(LARGE, SMALL, vocab=300, target_acceptance=0.8)
+    spec = EFTSpec.up_scaling(*(Component(m, "plain") for m in synthetic.family_models(family)))
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(3, 300, 8)] for _ in range(16)]
+    res = Engine(spec, speculative_k=4).generate([" ".join(f"t{t}" for t in p) for p in prompts], SamplingParams(),
+                                                 max_new_tokens=48, ignore_eos=True, batch_size=16)
+    accepted = sum(r.speculative.accepted for r in res)
+    tested = accepted + sum(r.speculative.rejected for r in res)
+    assert tested > 400  # the standard error of the rate is then below 0.02
+    sequences = jnp.asarray([p + r.tokens for p, r in zip(prompts, res)], jnp.int32)
+    # Position 7 (the last prompt token) predicts output token 0; the last token predicts nothing.
+    exact = synthetic.expected_acceptance(family, sequences[:, :-1], start=7)
+    assert abs(accepted / tested - exact) < 0.05
