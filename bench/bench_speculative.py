@@ -2,8 +2,8 @@
 
 For each batch size and draft length k it reports tokens/s, the speedup over k = 0 (same engine,
 prompts, lengths and sampling), the measured acceptance rate (accepted / tested drafts, the
-probability a draft is accepted; drafts after a rejection are not tested) and tokens per round, and the acceptance
-rate that k would need for a 2.5x speedup given the measured cost of a round. Expected tokens per
+probability a draft is accepted; drafts after a rejection are not tested) and tokens per round, and
+the acceptance rate that k would need for a 2.5x speedup given the measured cost of a round. Expected tokens per
 round at acceptance a: (1 - a^(k+1)) / (1 - a); speedup = that x (step time) / (round time).
 
 "Bound at 0.8" is the speedup that k could reach at acceptance 0.8 if everything but the forward
@@ -125,9 +125,9 @@ def _time_forward(model, batch: int, new_tokens: int, context: int, reps: int) -
 def speedup_bound(spec: EFTSpec, batch: int, k: int, acceptance: float = 0.8) -> float:
     """Speedup at ``acceptance`` if only forward passes cost anything (see the module docstring)."""
     base, ref, drafter = spec.base.model, spec.ref.model, spec.fine_tuned[0].model
-    step = sum(forward_ms(m, batch, 1) for m in (base, ref, drafter))
-    one = forward_ms(drafter, batch, 1)
-    round_ = (k + 1) * one + forward_ms(base, batch, k + 1) + forward_ms(ref, batch, k + 1)
+    drafter_step = forward_ms(drafter, batch, 1)
+    step = forward_ms(base, batch, 1) + forward_ms(ref, batch, 1) + drafter_step
+    round_ = (k + 1) * drafter_step + forward_ms(base, batch, k + 1) + forward_ms(ref, batch, k + 1)
     return expected_tokens(acceptance, k) * step / round_
 
 
