@@ -1,8 +1,14 @@
-"""The ``eft-jax`` command: ``generate``, ``score``, ``config`` and ``convert``."""
+"""The ``eft-jax`` command: ``generate``, ``score``, ``config``, ``convert``, ``train`` and ``toy``.
+
+Exit status: 0 done; 1 a job stopped on an error after it started, or wrote nothing because every
+input line failed; 2 it could not start (bad config, input, model files, devices...: the message says
+what to fix); 130 interrupted (Ctrl-C; re-run the same command to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +32,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    from eft_jax.compile_cache import configure
     from eft_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    # JAX's persistent compilation cache (job.compile_cache: auto | DIR | off), before anything compiles.
+    configure(config.job.compile_cache)
     if config.mesh.distributed:
         import jax
 
@@ -40,7 +49,7 @@ def _input(path: str | None, default: Path, flag: str) -> Path:
     from eft_jax.jobs import JobError
 
     if path is not None:
-        return Path(path)
+        return Path(path)  # "-" is standard input
     if not default.exists():
         raise JobError(f"no {flag} given and the default {default} does not exist here; pass {flag} FILE.jsonl")
     return default
@@ -51,7 +60,7 @@ def _finish(summary) -> int:
 
     if jax.process_index() == 0:
         print(summary.render(), flush=True)
-    return 130 if summary.interrupted else 0
+    return summary.exit_status
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -61,7 +70,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = _input(args.prompts, EXAMPLE_PROMPTS, "--prompts")
     out = Path(args.out) if args.out else Path("outputs") / f"generate-{config.fingerprint('generate')[:8]}.jsonl"
     return _finish(run_generate(config, prompts, out, overwrite=args.overwrite,
-                                ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress))
+                                ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress,
+                                interrupts=args.interrupts))
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -71,7 +81,8 @@ def _score(args: argparse.Namespace) -> int:
     pairs = _input(args.pairs, EXAMPLE_PAIRS, "--pairs")
     out = Path(args.out) if args.out else Path("outputs") / f"score-{config.fingerprint('score')[:8]}.jsonl"
     return _finish(run_score(config, pairs, out, rewards=args.rewards, overwrite=args.overwrite,
-                             ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress))
+                             ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress,
+                             interrupts=args.interrupts))
 
 
 def _show_config(args: argparse.Namespace) -> int:
@@ -89,7 +100,8 @@ def _show_config(args: argparse.Namespace) -> int:
 
 
 def _job_arguments(p: argparse.ArgumentParser, input_flag: str, input_help: str) -> None:
-    p.add_argument("--config", default=None, help="YAML job config (default: the embedded SmolLM2 config)")
+    p.add_argument("--config", default=None, help="YAML job config (default: the embedded one, "
+                   "configs/default.yaml: toy EFT up-scaling)")
     p.add_argument(input_flag, default=None, help=input_help)
     p.add_argument("--out", default=None, help="output JSONL, appended to and resumed (default: "
                    "outputs/<command>-<config fingerprint>.jsonl); problems go to OUT.errors.jsonl")
@@ -107,17 +119,20 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eft-jax", description="Emulated fine-tuning (EFT) in JAX.")
+    parser = argparse.ArgumentParser(prog="eft-jax", description="Emulated fine-tuning (EFT) in JAX.",
+                                     epilog="Exit status: 0 done, 1 stopped on an error or every line failed, "
+                                     "2 could not start, 130 interrupted (re-run to resume).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="sample responses for a JSONL file of prompts (resumable)")
     _job_arguments(p, "--prompts", "input JSONL: {\"id\", \"prompt\" or \"messages\", optional n, max_new_tokens, "
-                   f"seed}} per line (default: {EXAMPLE_PROMPTS})")
+                   f"seed}} per line; - reads standard input (default: {EXAMPLE_PROMPTS})")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("score", help="EFT log-likelihood of (prompt, response) pairs (resumable)")
-    _job_arguments(p, "--pairs", "input JSONL: {{\"id\", \"prompt\" or \"messages\", \"response\"}} per line "
-                   f"(default: {EXAMPLE_PAIRS})")
+    _job_arguments(p, "--pairs", "input JSONL: {\"id\", \"prompt\" or \"messages\", \"response\"} per line; "
+                   f"- reads standard input (default: {EXAMPLE_PAIRS})")
     p.add_argument("--rewards", action="store_true",
                    help="also write per-token EFT log-probs and per-token implicit rewards (log p_ft - log p_ref)")
     p.set_defaults(func=_score)
@@ -147,11 +162,39 @@ def build_parser() -> argparse.ArgumentParser:
 _DELEGATED = {"train": "eft_jax.train.cli", "toy": "eft_jax.toy.cli"}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("eft-jax")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from eft_jax.jobs.interrupt import Interrupts
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:  # their own parsers see every argument, --help included
-        return _delegate(_DELEGATED[argv[0]], argv[1:])
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else ""
+    # transformers advises on import that PyTorch is missing; eft-jax uses only its tokenizers.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Ctrl-C at any moment, imports and JAX start-up included, exits 130: Interrupts records it even
+    # where Python swallows the KeyboardInterrupt (JAX's gc callback), and the job checks the record.
+    try:
+        with Interrupts() as interrupts:
+            if command in _DELEGATED:  # their own parsers see every argument, --help included
+                return _delegate(_DELEGATED[command], argv[1:])
+            args = build_parser().parse_args(argv)
+            args.interrupts = interrupts
+            code = _run(args)
+            interrupts.check()
+            return code
+    except KeyboardInterrupt:
+        print(f"eft-jax{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from eft_jax.config import ConfigError
     from eft_jax.jobs import JobError
     from eft_jax.loading.source import CheckpointError
@@ -162,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JobError, CheckpointError, UnsupportedConfigError, FileExistsError) as e:
         print(f"eft-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"eft-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ A config is a YAML file with five sections (see ``configs/`` and the README's co
     eft:      {base, ref, fine_tuned, weights, base_top_p}     roles, by model name
     sampling: {temperature, top_k, top_p, min_p, stop_token_ids}
     mesh:     {data, model, distributed}
-    job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt}
+    job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt, compile_cache}
     speculative: {k, drafter}                                 optional: speculative EFT (k = 0: off)
 
 Any key can be overridden with ``key.sub=value`` (the value is read as a YAML scalar or flow list,
@@ -63,9 +63,9 @@ DEFAULT_CONFIG_YAML = """\
 # fine-tune alone, 0.97 for the large fine-tune it emulates).
 # Try: eft.weights=[0.5] or [2.0] (damp / amplify the reward);
 #      eft.fine_tuned=[small_ft,small_ft_refuse] eft.weights=[0.5,0.5] (mix in the refusing behaviour);
-#      eft.base=small_base eft.ref=large_base eft.fine_tuned=[large_ft] speculative.k=0 (down-scaling:
-#        the drafter would be the large fine-tune, no faster than the models it drafts for);
-#      speculative.k=0 (no speculation; same distribution, other random draws).
+#      eft.base=small_base eft.ref=large_base eft.fine_tuned=[large_ft] (down-scaling);
+#      speculative.k=4 (speculative EFT: the small fine-tune drafts 4 tokens per round; same
+#        distribution, other random draws).
 # Needs: 1 CPU device, ~200 MB of RAM. Paths "repo:..." are relative to the eft-jax checkout.
 description: >-
   Toy EFT up-scaling: large base + (small fine-tune - small base), the models of checkpoints/toy,
@@ -119,10 +119,12 @@ job:
   seed: 0
   chunk_size: 8
   on_long_prompt: truncate_left
-# Speculative EFT: the small fine-tune drafts 4 tokens per round (k=4 sped up every batch size
-# measured, 1-16, docs/benchmarks.md).
+  compile_cache: auto  # JAX's compile cache: auto (~/.cache/eft-jax/jax-compile), a directory, or off
+# Speculative EFT is off here: with this family (a 0.9M drafter for a 3.9M base) and these short answers,
+# k=4 made this job and a 64-prompt one slower end to end on a 2-core CPU than k=0, cold and warm
+# (docs/benchmarks.md, "Start-up"). It pays with a drafter much smaller than the base, on accelerators.
 speculative:
-  k: 4
+  k: 0
   drafter: null
 """
 
@@ -200,6 +202,9 @@ class JobConfig:
     n: samples per prompt (a line's "n" overrides it). on_long_prompt: what to do with a prompt that
     does not fit a model's context together with max_new_tokens: "truncate_left" (cut the oldest text
     until it fits, with a warning) or "skip" (report it and go on).
+    compile_cache: JAX's persistent compilation cache for this job: "auto" (``$EFT_JAX_COMPILE_CACHE``,
+    else the per-user directory), a directory, or "off" (see ``eft_jax.compile_cache``). It never changes
+    a sample, so it is not part of the fingerprint.
     """
 
     batch_size: int = 8
@@ -208,6 +213,7 @@ class JobConfig:
     seed: int = 0
     chunk_size: int = 16
     on_long_prompt: str = "truncate_left"
+    compile_cache: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +246,12 @@ class Config:
             out.append(("ref", self.eft.ref))
         out += [(f"ft{i}", name) for i, name in enumerate(self.eft.fine_tuned)]
         return out
+
+    def model_names(self) -> list[str]:
+        """The models a job loads: the EFT roles' in engine order, then a drafter outside the rule."""
+        names = [name for _, name in self.roles()]
+        drafter = self.drafter_name()
+        return list(dict.fromkeys(names + ([drafter] if drafter is not None else [])))
 
     def drafter_name(self) -> str | None:
         """The drafting model's name when speculative decoding is on."""
@@ -464,6 +476,15 @@ def _choice(options: Sequence[str]) -> Callable[[Any], str]:
     return conv
 
 
+def _compile_cache(v: Any) -> str:
+    if v is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    if not isinstance(v, str) or not v.strip():
+        raise _Bad("must be 'auto' (the EFT_JAX_COMPILE_CACHE environment variable, else the per-user cache "
+                   "directory), 'off', or a directory for JAX's compilation cache")
+    return v.strip()
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise _Bad("must be true or false")
@@ -594,7 +615,8 @@ def _parse_mesh(ctx: _Ctx, raw: Any) -> MeshConfig:
 
 
 def _parse_job(ctx: _Ctx, raw: Any) -> JobConfig:
-    raw = ctx.section(raw, "job", ("batch_size", "max_new_tokens", "n", "seed", "chunk_size", "on_long_prompt"))
+    raw = ctx.section(raw, "job", ("batch_size", "max_new_tokens", "n", "seed", "chunk_size", "on_long_prompt",
+                                   "compile_cache"))
     g = lambda name, conv, default: ctx.get(raw, "job", name, conv, default)  # noqa: E731
     return JobConfig(
         batch_size=g("batch_size", _int(1), 8),
@@ -603,6 +625,7 @@ def _parse_job(ctx: _Ctx, raw: Any) -> JobConfig:
         seed=g("seed", _int(0, what="an integer in [0, 2**31)"), 0),
         chunk_size=g("chunk_size", _int(1), 16),
         on_long_prompt=g("on_long_prompt", _choice(LONG_PROMPT_POLICIES), "truncate_left"),
+        compile_cache=g("compile_cache", _compile_cache, "auto"),
     )
 
 
@@ -708,9 +731,9 @@ def resolve_model_path(path: str) -> Path:
 
 
 def missing_model_files(config: Config) -> list[str]:
-    """One message per model used by the EFT roles whose file or directory does not exist."""
+    """One message per model used by the job (the EFT roles and the drafter) whose file does not exist."""
     problems = []
-    for name in dict.fromkeys(name for _, name in config.roles()):
+    for name in config.model_names():
         entry = config.models[name]
         try:
             p = resolve_model_path(entry.path)

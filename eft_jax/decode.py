@@ -5,9 +5,11 @@ get next-token logits, then combine (``eft.eft_logprobs``), filter (``sampling.f
 sample once for all. Plain decoding is the one-model case of the same code.
 
 Everything here is a pure function of a static ``Plan`` (shapes, configs, sampling settings) and
-pytrees of arrays (params, caches, ``DecodeState``). The host loop lives in ``engine.py``: it calls
-``decode_chunk`` (``chunk`` steps in one ``lax.scan``, no host round trip inside) until every row is
-done, checking between chunks.
+pytrees of arrays (params, caches, ``DecodeState``). The host loop lives in ``batching.py``: it calls
+``start`` (empty caches + prefill + token 0, one program: the caches are created inside it, not by a
+separately compiled constructor), then ``decode_chunk`` (``chunk`` steps in one ``lax.scan``, no host
+round trip inside) until every row is done, checking between chunks, and ``refill`` to put new prompts
+in finished rows. Nothing else is compiled on the way: the host loop computes no array eagerly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from eft_jax.eft import eft_logprobs, gather_logprobs
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
-from eft_jax.models.kv_cache import KVCache
+from eft_jax.models.kv_cache import CacheLayout, KVCache
 from eft_jax.sampling import SamplingParams, final_logprobs, row_keys, safe_log_softmax, sample
 
 
@@ -66,14 +68,15 @@ class Plan:
 class DecodeState:
     """Everything that changes during decoding (donated to each chunk).
 
-    ``token`` is the last sampled token (index ``index`` in the output), not yet fed to the models;
-    ``next_pos[m]`` is the position model m gives it (prompts differ in length per model).
+    ``token`` is each row's last sampled token (output index ``num_tokens - 1``), not yet fed to the
+    models; ``next_pos[m]`` is the position model m gives it (prompts differ in length per model). Every
+    row keeps its own output index (``num_tokens``), so rows may start at different times: continuous
+    batching refills a finished row with a new prompt (``refill``) while the others go on.
     """
 
     caches: tuple[KVCache, ...]
     token: Int[Array, " batch"]
     next_pos: Int[Array, "models batch"]
-    index: Int[Array, ""]
     done: Bool[Array, " batch"]
     num_tokens: Int[Array, " batch"]
     max_new: Int[Array, " batch"]
@@ -92,43 +95,84 @@ def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array
     return eft_logprobs(sliced[0], sliced[1], jnp.stack(sliced[2:]), weights, base_top_p=plan.base_top_p)
 
 
-def _write_column(buf: Array, value: Array, index: Array, active: Bool[Array, " batch"]) -> Array:
-    """``buf[..., b, index] = value[..., b]`` for active rows b (an out-of-range index writes nothing)."""
-    old = jax.lax.dynamic_index_in_dim(buf, index, axis=buf.ndim - 1, keepdims=False)
-    return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(active, value, old), index, axis=buf.ndim - 1)
+def _write_at(buf: Array, value: Array, at: Int[Array, " batch"], batch_axis: int = 0) -> Array:
+    """``buf[..., b, at[b], ...] = value[..., b, ...]`` per row b (axis ``batch_axis`` + 1 is the output
+    index); an out-of-range ``at[b]`` writes nothing."""
+    rows = jnp.arange(at.shape[0])
+    index = (slice(None),) * batch_axis + (rows, at)
+    return buf.at[index].set(value, mode="drop")
 
 
-def _choose_and_record(
-    plan: Plan, state: DecodeState, logits: tuple[Array, ...], weights: Array, seed: Array, index: Array
-) -> DecodeState:
-    """Sample output token ``index`` for every row and write it (rows already done write padding)."""
+def _choose_and_record(plan: Plan, state: DecodeState, logits: tuple[Array, ...], weights: Array,
+                       seed: Array) -> DecodeState:
+    """Sample every row's next output token (index ``num_tokens``) and write it; done rows write nothing.
+
+    A row's randomness is keyed by (seed, stream, its own output index), so a sample does not depend
+    on when its row started or what its neighbours do."""
     lp = eft_distribution(plan, logits, weights)
-    keys = row_keys(seed, state.stream, jnp.broadcast_to(index, state.stream.shape))
+    index = state.num_tokens
+    keys = row_keys(seed, state.stream, index)
     # The EFT log-probs are already normalised: skip the filter pass when it would change nothing.
     tok = sample(lp if plan.sampling.is_identity else final_logprobs(lp, plan.sampling), keys)
 
-    active = ~state.done & (index < state.tokens.shape[1])
+    out_len = state.tokens.shape[1]
+    active = ~state.done & (index < out_len)
     tok = jnp.where(active, tok, plan.pad_id)
-    num_tokens = state.num_tokens + active
+    num_tokens = index + active
     is_stop = jnp.isin(tok, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros_like(active)
     done = state.done | (active & is_stop) | (num_tokens >= state.max_new)
 
-    tokens = _write_column(state.tokens, tok, index, active)
-    logprobs = _write_column(state.logprobs, gather_logprobs(lp, tok), index, active)
+    at = jnp.where(active, index, out_len)  # out of range: dropped
+    tokens = _write_at(state.tokens, tok, at)
+    logprobs = _write_at(state.logprobs, gather_logprobs(lp, tok), at)
     components = state.components
     if plan.record_components:
         comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in plan.rule(logits)])
-        components = _write_column(components, comp, index, active)
+        components = _write_at(components, comp, at, batch_axis=1)
     distributions = state.distributions
     if plan.record_distributions:
-        old = jax.lax.dynamic_index_in_dim(distributions, index, axis=1, keepdims=False)
-        distributions = jax.lax.dynamic_update_index_in_dim(
-            distributions, jnp.where(active[:, None], lp, old), index, axis=1
-        )
+        distributions = _write_at(distributions, lp, at)
     return dataclasses.replace(
-        state, token=tok, index=index, done=done, num_tokens=num_tokens,
+        state, token=tok, done=done, num_tokens=num_tokens,
         tokens=tokens, logprobs=logprobs, components=components, distributions=distributions,
     )
+
+
+def _prefill(
+    plan: Plan,
+    params: tuple[Any, ...],
+    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
+    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
+    caches: tuple[KVCache, ...],
+    weights: Float[Array, " n_ft"],
+    seed: Int[Array, ""],
+    stream: Int[Array, " batch"],
+    max_new: Int[Array, " batch"],
+    out_len: int,
+) -> DecodeState:
+    """Run every model over its own left-padded prompt and sample output token 0 (traced, not jitted)."""
+    logits, new_caches = [], []
+    for cfg, p, toks, pos, cache in zip(plan.configs, params, prompt_tokens, prompt_positions, caches, strict=True):
+        # Left padding: the last column is every row's last prompt token; only it needs logits.
+        last = jnp.full((toks.shape[0], 1), toks.shape[1] - 1, jnp.int32)
+        out, cache = llama.forward(cfg, p, toks, pos, cache, logits_at=last)
+        logits.append(out[:, 0])
+        new_caches.append(cache)
+    batch = stream.shape[0]
+    state = DecodeState(
+        caches=tuple(new_caches),
+        token=jnp.zeros((batch,), jnp.int32),
+        next_pos=jnp.stack([jnp.max(pos, axis=1) + 1 for pos in prompt_positions]).astype(jnp.int32),
+        done=max_new <= 0,
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        max_new=max_new.astype(jnp.int32),
+        stream=stream.astype(jnp.int32),
+        tokens=jnp.full((batch, out_len), plan.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, out_len), jnp.float32),
+        components=jnp.zeros((plan.rule_size, batch, out_len) if plan.record_components else (0,), jnp.float32),
+        distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
+    )
+    return _choose_and_record(plan, state, tuple(logits), weights, seed)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames=("caches",))
@@ -144,30 +188,88 @@ def prefill(
     max_new: Int[Array, " batch"],
     out_len: int,
 ) -> DecodeState:
-    """Run every model over its own left-padded prompt and sample output token 0."""
-    logits, new_caches = [], []
-    for cfg, p, toks, pos, cache in zip(plan.configs, params, prompt_tokens, prompt_positions, caches, strict=True):
-        # Left padding: the last column is every row's last prompt token; only it needs logits.
-        last = jnp.full((toks.shape[0], 1), toks.shape[1] - 1, jnp.int32)
-        out, cache = llama.forward(cfg, p, toks, pos, cache, logits_at=last)
-        logits.append(out[:, 0])
-        new_caches.append(cache)
-    batch = stream.shape[0]
-    state = DecodeState(
-        caches=tuple(new_caches),
-        token=jnp.zeros((batch,), jnp.int32),
-        next_pos=jnp.stack([jnp.max(pos, axis=1) + 1 for pos in prompt_positions]).astype(jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-        done=max_new <= 0,
-        num_tokens=jnp.zeros((batch,), jnp.int32),
-        max_new=max_new.astype(jnp.int32),
-        stream=stream.astype(jnp.int32),
-        tokens=jnp.full((batch, out_len), plan.pad_id, jnp.int32),
-        logprobs=jnp.zeros((batch, out_len), jnp.float32),
-        components=jnp.zeros((plan.rule_size, batch, out_len) if plan.record_components else (0,), jnp.float32),
-        distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
+    """Run every model over its own left-padded prompt (into the given, donated caches) and sample output token 0."""
+    return _prefill(plan, params, prompt_tokens, prompt_positions, caches, weights, seed, stream, max_new, out_len)
+
+
+def start_state(
+    plan: Plan,
+    params: tuple[Any, ...],
+    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
+    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
+    layouts: tuple[CacheLayout, ...],
+    weights: Float[Array, " n_ft"],
+    seed: Int[Array, ""],
+    stream: Int[Array, " batch"],
+    max_new: Int[Array, " batch"],
+    out_len: int,
+) -> DecodeState:
+    """``prefill`` into empty caches created in the same program (traced, not jitted; see ``start``)."""
+    caches = tuple(layout.zeros() for layout in layouts)
+    return _prefill(plan, params, prompt_tokens, prompt_positions, caches, weights, seed, stream, max_new, out_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 9))
+def start(
+    plan: Plan,
+    params: tuple[Any, ...],
+    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
+    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
+    layouts: tuple[CacheLayout, ...],
+    weights: Float[Array, " n_ft"],
+    seed: Int[Array, ""],
+    stream: Int[Array, " batch"],
+    max_new: Int[Array, " batch"],
+    out_len: int,
+) -> DecodeState:
+    """What the engine runs: empty caches (``layouts``, static) + prefill + output token 0 in ONE program.
+
+    A separate cache constructor would cost one more compiled program per model and batch shape.
+    """
+    return start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream, max_new,
+                       out_len)
+
+
+def set_rows(big: Array, new: Array, slots: Int[Array, " rows"], axis: int = 0) -> Array:
+    """``big`` with ``big[..., slots[r], ...] = new[..., r, ...]`` along ``axis`` (an out-of-range slot
+    writes nothing; an empty, unrecorded buffer stays as it is)."""
+    if big.size == 0:
+        return big
+    return big.at[(slice(None),) * axis + (slots,)].set(new, mode="drop")
+
+
+def put_rows(state: DecodeState, new: DecodeState, slots: Int[Array, " rows"]) -> DecodeState:
+    """Replace rows ``slots`` of ``state`` by the rows of ``new`` (same cache slots and output length)."""
+    caches = tuple(
+        KVCache(k=set_rows(c.k, n.k, slots, 1), v=set_rows(c.v, n.v, slots, 1), pos=set_rows(c.pos, n.pos, slots),
+                length=set_rows(c.length, n.length, slots))
+        for c, n in zip(state.caches, new.caches, strict=True)
     )
-    return _choose_and_record(plan, state, tuple(logits), weights, seed, jnp.zeros((), jnp.int32))
+    fields = {f.name: set_rows(getattr(state, f.name), getattr(new, f.name), slots)
+              for f in dataclasses.fields(DecodeState) if f.name not in ("caches", "next_pos", "components")}
+    return DecodeState(caches=caches, next_pos=set_rows(state.next_pos, new.next_pos, slots, 1),
+                       components=set_rows(state.components, new.components, slots, 1), **fields)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 9), donate_argnames=("state",))
+def refill(
+    plan: Plan,
+    params: tuple[Any, ...],
+    prompt_tokens: tuple[Int[Array, "rows prompt"], ...],
+    prompt_positions: tuple[Int[Array, "rows prompt"], ...],
+    layouts: tuple[CacheLayout, ...],
+    weights: Float[Array, " n_ft"],
+    seed: Int[Array, ""],
+    stream: Int[Array, " rows"],
+    max_new: Int[Array, " rows"],
+    out_len: int,
+    slots: Int[Array, " rows"],
+    state: DecodeState,
+) -> DecodeState:
+    """Continuous batching: prefill new prompts (``layouts``: caches of the same slots as ``state``'s, one
+    row each) and put them in place of rows ``slots`` of the donated ``state``, in one program."""
+    new = start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream, max_new, out_len)
+    return put_rows(state, new, slots)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("state",))
@@ -183,7 +285,7 @@ def decode_chunk(
             logits.append(out[:, 0])
             caches.append(cache)
         state = dataclasses.replace(state, caches=tuple(caches), next_pos=state.next_pos + 1)
-        return _choose_and_record(plan, state, tuple(logits), weights, seed, state.index + 1), None
+        return _choose_and_record(plan, state, tuple(logits), weights, seed), None
 
     state, _ = jax.lax.scan(step, state, None, length=plan.chunk)
     return state

@@ -3,7 +3,10 @@
 ``Engine(spec)`` checks the models once (shared vocabulary, same mesh) and then serves ``generate``
 and ``score`` calls. Prompts are sorted by length and run in fixed-size batches (the last one padded
 with dummy rows), prompt lengths are bucketed to powers of two and output lengths to whole chunks, so
-a job with many batches compiles a handful of programs. Results come back in input order.
+a job with many batches compiles a handful of programs: per batch shape ``start`` (empty caches, prefill
+and token 0), the decode or speculative chunk, and the ``refill`` programs of continuous batching
+(``eft_jax.batching``); nothing else, since no array is computed eagerly on the way (each eager op would
+compile a program of its own). Results come back in input order.
 
 Randomness is per prompt: the sample of a prompt depends on (seed, its stream id, position) only,
 never on batch size, batch neighbours or sharding. A prompt's stream id is, by default, a hash of its
@@ -17,15 +20,15 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eft_jax import decode, speculative
+from eft_jax import decode
+from eft_jax.batching import Row, RowOutput, SlotLoop, to_host
 from eft_jax.prompts import (
     Prompt, PromptError, bucket_length, context_overflow, left_pad, render_tokens, validate_prompt,
 )
@@ -166,6 +169,24 @@ class Engine:
         prompts: Sequence[Prompt],
         sampling: SamplingParams = SamplingParams(),
         *,
+        on_batch: Callable[[list[GenerationResult]], None] | None = None,
+        **kwargs: Any,
+    ) -> list[GenerationResult]:
+        """Sample one response per prompt; results in input order. Arguments as for :meth:`stream`;
+        ``on_batch`` is called with each group of results as it finishes (for incremental output)."""
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for group in self.stream(prompts, sampling, **kwargs):
+            for r in group:
+                results[r.index] = r
+            if on_batch is not None:
+                on_batch(group)
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams = SamplingParams(),
+        *,
         max_new_tokens: int | Sequence[int] = 128,
         batch_size: int = 8,
         seed: int = 0,
@@ -176,17 +197,18 @@ class Engine:
         return_component_logprobs: bool = False,
         return_distributions: bool = False,
         on_error: Literal["raise", "report"] = "raise",
-        on_batch: Callable[[list[GenerationResult]], None] | None = None,
-    ) -> list[GenerationResult]:
-        """Sample one response per prompt; results in input order.
+        continuous: bool = True,
+    ) -> Iterator[list[GenerationResult]]:
+        """Sample one response per prompt, yielding results as their rows finish (a list per decode chunk).
 
-        max_new_tokens: one limit, or one per prompt. ids: per-prompt randomness streams (default
-        ``stream_id(prompt)``). weights: override the spec's reward weights (no recompilation).
-        on_error: "raise" refuses the whole call if any prompt is invalid (empty, longer than a model's
-        context, ...); "report" returns a result with ``error`` set for it and runs the rest.
-        on_batch: called with each finished batch's results (for incremental output).
-        ignore_eos: do not stop at the models' end-of-sequence tokens (only at ``stop_token_ids``), e.g.
-        to benchmark fixed-length decoding.
+        max_new_tokens: one limit, or one per prompt. batch_size: rows decoded together (slots).
+        ids: per-prompt randomness streams (default ``stream_id(prompt)``). weights: override the spec's
+        reward weights (no recompilation). on_error: "raise" refuses the whole call if any prompt is
+        invalid (empty, longer than a model's context, ...); "report" yields a result with ``error`` set
+        for it (first) and runs the rest. ignore_eos: do not stop at the models' end-of-sequence tokens
+        (only at ``stop_token_ids``), e.g. to benchmark fixed-length decoding. continuous: refill a
+        finished row with the next prompt at once (continuous batching); False waits until every row of
+        the batch is done (static batching). Samples are the same either way.
         """
         n = len(prompts)
         limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -196,19 +218,22 @@ class Engine:
         if len(streams) != n:
             raise ValueError(f"{len(streams)} ids for {n} prompts")
         batch_size = self._batch_size(batch_size)
+        if return_distributions and self.speculative_k:
+            raise ValueError("return_distributions is not available with speculative decoding")
 
-        results: list[GenerationResult | None] = [None] * n
-        rendered: dict[int, list[list[int]]] = {}
+        errors: list[GenerationResult] = []
+        rows: list[Row] = []
         for i, prompt in enumerate(prompts):
             try:
-                rendered[i] = self._render(prompt, limits[i], self.runs)
+                rows.append(Row(i, self._render(prompt, limits[i], self.runs), limits[i], streams[i]))
             except PromptError as e:
                 if on_error == "raise":
                     raise PromptError(f"prompt {i}: {e}") from None
-                results[i] = GenerationResult(index=i, prompt=prompt, finish_reason="error", error=str(e))
-
-        if return_distributions and self.speculative_k:
-            raise ValueError("return_distributions is not available with speculative decoding")
+                errors.append(GenerationResult(index=i, prompt=prompt, finish_reason="error", error=str(e)))
+        if errors:
+            yield errors
+        if not rows:
+            return
         plan = decode.Plan(
             configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
             vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
@@ -217,14 +242,11 @@ class Engine:
             chunk=self.chunk_size, record_components=return_component_logprobs,
             record_distributions=return_distributions,
         )
-        w = self._weights(weights)
-        for batch in self._batches(rendered, batch_size):
-            done = self._generate_batch(plan, batch, batch_size, rendered, limits, streams, prompts, w, seed)
-            for r in done:
-                results[r.index] = r
-            if on_batch is not None:
-                on_batch(done)
-        return results  # type: ignore[return-value]
+        # Longest prompts first: they set the cache size, and later (shorter) ones fit in it.
+        rows.sort(key=lambda r: (-max(len(t) for t in r.tokens), r.index))
+        slots = SlotLoop(self, plan, rows, batch_size, self._weights(weights), seed, continuous)
+        for finished in slots.run():
+            yield [self._result(plan, prompts, row, out) for row, out in finished]
 
     def score(
         self,
@@ -284,7 +306,7 @@ class Engine:
         w = self.spec.weights if weights is None else tuple(float(x) for x in weights)
         if len(w) != len(self.spec.fine_tuned):
             raise ValueError(f"{len(w)} weights for {len(self.spec.fine_tuned)} fine-tuned model(s)")
-        return jnp.asarray(w if w else (0.0,), jnp.float32)
+        return self._replicated(np.asarray(w if w else (0.0,), np.float32))
 
     def _render(self, prompt: Any, max_new: int, components: Sequence[Component]) -> list[list[int]]:
         """Each model's prompt tokens; PromptError if empty or too long for a model's context."""
@@ -317,79 +339,33 @@ class Engine:
         spec = PartitionSpec(self.spec.base.model.rules.mesh_axis("batch"), *([None] * (x.ndim - 1)))
         return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda index: x[index])
 
+    def _replicated(self, x: np.ndarray) -> jax.Array:
+        """A small host array (weights, seed) on every device of the mesh: placed, so nothing is compiled
+        (``jnp.asarray(x, dtype)`` compiles a conversion program), and placed the same way on every call."""
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda index: x[index])
+
     def _padded_rows(self, batch: list[int], batch_size: int) -> list[int]:
         # Dummy rows repeat the batch's first prompt; their outputs are dropped.
         return batch + [batch[0]] * (batch_size - len(batch))
 
-    def _prompt_arrays(self, rows: list[int], rendered: dict[int, list[list[int]]]) -> tuple[list, list, list[int]]:
-        tokens, positions, lengths = [], [], []
-        for m in range(len(rendered[rows[0]])):
-            seqs = [rendered[i][m] for i in rows]
-            length = bucket_length(max(len(s) for s in seqs))
-            t, p = left_pad(seqs, length, self.pad_id)
-            tokens.append(self._place(t))
-            positions.append(self._place(p))
-            lengths.append(length)
-        return tokens, positions, lengths
-
-    def _generate_batch(self, plan, batch, batch_size, rendered, limits, streams, prompts, weights, seed) -> list[GenerationResult]:
-        rows = self._padded_rows(batch, batch_size)
-        max_new = np.array([limits[i] for i in rows], np.int32)
-        # Output buffer: token 0 comes from prefill, then whole chunks.
-        out_len = 1 + plan.chunk * math.ceil((int(max_new.max()) - 1) / plan.chunk)
-        tokens, positions, lengths = self._prompt_arrays(rows, rendered)
-        k = self.speculative_k
-        # A speculative round may write k + 1 entries past the last emitted token before rewinding.
-        caches = tuple(c.model.init_cache(len(rows), length + out_len + (k + 1 if k else 0))
-                       for c, length in zip(self.runs, lengths, strict=True))
-        params = tuple(c.model.params for c in self.runs)
-        seed_arr = jnp.asarray(seed, jnp.int32)
-        state = decode.prefill(plan, params, tuple(tokens), tuple(positions), caches, weights, seed_arr,
-                               self._place(np.array([streams[i] for i in rows], np.int32)), self._place(max_new), out_len)
-        if not k:
-            for _ in range(math.ceil((out_len - 1) / plan.chunk)):
-                if bool(jnp.all(state.done)):  # the one host sync per chunk
-                    break
-                state = decode.decode_chunk(plan, params, weights, seed_arr, state)
-            return self._collect(plan, state, None, batch, prompts)
-        # Every round emits at least one token per unfinished row, so out_len - 1 rounds always suffice.
-        rounds = max(1, plan.chunk // (k + 1))
-        spec_state = speculative.init_spec_state(state)
-        for _ in range(math.ceil((out_len - 1) / rounds)):
-            if bool(jnp.all(spec_state.decode.done)):
-                break
-            spec_state = speculative.spec_chunk(plan, k, self.sources[self.drafter_index], rounds, params, weights,
-                                                seed_arr, spec_state)
-        return self._collect(plan, spec_state.decode, spec_state, batch, prompts)
-
-    def _collect(self, plan, state, spec_state, batch, prompts) -> list[GenerationResult]:
-        tokens, logprobs, counts = (_to_host(x) for x in (state.tokens, state.logprobs, state.num_tokens))
-        comps = _to_host(state.components) if plan.record_components else None
-        dists = _to_host(state.distributions) if plan.record_distributions else None
-        if spec_state is not None:
-            rounds, drafted, accepted, rejected, round_of, from_draft = (_to_host(x) for x in (
-                spec_state.rounds, spec_state.drafted, spec_state.accepted, spec_state.rejected, spec_state.round_of,
-                spec_state.from_draft))
-        out = []
-        for row, i in enumerate(batch):
-            n = int(counts[row])
-            toks = tokens[row, :n].tolist()
-            stopped = bool(toks) and toks[-1] in plan.stop_ids
-            text_tokens = toks[:-1] if stopped else toks
-            lps = logprobs[row, :n].astype(float).tolist()
-            out.append(GenerationResult(
-                index=i, prompt=prompts[i], tokens=toks,
-                text=self.tokenizer.decode(text_tokens, skip_special_tokens=True),
-                finish_reason="stop" if stopped else "length", logprob=float(sum(lps)), token_logprobs=lps,
-                component_logprobs=None if comps is None else {
-                    label: comps[m, row, :n].astype(float).tolist() for m, label in enumerate(self.labels)},
-                distributions=None if dists is None else dists[row, :n],
-                speculative=None if spec_state is None else SpeculativeStats(
-                    rounds=int(rounds[row]), drafted=int(drafted[row]), accepted=int(accepted[row]),
-                    rejected=int(rejected[row]),
-                    from_draft=from_draft[row, :n].tolist(), round_of=round_of[row, :n].tolist()),
-            ))
-        return out
+    def _result(self, plan: decode.Plan, prompts: Sequence[Prompt], row: Row, out: RowOutput) -> GenerationResult:
+        """A finished row's ``GenerationResult`` (text decoded without the stop token)."""
+        toks = out.tokens.tolist()
+        stopped = bool(toks) and toks[-1] in plan.stop_ids
+        lps = out.logprobs.astype(float).tolist()
+        spec = out.speculative
+        return GenerationResult(
+            index=row.index, prompt=prompts[row.index], tokens=toks,
+            text=self.tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True),
+            finish_reason="stop" if stopped else "length", logprob=float(sum(lps)), token_logprobs=lps,
+            component_logprobs=None if out.components is None else {
+                label: out.components[m].astype(float).tolist() for m, label in enumerate(self.labels)},
+            distributions=out.distributions,
+            speculative=None if spec is None else SpeculativeStats(
+                rounds=int(spec["rounds"]), drafted=int(spec["drafted"]), accepted=int(spec["accepted"]),
+                rejected=int(spec["rejected"]), from_draft=spec["from_draft"].tolist(),
+                round_of=spec["round_of"].tolist()),
+        )
 
     def _score_batch(self, plan, batch, batch_size, rendered, targets, weights) -> list[ScoreResult]:
         rows = self._padded_rows(batch, batch_size)
@@ -413,7 +389,7 @@ class Engine:
             plan, params, tuple(self._place(t) for t, _ in seqs_per_model),
             tuple(self._place(p) for _, p in seqs_per_model), tuple(predict_at), self._place(target), weights,
         )
-        eft, comps = _to_host(eft), _to_host(comps)
+        eft, comps = to_host(eft), to_host(comps)
         out = []
         for b, i in enumerate(batch):
             r = len(targets[i])
@@ -437,15 +413,6 @@ def _distinct(components: Sequence[Component]) -> tuple[tuple[Component, ...], t
             runs.append(c)
         sources.append(keys.index(key))
     return tuple(runs), tuple(sources)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on this host (gathered from the other processes on a multi-host mesh)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _eos_ids(tokenizer: Any) -> list[int]:

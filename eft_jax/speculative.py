@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from eft_jax.decode import DecodeState, Plan, eft_distribution
-from eft_jax.eft import gather_logprobs
+from eft_jax.decode import DecodeState, Plan, eft_distribution, put_rows, set_rows, start_state
 from eft_jax.models import llama
+from eft_jax.models.kv_cache import CacheLayout
 from eft_jax.sampling import final_logprobs, row_keys, safe_log_softmax, sample
 
 # Randomness tags: a row's draws for drafting, acceptance and the corrected token are independent
@@ -61,10 +61,35 @@ class SpecState:
 
 
 def init_spec_state(state: DecodeState) -> SpecState:
+    """Zero counters around a decode state. Call it inside ``jit`` (as ``start`` does): run eagerly, each
+    ``jnp.zeros`` compiles a program of its own, and the chunk program would then be compiled twice (once
+    for these unplaced arrays, once for its own placed outputs)."""
     batch, out = state.tokens.shape
     # Distinct buffers for each counter: the state is donated, and one buffer may not be donated twice.
     counters = [jnp.zeros((batch,), jnp.int32) for _ in range(4)]
     return SpecState(state, *counters, jnp.zeros((batch, out), jnp.int32), jnp.zeros((batch, out), bool))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 9))
+def start(plan: Plan, params: tuple[Any, ...], prompt_tokens: tuple[Array, ...], prompt_positions: tuple[Array, ...],
+          layouts: tuple[CacheLayout, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""],
+          stream: Int[Array, " batch"], max_new: Int[Array, " batch"], out_len: int) -> SpecState:
+    """``decode.start`` (empty caches, prefill, output token 0) and zero speculative counters, in one program."""
+    return init_spec_state(start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream,
+                                       max_new, out_len))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 9), donate_argnames=("spec",))
+def refill(plan: Plan, params: tuple[Any, ...], prompt_tokens: tuple[Array, ...], prompt_positions: tuple[Array, ...],
+           layouts: tuple[CacheLayout, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""],
+           stream: Int[Array, " rows"], max_new: Int[Array, " rows"], out_len: int, slots: Int[Array, " rows"],
+           spec: SpecState) -> SpecState:
+    """Continuous batching: ``decode.refill`` for a speculative state (the new rows' counters start at 0)."""
+    new = init_spec_state(start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream,
+                                      max_new, out_len))
+    return SpecState(decode=put_rows(spec.decode, new.decode, slots),
+                     **{f.name: set_rows(getattr(spec, f.name), getattr(new, f.name), slots)
+                        for f in dataclasses.fields(SpecState) if f.name != "decode"})
 
 
 def _keys(plan: Plan, seed: Array, stream: Array, index: Array, tag: int) -> Array:

@@ -1,8 +1,12 @@
 """Test-wide setup: every test sees 8 virtual CPU devices (set before JAX initialises)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session (this process and the CLI subprocesses), not
+# the user's own (eft_jax turns the cache on when imported; see eft_jax/compile_cache.py).
+os.environ.setdefault("EFT_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="eft-jax-test-compile-cache-"))
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -54,3 +58,25 @@ def family(tmp_path_factory):
     specs = {"large_base": (1, 3), "small_base": (2, 2), "small_ft": (3, 2), "small_ft2": (4, 2), "large_ft": (5, 3)}
     return {name: (root / name, write_checkpoint(root / name, "gqa", seed=seed, layers=layers, initializer_range=0.25))
             for name, (seed, layers) in specs.items()}
+
+
+@pytest.fixture(scope="session")
+def env():
+    """Environment for CLI subprocesses: one CPU device, the session's compilation cache (set above)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+@pytest.fixture(scope="session")
+def family_logit_tol(family):
+    """Rounding bound on the logits of any ``family`` model, two float32 forwards (see tests/tolerances.py):
+    max |logit| over the family on 4 x 64 random tokens, the longest reduction (MLP 144), 3 layers."""
+    import numpy as np
+    import torch
+    from tiny import TOKENIZER_SIZE, hf_config
+    from tolerances import logits_tolerance
+
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, TOKENIZER_SIZE, (4, 64)))
+    with torch.no_grad():
+        scale = max(float(m(tokens).logits.abs().max()) for _, m in family.values())
+    c = hf_config("gqa")
+    return logits_tolerance(np.float64(scale), hidden=c.hidden_size, intermediate=c.intermediate_size, layers=3, seq=64)

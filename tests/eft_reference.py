@@ -19,6 +19,13 @@ def next_token_logprobs(torch_model, tokens: list[int], vocab: int) -> np.ndarra
     return log_softmax(logits[:vocab])
 
 
+def next_token_logprobs_batch(torch_model, sequences: list[list[int]], vocab: int) -> np.ndarray:
+    """``next_token_logprobs`` of several sequences of one length, in one forward: [len(sequences), vocab]."""
+    with torch.no_grad():
+        logits = torch_model(torch.tensor(sequences)).logits[:, -1].double().numpy()
+    return np.stack([log_softmax(row[:vocab]) for row in logits])
+
+
 def nucleus(lp: np.ndarray, p: float) -> np.ndarray:
     """Boolean mask of the smallest highest-probability set with mass >= p (ties at the edge kept)."""
     probs = np.exp(lp)

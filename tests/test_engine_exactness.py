@@ -14,6 +14,7 @@ from eft_jax.sampling import SamplingParams
 from eft_jax.spec import Component, EFTSpec
 from eft_reference import eft_reference, next_token_logprobs
 from tiny import TOKENIZER_SIZE
+from tolerances import assert_within, eft_logprob_tolerance, probability_tolerance
 
 PROMPTS = ["The quick brown fox", [{"role": "user", "content": "Say something."}]]
 
@@ -41,12 +42,15 @@ ROLES = {"up": ("large_base", "small_base", ["small_ft"]), "down": ("small_base"
 
 
 @pytest.mark.parametrize("name", sorted(ROLES))
-def test_each_step_matches_the_formula(family, loaded, name):
+def test_each_step_matches_the_formula(family, loaded, name, family_logit_tol):
     spec = _specs(loaded)[name]
     results = Engine(spec, chunk_size=4).generate(
         PROMPTS, SamplingParams(temperature=1.0), max_new_tokens=7, batch_size=2, seed=3, return_distributions=True
     )
     base, ref, fts = ROLES[name]
+    # Ours and transformers' logits differ by rounding (family_logit_tol); through the EFT formula the
+    # log-probs by tol (eft_logprob_tolerance), the probabilities by p (e^tol - 1).
+    tol = eft_logprob_tolerance(family_logit_tol, spec.weights)
     torch_of = {k: v[1] for k, v in family.items()}
     components = spec.components
     assert components[2].prompt_format == "chat" and components[0].prompt_format == "plain"
@@ -59,9 +63,10 @@ def test_each_step_matches_the_formula(family, loaded, name):
             lps = [next_token_logprobs(torch_of[role], prompt_ids[m] + gen, TOKENIZER_SIZE)
                    for m, role in enumerate([base, ref, *fts])]
             expected = eft_reference(lps[0], lps[1], lps[2:], list(spec.weights), spec.base_top_p)
-            np.testing.assert_allclose(np.exp(res.distributions[j]), np.exp(expected), atol=1e-5)
+            assert_within(np.exp(res.distributions[j].astype(np.float64)), np.exp(expected),
+                          probability_tolerance(expected, tol), "probabilities")
             # The reported log-prob of the sampled token is that distribution's.
-            assert abs(res.token_logprobs[j] - expected[res.tokens[j]]) < 1e-4
+            assert abs(res.token_logprobs[j] - expected[res.tokens[j]]) <= tol
 
 
 def test_identity_ft_equals_ref_gives_the_large_base(loaded):
@@ -88,7 +93,7 @@ def test_identity_large_equals_small_gives_the_fine_tune(loaded):
     assert [r.tokens for r in a] == [r.tokens for r in b]
 
 
-def test_score_matches_the_formula(family, loaded):
+def test_score_matches_the_formula(family, loaded, family_logit_tol):
     spec = _specs(loaded)["up"]
     response = "hi there!"
     [res] = Engine(spec).score([PROMPTS[0]], [response])
@@ -101,7 +106,8 @@ def test_score_matches_the_formula(family, loaded):
         lps = [next_token_logprobs(torch_of[r], prompt_ids[m] + target[:j], TOKENIZER_SIZE)
                for m, r in enumerate(["large_base", "small_base", "small_ft"])]
         expected.append(eft_reference(lps[0], lps[1], lps[2:], [1.0])[t])
-    np.testing.assert_allclose(res.token_logprobs, expected, atol=1e-4)
-    assert res.logprob == pytest.approx(sum(expected), abs=1e-3)
+    tol = eft_logprob_tolerance(family_logit_tol, [1.0])  # as above
+    np.testing.assert_allclose(res.token_logprobs, expected, atol=tol, rtol=0)
+    assert res.logprob == pytest.approx(sum(expected), abs=len(expected) * tol)  # a sum of len(expected) of them
     # Per-model log-probs: ft - ref is the per-token implicit reward.
     assert set(res.component_logprobs) == {"large_base", "small_base", "small_ft"}

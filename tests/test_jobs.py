@@ -10,71 +10,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from eft_jax import cli
 from eft_jax.jobs.fit import fit_prompt, prompt_lengths
 from eft_jax.jobs.records import JobError, OutputFile, id_key, read_requests
 from eft_jax.prompts import PromptError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-
-
-def trio_config(family, path: Path, **job) -> Path:
-    def model(name, fmt):
-        return {"path": str(family[name][0]), "prompt_format": fmt, "dtype": "float32", "sharding": "replicated"}
-
-    cfg = {
-        "models": {"large_base": model("large_base", "plain"), "small_base": model("small_base", "plain"),
-                   "small_ft": model("small_ft", "chat")},
-        "eft": {"base": "large_base", "ref": "small_base", "fine_tuned": ["small_ft"], "weights": [1.0]},
-        "sampling": {"temperature": 1.0, "top_p": 0.95},
-        "mesh": {"data": 1, "model": 1},
-        "job": {"batch_size": 4, "max_new_tokens": 6, "seed": 0, "chunk_size": 4, **job},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run(env, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eft_jax.cli", *map(str, args)], env=env, cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    text = path.read_text()
-    assert text == "" or text.endswith("\n"), "the output must end with a whole line"
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def summary_counts(stdout: str) -> dict[str, int]:
-    m = re.search(r"(\d+) input lines: (\d+) run, (\d+) already done, (\d+) skipped, (\d+) truncated", stdout)
-    assert m, stdout
-    return dict(zip(["lines", "run", "done", "skipped", "truncated"], map(int, m.groups()), strict=True))
-
+from job_helpers import REPO, read_jsonl, run, summary_counts, trio_config
 
 LONG = "x" * 300  # 300 byte tokens: longer than the tiny models' 256-token context
 
@@ -103,8 +51,8 @@ def test_generate_end_to_end_with_bad_input(family, env, tmp_path):
     assert "tokens/s" in proc.stdout and "wall time" in proc.stdout
 
     records = read_jsonl(out)
-    assert sorted((r["id"], r["sample"]) for r in records if r["id"] != 2) == [("a", 0), ("f", 0), ("long", 0)]
-    assert sorted(r["sample"] for r in records if r["id"] == 2) == [0, 1]
+    # In input order (the job ran the longest prompt first, then rewrote the file when it finished).
+    assert [(r["id"], r["sample"]) for r in records] == [("a", 0), (2, 0), (2, 1), ("long", 0), ("f", 0)]
     fingerprints = {r["fingerprint"] for r in records}
     assert len(fingerprints) == 1
     for r in records:
@@ -140,8 +88,9 @@ def test_generate_end_to_end_with_bad_input(family, env, tmp_path):
     more = run(env, "generate", "--config", config, "--prompts", prompts, "--out", out, "job.n=2")
     assert more.returncode == 0, more.stderr
     records2 = read_jsonl(out)
-    assert records2[: len(records)] == records
-    assert sorted((str(r["id"]), r["sample"]) for r in records2[len(records):]) == [("a", 1), ("f", 1), ("long", 1)]
+    assert [(r["id"], r["sample"]) for r in records2] == [
+        ("a", 0), ("a", 1), (2, 0), (2, 1), ("long", 0), ("long", 1), ("f", 0), ("f", 1)]
+    assert [r for r in records2 if r in records] == records  # the earlier samples are kept as they were
 
 
 def test_score_end_to_end(family, env, tmp_path):
@@ -204,13 +153,10 @@ def test_resume_after_sigkill_gives_every_id_once_and_the_same_samples(family, e
     counts = summary_counts(resumed.stdout)
     assert counts["done"] == done_before and counts["run"] == len(ids) - done_before
 
-    records = read_jsonl(out)
-    assert sorted(r["id"] for r in records) == sorted(ids)  # every id exactly once
-    expected = {r["id"]: r for r in read_jsonl(reference)}
-    for r in records:
-        ref = expected[r["id"]]
-        assert (r["response"], r["tokens"], r["finish_reason"]) == (ref["response"], ref["tokens"], ref["finish_reason"])
-        assert r["logprob"] == pytest.approx(ref["logprob"], abs=1e-5)
+    assert [r["id"] for r in read_jsonl(out)] == ids  # every id exactly once, in input order
+    # Batch size 1 in both runs: each row's arithmetic is the same program on the same inputs, so the
+    # killed-and-resumed job writes exactly the bytes of the uninterrupted one.
+    assert out.read_bytes() == reference.read_bytes()
 
 
 def test_output_file_drops_a_partial_last_line_and_refuses_foreign_output(tmp_path):
@@ -300,7 +246,8 @@ def test_mismatched_tokenizers_fail_before_any_work(family, tmp_path, capsys):
     code = cli.main(["generate", "--config", str(config), "--prompts", str(tmp_path / "in.jsonl"), "--out", str(out),
                      f"models.small_ft.path={odd}"])
     err = capsys.readouterr().err
-    assert code == 2 and "do not share a tokenizer" in err and "ft0=small_ft" in err
+    assert code == 2 and "do not share a tokenizer" in err and "'models.small_ft'" in err
+    assert "loaded models" not in err  # found from the tokenizers alone, before any weights are read
     assert not out.exists()
 
 

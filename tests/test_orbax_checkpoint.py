@@ -5,11 +5,13 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 import eft_jax
 from eft_jax.sharding import make_mesh
-from tiny import TOKENIZER_SIZE, write_checkpoint
+from tiny import TOKENIZER_SIZE, hf_config, write_checkpoint
+from tolerances import logits_tolerance
+
+HF = hf_config("mha")  # write_checkpoint's shapes
 
 
 def test_convert_cli_then_restore_sharded(tmp_path):
@@ -27,8 +29,12 @@ def test_convert_cli_then_restore_sharded(tmp_path):
     tokens = np.random.RandomState(0).randint(0, TOKENIZER_SIZE, size=(2, 12))
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(original.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-exact weights
-    # (logits differ only by reduction order across the 2x4 mesh)
-    np.testing.assert_allclose(np.asarray(restored.logits(tokens)), np.asarray(original.logits(tokens)), atol=1e-5)
+    # Logits differ only by reduction order across the 2x4 mesh: float32 eps x max |logit| x sqrt(longest
+    # reduction (MLP 144) x 2 layers) x LAMBDA = 8 (1e-5 here, observed 2e-7).
+    want = np.asarray(original.logits(tokens))
+    tol = logits_tolerance(want, hidden=HF.hidden_size, intermediate=HF.intermediate_size,
+                           layers=HF.num_hidden_layers, seq=tokens.shape[1])
+    np.testing.assert_allclose(np.asarray(restored.logits(tokens)), want, atol=tol, rtol=0)
     assert restored.tokenizer.encode("hello") == original.tokenizer.encode("hello")
     assert restored.tokenizer.chat_template == original.tokenizer.chat_template
 

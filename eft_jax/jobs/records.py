@@ -3,9 +3,12 @@
 Input lines are read leniently: a line that cannot be used (malformed JSON, a missing or wrong field, a
 duplicate id, an empty prompt) becomes an :class:`Issue` with its line number, and the rest go on.
 
-The output file is append-only. Each batch is written with one ``write`` of whole lines, then flushed
-and fsynced, so killing the job at any moment loses at most the batch in flight. On resume, a partial
-last line (from a write cut short) is cut off, and the (id, sample) pairs already present are skipped.
+The output file is append-only while a job runs. Each batch is written with one ``write`` of whole
+lines, then flushed and fsynced, so killing the job at any moment loses at most the batch in flight. On
+resume, a partial last line (from a write cut short) is cut off, and the (id, sample) pairs already
+present are skipped. When a job finishes, the file is rewritten in input order (a temporary file,
+fsynced, then renamed over it), so an interruption during the rewrite leaves the old file whole.
+With ``--overwrite`` the old output stays until the new job writes its first batch.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +89,32 @@ class _LineError(Exception):
         self.kind = kind
 
 
+STDIN = Path("-")
+
+
+def read_input(path: Path) -> bytes:
+    """The bytes of an input file (``-``: standard input); JobError if it cannot be read."""
+    if path == STDIN:
+        return sys.stdin.buffer.read()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such input file") from None
+    except IsADirectoryError:
+        raise JobError(f"{path}: is a directory; pass a JSONL file") from None
+    except OSError as e:
+        raise JobError(f"{path}: cannot read the input: {e}") from None
+
+
 def read_requests(path: Path, *, score: bool = False) -> tuple[list[Request], list[Issue], int]:
     """Valid requests, issues (with 1-based line numbers) and the number of non-blank lines of a JSONL file.
 
     A line is ``{"id": str|int, "prompt": str}`` or ``{"id": ..., "messages": [{role, content}, ...]}``,
     with optional ``n``, ``max_new_tokens`` and ``seed`` (generate) or a required ``response`` (score).
-    Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line.
+    Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line. ``path``
+    ``-`` reads standard input.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise JobError(f"{path}: no such input file") from None
-    except OSError as e:
-        raise JobError(f"{path}: cannot read the input: {e}") from None
+    data = read_input(path)
     requests: list[Request] = []
     issues: list[Issue] = []
     first_line: dict[str, int] = {}
@@ -128,6 +145,9 @@ def read_requests(path: Path, *, score: bool = False) -> tuple[list[Request], li
             prompt = obj["prompt"] if has_prompt else obj["messages"]
             if has_prompt and not isinstance(prompt, str):
                 raise _LineError("invalid_field", f"field 'prompt' must be a string, got {type(prompt).__name__}")
+            if has_messages and not isinstance(prompt, list):
+                raise _LineError("invalid_field", "field 'messages' must be a list of {'role', 'content'} objects, "
+                                 f"got {type(prompt).__name__} (a plain string goes in 'prompt')")
             try:
                 prompt = validate_prompt(prompt)
             except PromptError as e:
@@ -143,8 +163,9 @@ def read_requests(path: Path, *, score: bool = False) -> tuple[list[Request], li
                     raise _LineError("missing_field", "missing field 'response'")
                 if not isinstance(response, str):
                     raise _LineError("invalid_field", f"field 'response' must be a string, got {type(response).__name__}")
-                if not response:
-                    raise _LineError("empty_response", "empty response")
+                if not response.strip():
+                    raise _LineError("empty_response", "empty response (only whitespace)" if response else
+                                     "empty response")
                 try:
                     response.encode("utf-8")
                 except UnicodeEncodeError:
@@ -169,10 +190,12 @@ def read_requests(path: Path, *, score: bool = False) -> tuple[list[Request], li
 
 
 class OutputFile:
-    """The append-only JSONL output: what is done already, and whole-line batch appends.
+    """The JSONL output: what is done already, whole-line batch appends, and the final input-order rewrite.
 
-    overwrite: start from an empty file. ignore_fingerprint: append even if earlier lines were made by a
-    config with another fingerprint.
+    overwrite: start over - nothing is read, and the old file is replaced only by the first batch
+    written (so a job that cannot start leaves it as it was). ignore_fingerprint: append even if earlier
+    lines were made by a config with another fingerprint. writer: False on processes that only compute
+    (multi-host), which neither check nor touch the file.
     """
 
     def __init__(self, path: Path, fingerprint: str, *, overwrite: bool = False, ignore_fingerprint: bool = False,
@@ -182,11 +205,12 @@ class OutputFile:
         self.writer = writer
         self.done: dict[tuple[str, int], Any] = {}  # (id key, sample) -> the prompt recorded for it
         self.lines = 0
-        if path.exists() and path.is_dir():
+        if path.is_dir():
             raise JobError(f"{path}: is a directory; --out must be a file path")
-        if overwrite and writer and path.exists():
-            path.unlink()
-        if path.exists():
+        self._replace = overwrite and path.exists()  # the first append replaces the old file
+        if writer:
+            check_writable(path)
+        if path.exists() and not overwrite:
             self._read_existing(ignore_fingerprint, log)
 
     def _read_existing(self, ignore_fingerprint: bool, log: Any) -> None:
@@ -229,13 +253,68 @@ class OutputFile:
         payload = b"".join(_line(r) for r in records)
         if not payload:
             return
-        _append_durably(self.path, payload)
+        if self._replace:  # --overwrite: the old output goes now that the new one has its first batch
+            _write_atomically(self.path, payload)
+            self._replace = False
+        else:
+            _append_durably(self.path, payload)
         self.lines += payload.count(b"\n")
+
+    def sort(self, order: Mapping[str, int]) -> None:
+        """Rewrite the file in input order: by ``order[id key]``, then sample; ids not in ``order`` (from an
+        earlier input) last, as they were. Atomic: the old file stays whole until the new one replaces it."""
+        if not self.writer or self._replace or not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # a partial last line cannot be placed; a later run regenerates it
+        lines = [raw + b"\n" for raw in data[:end].split(b"\n")[:-1]]
+
+        def rank(item: tuple[int, bytes]) -> tuple[int, int, int]:
+            position, raw = item
+            rec = json.loads(raw)
+            return order.get(id_key(rec["id"]), len(order)), int(rec.get("sample", 0)), position
+
+        ordered = b"".join(raw for _, raw in sorted(enumerate(lines), key=rank))
+        if ordered != data:
+            _write_atomically(self.path, ordered)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse (JobError) an output path whose directory cannot be created or written, before any work."""
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as e:
+        raise JobError(f"{path}: the output cannot be written ({e.strerror or e}: {e.filename or directory}); "
+                       "choose another --out or fix the directory's permissions") from None
 
 
 def _line(obj: Any) -> bytes:
     # backslashreplace turns a lone surrogate (possible in an id) into its JSON escape: still valid JSON.
     return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    """Replace ``path`` by ``payload``: write a temporary file beside it, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _append_durably(path: Path, payload: bytes) -> None:
@@ -266,9 +345,7 @@ class ErrorsFile:
         if not self.writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(b"".join(_line(i.to_json()) for i in issues))
-        os.replace(tmp, self.path)
+        _write_atomically(self.path, b"".join(_line(i.to_json()) for i in issues))
 
     def add(self, issues: Iterable[Issue]) -> None:
         issues = list(issues)

@@ -1,9 +1,15 @@
 """Batch offline jobs: ``generate`` (samples per prompt) and ``score`` (log-likelihood of given pairs).
 
-Both follow the same steps, failing before any work on a bad setup: check the model files, read the
-input (bad lines become issues), open the output (resume: skip what is there; refuse another config's
-output), load the models and build the engine (tokenizers must match), apply the long-prompt policy,
-then run batch by batch, appending each finished batch to the output.
+Both follow the same steps, failing before any weights are loaded on a bad setup: check the model
+files, read the input (bad lines become issues), open the output (it must be writable; resume: skip
+what is there; refuse another config's output), check the mesh against the visible devices, and check
+the tokenizers (shared vocabulary, chat templates, a probe prompt renders for every model: see
+``preflight``). Then load the models, apply the long-prompt policy, run batch by batch appending each
+finished batch to the output, and at the end rewrite the output in input order.
+
+Exit status (``Summary.exit_status``): 0 done; 1 the job stopped on an error after it started, or
+wrote nothing because every input line failed; 2 it could not start (``JobError``); 130 interrupted.
+Nothing written is ever lost: a stopped or interrupted job resumes where it was.
 
 Randomness: a sample's stream is ``engine.stream_id(["id", id], k)`` for sample ``k`` of a line, or
 ``stream_id(["seed", seed], k)`` when the line gives its own ``seed``, combined with ``job.seed``. So a
@@ -16,18 +22,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from eft_jax.config import Config, MeshConfig, missing_model_files, resolve_model_path
+from eft_jax.config import Config, missing_model_files, resolve_model_path
 from eft_jax.jobs.fit import fit_prompt
+from eft_jax.jobs.interrupt import Interrupts
+from eft_jax.jobs.preflight import check_tokenizers, make_job_mesh
 from eft_jax.jobs.progress import Progress, format_duration
-from eft_jax.jobs.records import ErrorsFile, Issue, JobError, OutputFile, Request, errors_path, read_requests
+from eft_jax.jobs.records import (
+    STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, errors_path, read_requests,
+)
 from eft_jax.prompts import PromptError
-
-# Rows per engine call: bounds host memory on huge inputs; the engine sorts by length within a slab.
-SLAB_BATCHES = 32
 
 
 @dataclasses.dataclass
@@ -50,14 +58,24 @@ class Summary:
     run_s: float = 0.0
     wall_s: float = 0.0
     interrupted: bool = False
+    stopped: str | None = None  # the error that stopped a started job
     drafted: int = 0  # speculative decoding: drafted, accepted and rejected drafts, rounds
     accepted: int = 0
     rejected: int = 0
     rounds: int = 0
 
+    @property
+    def exit_status(self) -> int:
+        """0 done, 1 stopped on an error or nothing written because every line failed, 130 interrupted."""
+        if self.interrupted:
+            return 130
+        if self.stopped is not None or (self.written == 0 and self.skipped and not self.already_done):
+            return 1
+        return 0
+
     def render(self) -> str:
         unit = "samples" if self.command == "generate" else "pairs"
-        state = "interrupted" if self.interrupted else "done"
+        state = "interrupted" if self.interrupted else "stopped" if self.stopped is not None else "done"
         rate = self.tokens / self.run_s if self.run_s > 0 else 0.0
         verb = "generated" if self.command == "generate" else "scored"
         lines = [
@@ -73,8 +91,12 @@ class Summary:
         if self.drafted:
             lines.insert(3, f"  speculative: acceptance {self.accepted / max(self.accepted + self.rejected, 1):.2f}, "
                             f"{(self.tokens - self.written) / max(self.rounds, 1):.2f} tokens per round")
-        if self.interrupted:
+        if self.stopped is not None:
+            lines.insert(1, f"  error:       {self.stopped}")
+        if self.interrupted or self.stopped is not None:
             lines.append("  re-run the same command to resume: finished batches are kept")
+        elif self.written == 0 and self.skipped and not self.already_done:
+            lines.append(f"  every input line failed: see {self.errors}")
         return "\n".join(lines)
 
 
@@ -89,36 +111,25 @@ class JobEngine:
         return next(label for r, _, label in self.roles if r == role)
 
 
-def make_job_mesh(mc: MeshConfig) -> Any:
-    """The ``(data, model)`` mesh of a config over the first ``data * model`` visible devices."""
-    import jax
+def build_engine(config: Config, *, mesh: Any = None, tokenizers: dict[str, Any] | None = None,
+                 interrupts: Interrupts | None = None, log: TextIO | None = None) -> JobEngine:
+    """Load each distinct (path, dtype, sharding) once, build the EFT spec and the engine.
 
-    from eft_jax.sharding import make_mesh
-
-    devices = jax.devices()
-    where = f"{len(devices)} {devices[0].platform.upper()} device(s) visible"
-    if mc.model > len(devices):
-        raise JobError(f"mesh.model={mc.model} needs at least {mc.model} devices; {where}. Lower mesh.model.")
-    data = mc.data if mc.data != -1 else len(devices) // mc.model
-    if data * mc.model > len(devices):
-        raise JobError(f"mesh.data={data} x mesh.model={mc.model} needs {data * mc.model} devices; {where}. "
-                       "Lower mesh.data or mesh.model (mesh.data=-1 uses every device not used by mesh.model).")
-    return make_mesh(data, mc.model, devices[: data * mc.model])
-
-
-def build_engine(config: Config, *, log: TextIO = sys.stderr) -> JobEngine:
-    """Load each distinct (path, dtype, sharding) once, build the EFT spec and the engine."""
+    mesh: the job's mesh (default: ``make_job_mesh(config.mesh)``). tokenizers: already loaded and
+    checked ones by model name (``preflight.check_tokenizers``), reused instead of loading them again.
+    """
     import jax.numpy as jnp
 
     from eft_jax.engine import Engine
-    from eft_jax.loading import load_model
+    from eft_jax.loading import CheckpointError, load_model
+    from eft_jax.models.config import UnsupportedConfigError
     from eft_jax.spec import Component, EFTSpec
     from eft_jax.vocab import VocabMismatchError
 
-    mesh = make_job_mesh(config.mesh)
+    log = log or sys.stderr
+    mesh = mesh if mesh is not None else make_job_mesh(config.mesh)
+    tokenizers = tokenizers or {}
     loaded: dict[tuple[str, str | None, str], Any] = {}
-    components: dict[str, Any] = {}
-    roles = []
 
     def load(name: str) -> Any:
         entry = config.models[name]
@@ -126,33 +137,34 @@ def build_engine(config: Config, *, log: TextIO = sys.stderr) -> JobEngine:
         key = (str(path), entry.dtype, entry.sharding)
         if key not in loaded:
             start = time.perf_counter()
-            loaded[key] = load_model(path, dtype=jnp.dtype(entry.dtype) if entry.dtype else None, mesh=mesh,
-                                     sharding=entry.sharding)
+            try:
+                loaded[key] = load_model(path, dtype=jnp.dtype(entry.dtype) if entry.dtype else None, mesh=mesh,
+                                         sharding=entry.sharding, tokenizer=tokenizers.get(name))
+            except (CheckpointError, UnsupportedConfigError) as e:
+                raise JobError(f"{config.source}: models.{name}: {e}") from None
             m = loaded[key]
             print(f"eft-jax: loaded models.{name} ({path}): {_count(m.config.num_params)} parameters, "
                   f"{jnp.dtype(m.dtype).name}, {entry.sharding}, {time.perf_counter() - start:.1f}s", file=log)
+            if interrupts is not None:
+                interrupts.check()
         return loaded[key]
 
-    for role, name in config.roles():
-        entry = config.models[name]
-        label = f"{role}={name}"
-        try:
-            components[role] = Component(load(name), entry.prompt_format, label)
-        except ValueError as e:
-            raise JobError(f"{config.source}: models.{name}.prompt_format: {e}; use 'plain' or a template "
-                           "with {prompt}") from None
-        roles.append((role, name, label))
-    fts = tuple(components[r] for r, _, _ in roles if r.startswith("ft"))
-    drafter: int | Any = None
-    if config.speculative.k:
-        name = config.drafter_name()
-        in_rule = [i for i, (_, n) in enumerate(config.roles()) if n == name]
-        if in_rule:
-            drafter = in_rule[0]
-        else:  # a drafter outside the EFT rule
-            drafter = Component(load(name), config.models[name].prompt_format, f"drafter={name}")
+    models = {name: load(name) for name in config.model_names()}
     try:
-        spec = EFTSpec(base=components["base"], ref=components.get("ref"), fine_tuned=fts,
+        components = {role: Component(models[name], config.models[name].prompt_format, f"{role}={name}")
+                      for role, name in config.roles()}
+    except ValueError as e:  # only the prompt format can be wrong here; the models are loaded
+        raise JobError(f"{config.source}: {e}; use 'plain' or a template with {{prompt}}") from None
+    roles = [(role, name, components[role].label) for role, name in config.roles()]
+    drafter: int | Any = None
+    name = config.drafter_name()
+    if name is not None:
+        in_rule = [i for i, (_, n) in enumerate(config.roles()) if n == name]
+        drafter = in_rule[0] if in_rule else Component(models[name], config.models[name].prompt_format,
+                                                       f"drafter={name}")
+    try:
+        spec = EFTSpec(base=components["base"], ref=components.get("ref"),
+                       fine_tuned=tuple(components[r] for r, _, _ in roles if r.startswith("ft")),
                        weights=config.eft.weights, base_top_p=config.eft.base_top_p)
         engine = Engine(spec, chunk_size=config.job.chunk_size, speculative_k=config.speculative.k, drafter=drafter)
     except VocabMismatchError as e:
@@ -178,18 +190,67 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
+@dataclasses.dataclass
+class _Job:
+    """What a run knows before any weights are loaded (every check of that stage passed)."""
+
+    config: Config
+    inputs: Path
+    summary: Summary
+    requests: list[Request]
+    issues: list[Issue]
+    output: OutputFile
+    mesh: Any
+    interrupts: Interrupts
+    start: float
+
+
 def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite: bool, ignore_fingerprint: bool,
-             log: TextIO) -> tuple[Summary, list[Request], list[Issue], OutputFile]:
-    """Checks that need no models: model files, the input, the existing output."""
+             interrupts: Interrupts, log: TextIO) -> _Job:
+    """Checks that need no models: model files, the input, the output (writable, resumable), the mesh."""
+    start = time.perf_counter()
+    interrupts.check()
     fingerprint = config.fingerprint(command)
     summary = Summary(command, out, errors_path(out), fingerprint)
     missing = missing_model_files(config)
     if missing:
         raise JobError(f"{config.source}: model file(s) not found:\n  " + "\n  ".join(missing))
-    requests, issues, summary.lines = read_requests(inputs, score=command == "score")
     output = OutputFile(out, fingerprint, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
                         writer=_is_writer(), log=log)
-    return summary, requests, issues, output
+    requests, issues, summary.lines = read_requests(inputs, score=command == "score")
+    mesh = make_job_mesh(config.mesh)
+    interrupts.check()
+    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start)
+
+
+def _load(job: _Job, first: Request, log: TextIO) -> JobEngine:
+    """Check the tokenizers with the first prompt to run (before any weights), then load the models."""
+    tokenizers = check_tokenizers(job.config, [first.prompt])
+    job.interrupts.check()
+    return build_engine(job.config, mesh=job.mesh, tokenizers=tokenizers, interrupts=job.interrupts, log=log)
+
+
+class _SameFailure:
+    """Stops a job whose lines all fail with the same non-input error (a setup fault, not the lines').
+
+    ``limit`` consecutive lines failing with one message (or every line, when there are fewer) raise
+    JobError instead of filling the errors file with thousands of copies of it.
+    """
+
+    def __init__(self, limit: int, total: int):
+        self.limit = max(1, min(limit, total))
+        self.message: str | None = None
+        self.count = 0
+
+    def ok(self) -> None:
+        self.count = 0
+
+    def failed(self, message: str) -> None:
+        self.count = self.count + 1 if message == self.message else 1
+        self.message = message
+        if self.count >= self.limit:
+            raise JobError(f"{self.count} input lines in a row failed with the same error, which is not their "
+                           f"fault; stopping. The error: {message}")
 
 
 def _changed(output: OutputFile, req: Request, sample: int) -> Issue | None:
@@ -202,15 +263,26 @@ def _changed(output: OutputFile, req: Request, sample: int) -> Issue | None:
 
 
 def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = False,
-                 ignore_fingerprint: bool = False, progress: bool = True, log: TextIO = sys.stderr) -> Summary:
-    """Generate ``n`` samples per input prompt into ``out`` (resumable); see the module docstring."""
+                 ignore_fingerprint: bool = False, progress: bool = True, log: TextIO | None = None,
+                 interrupts: Interrupts | None = None) -> Summary:
+    """Generate ``n`` samples per input prompt into ``out`` (resumable); see the module docstring.
+
+    ``prompts`` may be ``Path("-")`` (standard input). Raises JobError if the job cannot start.
+    interrupts: the caller's SIGINT recorder, if it installed one earlier (the CLI does, at start-up).
+    """
+    log = log or sys.stderr  # looked up now: a caller (a notebook, a test) may have redirected it
+    with interrupts or Interrupts() as interrupts:
+        job = _prepare(config, "generate", prompts, out, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
+                       interrupts=interrupts, log=log)
+        return _generate(job, overwrite=overwrite, progress=progress, log=log)
+
+
+def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Summary:
     from eft_jax.engine import stream_id
 
-    start = time.perf_counter()
-    summary, requests, issues, output = _prepare(config, "generate", prompts, out, overwrite=overwrite,
-                                                 ignore_fingerprint=ignore_fingerprint, log=log)
+    config, summary, output, issues = job.config, job.summary, job.output, job.issues
     todo: list[tuple[Request, list[int]]] = []
-    for req in requests:
+    for req in job.requests:
         n = req.n if req.n is not None else config.job.n
         samples = list(range(n)) if overwrite else [k for k in range(n) if (req.key, k) not in output.done]
         changed = None if overwrite else _changed(output, req, 0)
@@ -221,20 +293,26 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
         else:
             summary.already_done += 1
     if not todo:
-        return _nothing_to_do(summary, issues, start, log)
+        return _nothing_to_do(job, log)
 
-    jobs = build_engine(config, log=log)
+    jobs = _load(job, todo[0][0], log)
     engine = jobs.engine
-    models = getattr(engine, "components", engine.spec.components)  # every model that renders the prompt
+    models = engine.components  # every model that renders the prompt (the drafter too)
     rows: list[tuple[Request, int, Any, int, int]] = []  # (request, sample, prompt to run, max_new, stream)
     truncated: set[str] = set()
+    same = _SameFailure(config.job.batch_size, len(todo))
     for req, samples in todo:
         max_new = req.max_new_tokens or config.job.max_new_tokens
         try:
             prompt, cut = fit_prompt(models, req.prompt, max_new, config.job.on_long_prompt)
-        except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on one prompt must not stop the job
+        except PromptError as e:
             issues.append(_prompt_issue(req, e))
             continue
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on one prompt must not stop the job
+            issues.append(_prompt_issue(req, e))
+            same.failed(issues[-1].message)
+            continue
+        same.ok()
         if cut:
             truncated.add(req.key)
             issues.append(Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to "
@@ -245,72 +323,84 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
             rows.append((req, k, prompt, max_new, stream))
     summary.prompts_run = len({r[0].key for r in rows})
     summary.truncated = len(truncated)
-
-    errors, bar = _open_run(summary, issues, output, out, overwrite, start, len(rows), "samples", log, progress)
     sampling = config.sampling.params()
+
+    def run(errors: ErrorsFile, bar: Progress) -> None:
+        # Continuous batching over the whole job: the batch stays full until the input runs out, and
+        # finished samples come back (and are written) after every decode chunk.
+        for results in engine.stream(
+            [r[2] for r in rows], sampling, max_new_tokens=[r[3] for r in rows],
+            batch_size=config.job.batch_size, seed=config.job.seed, ids=[r[4] for r in rows],
+            stop_token_ids=config.sampling.stop_token_ids, on_error="report",
+        ):
+            _report_failures([(rows[r.index][0], r.error) for r in results if r.error is not None], errors, bar)
+            finished = [r for r in results if r.error is None]
+            records = [_sample_record(rows[r.index][0], rows[r.index][1], r, summary, truncated) for r in finished]
+            output.append(records)
+            tokens = sum(len(r.tokens) for r in finished)
+            summary.written += len(records)
+            summary.tokens += tokens
+            bar.update(len(records), tokens)
+            job.interrupts.check()
+
+    return _run(job, run, len(rows), "samples", progress, log)
+
+
+def _sample_record(req: Request, sample: int, result: Any, summary: Summary, truncated: set[str]) -> dict[str, Any]:
+    """One output line of ``generate`` (and the speculative counts added to the summary)."""
+    record = {
+        "id": req.id, "sample": sample, "prompt": req.prompt, "response": result.text,
+        "tokens": len(result.tokens), "finish_reason": result.finish_reason, "logprob": result.logprob,
+        "prompt_truncated": req.key in truncated, "fingerprint": summary.fingerprint,
+    }
+    spec = result.speculative
+    if spec is not None:
+        record["speculative"] = {"rounds": spec.rounds, "drafted": spec.drafted, "accepted": spec.accepted,
+                                 "rejected": spec.rejected}
+        summary.drafted += spec.drafted
+        summary.accepted += spec.accepted
+        summary.rejected += spec.rejected
+        summary.rounds += spec.rounds
+    return record
+
+
+def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextIO) -> Summary:
+    """Run ``body(errors, bar)`` - the batches - then count, and put the output in input order.
+
+    The errors file starts with the input's issues. Ctrl-C marks the summary interrupted; any other
+    error stops the job with a message (batches already written are kept, and a re-run resumes).
+    """
+    summary = job.summary
+    errors = ErrorsFile(summary.errors, writer=_is_writer())
+    errors.start(job.issues)
+    summary.setup_s = time.perf_counter() - job.start
+    bar = Progress(total, unit=unit, stream=log, enabled=progress and _is_writer())
     run_start = time.perf_counter()
-    slab_rows = config.job.batch_size * SLAB_BATCHES
     try:
-        for s in range(0, len(rows), slab_rows):
-            slab = rows[s: s + slab_rows]
-
-            def on_batch(results: list[Any], slab: list = slab) -> None:
-                records = []
-                for r in results:
-                    req, k, _, _, _ = slab[r.index]
-                    records.append({
-                        "id": req.id, "sample": k, "prompt": req.prompt, "response": r.text,
-                        "tokens": len(r.tokens), "finish_reason": r.finish_reason, "logprob": r.logprob,
-                        "prompt_truncated": req.key in truncated, "fingerprint": summary.fingerprint,
-                    })
-                    if r.speculative is not None:
-                        records[-1]["speculative"] = {"rounds": r.speculative.rounds,
-                                                      "drafted": r.speculative.drafted,
-                                                      "accepted": r.speculative.accepted,
-                                                      "rejected": r.speculative.rejected}
-                        summary.drafted += r.speculative.drafted
-                        summary.accepted += r.speculative.accepted
-                        summary.rejected += r.speculative.rejected
-                        summary.rounds += r.speculative.rounds
-                output.append(records)
-                tokens = sum(len(r.tokens) for r in results)
-                summary.written += len(records)
-                summary.tokens += tokens
-                bar.update(len(records), tokens)
-
-            results = engine.generate(
-                [r[2] for r in slab], sampling, max_new_tokens=[r[3] for r in slab],
-                batch_size=config.job.batch_size, seed=config.job.seed, ids=[r[4] for r in slab],
-                stop_token_ids=config.sampling.stop_token_ids, on_error="report", on_batch=on_batch,
-            )
-            failed = [(slab[r.index][0], r.error) for r in results if r.error is not None]
-            _report_failures(failed, errors, bar)
+        body(errors, bar)
     except KeyboardInterrupt:
         summary.interrupted = True
+    except Exception as e:  # noqa: BLE001 - whatever stops the run, the written batches are kept
+        summary.stopped = f"{type(e).__name__}: {e}"
+        print(f"eft-jax {summary.command}: stopped by an error after {summary.written} written:", file=log)
+        traceback.print_exc(file=log)
     finally:
         bar.close()
-    return _close_summary(summary, issues, errors, start, run_start)
-
-
-def _open_run(summary: Summary, issues: Sequence[Issue], output: OutputFile, out: Path, overwrite: bool,
-              start: float, total: int, unit: str, log: TextIO, progress: bool) -> tuple[ErrorsFile, Progress]:
-    """Start the errors file with the input's issues, clear the output on --overwrite, start the bar."""
-    errors = ErrorsFile(summary.errors, writer=_is_writer())
-    errors.start(issues)
-    if overwrite and output.writer and out.exists():
-        out.unlink()
-    summary.setup_s = time.perf_counter() - start
-    return errors, Progress(total, unit=unit, stream=log, enabled=progress and _is_writer())
-
-
-def _close_summary(summary: Summary, issues: Sequence[Issue], errors: ErrorsFile, start: float,
-                   run_start: float) -> Summary:
-    """Counts and times at the end of a run (also an interrupted one)."""
-    summary.skipped = sum(1 for i in issues if i.action == "skipped") + errors.failed_prompts
-    summary.warnings = sum(1 for i in issues if i.action == "warning")
+    summary.skipped = sum(1 for i in job.issues if i.action == "skipped") + errors.failed_prompts
+    summary.warnings = sum(1 for i in job.issues if i.action == "warning")
     summary.run_s = time.perf_counter() - run_start
-    summary.wall_s = time.perf_counter() - start
+    if not summary.interrupted and summary.stopped is None:
+        _sort_output(job)
+    summary.wall_s = time.perf_counter() - job.start
     return summary
+
+
+def _sort_output(job: _Job) -> None:
+    """Rewrite the output in input order (atomic; Ctrl-C during it leaves the old file whole)."""
+    try:
+        job.output.sort({req.key: i for i, req in enumerate(job.requests)})
+    except KeyboardInterrupt:
+        job.summary.interrupted = True
 
 
 def _prompt_issue(req: Request, error: Exception) -> Issue:
@@ -330,29 +420,47 @@ def _report_failures(failed: Sequence[tuple[Request, str]], errors: ErrorsFile, 
     errors.failed_prompts += len(seen)
 
 
-def _nothing_to_do(summary: Summary, issues: list[Issue], start: float, log: TextIO) -> Summary:
-    summary.skipped = sum(1 for i in issues if i.action == "skipped")
-    summary.wall_s = time.perf_counter() - start
-    print(f"eft-jax {summary.command}: nothing to do: every valid input line is already in {summary.out} "
-          "(pass --overwrite to redo it, or choose another --out)", file=log)
+def _nothing_to_do(job: _Job, log: TextIO) -> Summary:
+    """No line left to run: say why (no lines, none valid, all done), write the errors file, sort the output."""
+    summary = job.summary
+    ErrorsFile(summary.errors, writer=_is_writer()).start(job.issues)
+    summary.skipped = sum(1 for i in job.issues if i.action == "skipped")
+    if summary.lines == 0:
+        why = f"{'standard input' if job.inputs == STDIN else job.inputs} has no input lines"
+    elif not job.requests:
+        why = f"none of the {summary.lines} input lines is valid (see {summary.errors})"
+    else:
+        why = (f"every valid input line is already in {summary.out} (pass --overwrite to redo it, or choose "
+               "another --out)")
+        _sort_output(job)
+    print(f"eft-jax {summary.command}: nothing to do: {why}", file=log)
+    summary.wall_s = time.perf_counter() - job.start
     return summary
 
 
 def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, overwrite: bool = False,
-              ignore_fingerprint: bool = False, progress: bool = True, log: TextIO = sys.stderr) -> Summary:
+              ignore_fingerprint: bool = False, progress: bool = True, log: TextIO | None = None,
+              interrupts: Interrupts | None = None) -> Summary:
     """EFT log-likelihood of each (prompt, response) pair into ``out`` (resumable).
 
     Each output line has the summed EFT log-prob and, for an EFT config, the summed implicit reward
     ``log p_ft - log p_ref`` per fine-tune; with ``rewards`` also per-token log-probs and rewards.
+    ``pairs`` may be ``Path("-")``; ``interrupts`` as for :func:`run_generate`.
     """
-    start = time.perf_counter()
-    summary, requests, issues, output = _prepare(config, "score", pairs, out, overwrite=overwrite,
-                                                 ignore_fingerprint=ignore_fingerprint, log=log)
     if rewards and config.eft.ref is None:
         raise JobError(f"{config.source}: --rewards needs an EFT config (eft.ref and eft.fine_tuned); "
                        "the implicit reward is log p_ft - log p_ref")
+    log = log or sys.stderr
+    with interrupts or Interrupts() as interrupts:
+        job = _prepare(config, "score", pairs, out, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
+                       interrupts=interrupts, log=log)
+        return _score(job, rewards=rewards, overwrite=overwrite, progress=progress, log=log)
+
+
+def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: TextIO) -> Summary:
+    config, summary, output, issues = job.config, job.summary, job.output, job.issues
     todo = []
-    for req in requests:
+    for req in job.requests:
         if not overwrite and (req.key, 0) in output.done:
             summary.already_done += 1
             changed = _changed(output, req, 0)
@@ -361,21 +469,27 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
         else:
             todo.append(req)
     if not todo:
-        return _nothing_to_do(summary, issues, start, log)
+        return _nothing_to_do(job, log)
 
-    jobs = build_engine(config, log=log)
+    jobs = _load(job, todo[0], log)
     engine = jobs.engine
     rows: list[tuple[Request, Any, list[int], int]] = []  # (request, prompt to run, response ids, sort length)
     truncated: set[str] = set()
+    same = _SameFailure(config.job.batch_size, len(todo))
     for req in todo:
         try:
             response = engine.tokenizer(req.response, add_special_tokens=False)["input_ids"]
             if not response:
                 raise PromptError("the response encodes to no tokens")
             prompt, cut = fit_prompt(engine.spec.components, req.prompt, len(response), config.job.on_long_prompt)
-        except Exception as e:  # noqa: BLE001 - see run_generate
+        except PromptError as e:
             issues.append(_prompt_issue(req, e))
             continue
+        except Exception as e:  # noqa: BLE001 - see _generate
+            issues.append(_prompt_issue(req, e))
+            same.failed(issues[-1].message)
+            continue
+        same.ok()
         if cut:
             truncated.add(req.key)
             issues.append(Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to "
@@ -385,12 +499,11 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
     summary.prompts_run = len(rows)
     summary.truncated = len(truncated)
 
-    errors, bar = _open_run(summary, issues, output, out, overwrite, start, len(rows), "pairs", log, progress)
     ref = jobs.label("ref") if config.eft.ref else None
     fts = [(name, label) for role, name, label in jobs.roles if role.startswith("ft")]
-    run_start = time.perf_counter()
     bs = config.job.batch_size
-    try:
+
+    def run(errors: ErrorsFile, bar: Progress) -> None:
         for s in range(0, len(rows), bs):
             batch = rows[s: s + bs]
             results = engine.score([r[1] for r in batch], [r[2] for r in batch], batch_size=bs, on_error="report")
@@ -420,8 +533,6 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
             summary.tokens += tokens
             bar.update(len(records), tokens)
             _report_failures(failed, errors, bar)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        bar.close()
-    return _close_summary(summary, issues, errors, start, run_start)
+            job.interrupts.check()
+
+    return _run(job, run, len(rows), "pairs", progress, log)

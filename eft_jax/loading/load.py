@@ -26,6 +26,7 @@ def load_model(
     dtype: Any = None,
     mesh: Mesh | None = None,
     sharding: str | ShardingRules | dict = "tensor_parallel",
+    tokenizer: Any = None,
 ) -> Model:
     """Load a Llama-family causal LM onto ``mesh``.
 
@@ -36,38 +37,62 @@ def load_model(
       mesh: device mesh with axes ("data", "model"); None uses one device.
       sharding: "tensor_parallel" (weights split over the ``model`` axis), "replicated", or a
         logical-axis -> mesh-axis mapping.
+      tokenizer: the checkpoint's tokenizer if already loaded (``load_tokenizer(source)``), so it is
+        not built twice.
     """
-    path = Path(source).expanduser()
+    path = _checked_path(source)
     mesh = mesh if mesh is not None else single_device_mesh()
     rules = resolve_rules(sharding)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
 
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise CheckpointError(
-                f"{path}: a file source must be a .gguf file; for a Hugging Face checkpoint pass its directory"
-            )
         from eft_jax.loading.gguf import open_gguf
 
         ckpt = open_gguf(path)
         cfg = _config(ckpt.hf_config, f"{path} (GGUF metadata)")
         dtype = dtype if dtype is not None else GGUF_DEFAULT_DTYPE
         params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules), dtype)
-        return Model(cfg, params, ckpt.load_tokenizer(), mesh, rules, str(path))
+        return Model(cfg, params, tokenizer or ckpt.load_tokenizer(), mesh, rules, str(path))
 
     if orbax_checkpoint.is_orbax_checkpoint(path):
         cfg, saved_dtype = orbax_checkpoint.read_checkpoint_meta(path)
         dtype = dtype if dtype is not None else saved_dtype
         params = orbax_checkpoint.restore_params(path, cfg, param_shardings(cfg, mesh, rules), dtype)
-        return Model(cfg, params, orbax_checkpoint.load_checkpoint_tokenizer(path), mesh, rules, str(path))
+        return Model(cfg, params, tokenizer or orbax_checkpoint.load_checkpoint_tokenizer(path), mesh, rules,
+                     str(path))
 
     hf_config, tensors = hf_dir.open_hf_dir(path)
     cfg = _config(hf_config, str(path / "config.json"))
     if dtype is None:
         dtype = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors.keys() else jnp.float32
     params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules), dtype)
-    return Model(cfg, params, hf_dir.load_hf_tokenizer(path), mesh, rules, str(path))
+    return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path))
+
+
+def load_tokenizer(source: str | os.PathLike) -> Any:
+    """A checkpoint's tokenizer (chat template included) without reading its weights; None if it has none.
+
+    Cheap next to ``load_model``: jobs use it to check tokenizers and prompt formats before loading.
+    """
+    path = _checked_path(source)
+    if path.is_file():
+        from eft_jax.loading.gguf import open_gguf
+
+        return open_gguf(path).load_tokenizer()
+    if orbax_checkpoint.is_orbax_checkpoint(path):
+        return orbax_checkpoint.load_checkpoint_tokenizer(path)
+    hf_dir.read_hf_config(path)  # the same refusal as load_model for a directory that is no checkpoint
+    return hf_dir.load_hf_tokenizer(path)
+
+
+def _checked_path(source: str | os.PathLike) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix != ".gguf":
+        raise CheckpointError(
+            f"{path}: a file source must be a .gguf file; for a Hugging Face checkpoint pass its directory"
+        )
+    return path
 
 
 def _config(hf_config: dict, where: str) -> LlamaConfig:
@@ -80,7 +105,12 @@ def _config(hf_config: dict, where: str) -> LlamaConfig:
 
 
 def convert(source: str | os.PathLike, dest: str | os.PathLike, *, dtype: Any = None) -> Model:
-    """Read ``source`` once (any supported format) and write our orbax checkpoint to ``dest``."""
+    """Read ``source`` once (any supported format) and write our orbax checkpoint to ``dest``.
+
+    ``dest`` must not exist yet: that is checked before anything is read.
+    """
+    if Path(dest).expanduser().exists():
+        raise FileExistsError(f"{dest} already exists; choose a new destination directory (nothing was read)")
     model = load_model(source, dtype=dtype)
     orbax_checkpoint.save_checkpoint(model, Path(dest))
     return model

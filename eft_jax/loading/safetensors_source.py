@@ -37,20 +37,40 @@ class _SafetensorsFile:
                 f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt - "
                 "re-download or re-save it"
             ) from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            if info["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            begin, end = info["data_offsets"]
-            if self.data_start + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name} ends at byte {self.data_start + end} but the file has only "
-                    f"{size} bytes; the file is truncated - re-download or re-save it"
-                )
-            self.entries[name] = (np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]), begin, end)
+            self.entries[name] = self._entry(name, info, size)
         self._map: np.memmap | None = None
+
+    def _entry(self, name: str, info: object, size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """One header entry, checked: a known dtype, data_offsets that match the shape and lie in the file."""
+        path = self.path
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {name}: malformed header entry {info!r} (needs dtype, shape, data_offsets); "
+                "the file is corrupt - re-download or re-save it"
+            ) from None
+        if dtype_name not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
+        dtype = np.dtype(_DTYPES[dtype_name])
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(shape)} and dtype {dtype_name} ({expected} bytes) but "
+                f"its data_offsets span {end - begin} bytes; the file is corrupt - re-download or re-save it"
+            )
+        if self.data_start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name} ends at byte {self.data_start + end} but the file has only "
+                f"{size} bytes; the file is truncated - re-download or re-save it"
+            )
+        return dtype, shape, begin, end
 
     def read(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self.entries[name]

@@ -48,6 +48,32 @@ class KVCache:
         return dataclasses.replace(self, length=length.astype(jnp.int32))
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """An empty cache described statically (hashable: a jit static argument), so that a jitted program
+    can create its caches itself instead of taking them from a separately compiled constructor.
+
+    ``shardings``: the NamedShardings of (k, v, pos, length), or () to leave the placement to the compiler.
+    """
+
+    num_layers: int
+    batch: int
+    slots: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    shardings: tuple = ()
+
+    def zeros(self) -> KVCache:
+        """The empty cache (call it inside ``jit``), constrained to ``shardings``."""
+        cache = KVCache.zeros(num_layers=self.num_layers, batch=self.batch, slots=self.slots,
+                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, dtype=jnp.dtype(self.dtype))
+        if not self.shardings:
+            return cache
+        leaves = (cache.k, cache.v, cache.pos, cache.length)
+        return KVCache(*(jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, self.shardings, strict=True)))
+
+
 CACHE_LOGICAL_AXES = KVCache(
     k=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),  # type: ignore[arg-type]
     v=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),  # type: ignore[arg-type]

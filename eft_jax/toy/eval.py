@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import time
 from collections.abc import Sequence
@@ -487,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="docs", help="where to write toy_eval.md and the plots")
     p.add_argument("--no-sweeps", action="store_true", help="only the table")
     args = p.parse_args(argv)
+    if not args.no_sweeps and importlib.util.find_spec("matplotlib") is None:  # fail before minutes of work
+        p.error("the sweeps' plots need matplotlib: python3 -m pip install 'eft-jax[plots]' (or pass --no-sweeps)")
 
     t0 = time.perf_counter()
     models, world = load_toy(args.root)

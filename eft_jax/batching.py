@@ -1,0 +1,209 @@
+"""Continuous batching: a fixed number of slots, refilled with new prompts as their rows finish.
+
+The host side of decoding. ``SlotLoop.run`` keeps ``batch_size`` rows (slots) on the devices and, between
+jitted chunks of decode steps (or speculative rounds):
+
+1. reads which rows are done (the one host sync per chunk) and hands their outputs back;
+2. refills the free slots with the next prompts: one jitted ``refill`` prefills only those rows, for every
+   model with its own prompt and cache, and puts them in place of the finished ones (the other rows'
+   caches and outputs are untouched), so the batch stays full until the input runs out;
+3. runs the next chunk.
+
+``continuous=False`` refills only when every row is done: static batching, for comparison. A sample
+depends only on (seed, stream, its own output index), never on the slot, the neighbours or when its row
+started, so both give the same samples as batch size 1.
+
+Shapes are fixed per call so that few programs compile: the caches hold the longest prompt (rows are
+sorted longest first, so the first fill sets it) plus the longest ``max_new_tokens`` rounded up to whole
+chunks; a refill prefills a fixed number of rows (a quarter of the batch; padding rows write nothing),
+with prompts left-padded to a power-of-two length; a batch that is entirely free starts over with the
+``start`` program. A call therefore compiles a start, a chunk and one refill program per prompt bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from eft_jax import decode, speculative
+from eft_jax.model import Model
+from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, CacheLayout
+from eft_jax.prompts import bucket_length, left_pad
+from eft_jax.sharding import logical_to_spec
+
+if TYPE_CHECKING:
+    from eft_jax.engine import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One prompt to sample: the caller's ``index``, each distinct model's prompt tokens, its limit and stream."""
+
+    index: int
+    tokens: Sequence[list[int]]
+    max_new: int
+    stream: int
+
+
+@dataclasses.dataclass
+class RowOutput:
+    """What a finished row produced (host arrays cut to its ``num_tokens``)."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    components: np.ndarray | None = None  # [rule members, tokens]
+    distributions: np.ndarray | None = None  # [tokens, vocab]
+    speculative: dict[str, Any] | None = None  # rounds, drafted, accepted, rejected, round_of, from_draft
+
+
+class SlotLoop:
+    """Decode ``rows`` (sorted longest prompt first) in ``batch_size`` slots; see the module docstring."""
+
+    def __init__(self, engine: Engine, plan: decode.Plan, rows: Sequence[Row], batch_size: int, weights: Any,
+                 seed: int, continuous: bool = True):
+        self.engine, self.plan, self.weights, self.continuous = engine, plan, weights, continuous
+        self.k = engine.speculative_k
+        # No slot for a row that does not exist: a small call runs a small batch.
+        self.num_slots = min(batch_size, math.ceil(len(rows) / engine.data_size) * engine.data_size)
+        self.queue = collections.deque(rows)
+        self.out_len = 1 + plan.chunk * math.ceil((max(r.max_new for r in rows) - 1) / plan.chunk)
+        extra = self.k + 1 if self.k else 0  # a speculative round writes k + 1 entries before rewinding
+        self.cache_slots = [bucket_length(max(len(r.tokens[m]) for r in rows)) + self.out_len + extra
+                            for m in range(len(engine.runs))]
+        self.params = tuple(c.model.params for c in engine.runs)
+        self.seed = engine._replicated(np.asarray(seed, np.int32))
+        self.occupant: list[Row | None] = [None] * self.num_slots
+        # Rows per refill program: a quarter of the batch (a multiple of the data axis). Fewer would
+        # compile more programs or call refill more often; more would prefill padding rows each time.
+        self.refill_rows = min(self.num_slots, _round_up(math.ceil(self.num_slots / 4), engine.data_size))
+
+    def run(self) -> Iterator[list[tuple[Row, RowOutput]]]:
+        """Yield the finished rows and their outputs after each chunk, until every row is done."""
+        state = self._start()
+        while True:
+            done = to_host(self._decode_state(state).done)
+            finished = [s for s, row in enumerate(self.occupant) if row is not None and done[s]]
+            if finished:
+                yield self._outputs(state, finished)
+                for s in finished:
+                    self.occupant[s] = None
+            free = [s for s, row in enumerate(self.occupant) if row is None]
+            if self.queue and len(free) == self.num_slots:
+                state = self._start()  # a whole new batch: the start program, no refill needed
+            elif self.queue and free and self.continuous:
+                state = self._refill(state, free)
+            if all(row is None for row in self.occupant):
+                return
+            state = self._chunk(state)
+
+    # --- the jitted programs ---------------------------------------------------------------------------
+
+    def _start(self) -> Any:
+        rows = self._take(range(self.num_slots))
+        args = self._fill_args(rows, self.num_slots)
+        return speculative.start(*args) if self.k else decode.start(*args)
+
+    def _refill(self, state: Any, free: list[int]) -> Any:
+        """Refill ``free`` slots, ``refill_rows`` at a time: one refill program (per prompt-length bucket)
+        whatever the number of free slots; padding rows prefill a repeated prompt and write nothing."""
+        refill = speculative.refill if self.k else decode.refill
+        size = self.refill_rows
+        free = free[: len(self.queue)]
+        for i in range(0, len(free), size):
+            group = free[i: i + size]
+            rows = self._take(group)
+            slots = np.array(group + [self.num_slots] * (size - len(group)), np.int32)  # out of range: dropped
+            state = refill(*self._fill_args(rows + [None] * (size - len(group)), size), self.engine._place(slots),
+                           state)
+        return state
+
+    def _chunk(self, state: Any) -> Any:
+        plan, params, weights = self.plan, self.params, self.weights
+        if not self.k:
+            return decode.decode_chunk(plan, params, weights, self.seed, state)
+        rounds = max(1, plan.chunk // (self.k + 1))
+        drafter = self.engine.sources[self.engine.drafter_index]
+        return speculative.spec_chunk(plan, self.k, drafter, rounds, params, weights, self.seed, state)
+
+    # --- host-side helpers ------------------------------------------------------------------------------
+
+    def _take(self, slots: Sequence[int]) -> list[Row | None]:
+        """The next rows from the queue into ``slots`` (None where the queue ran out)."""
+        rows: list[Row | None] = []
+        for s in slots:
+            row = self.queue.popleft() if self.queue else None
+            self.occupant[s] = row
+            rows.append(row)
+        return rows
+
+    def _fill_args(self, rows: list[Row | None], size: int) -> tuple:
+        """Arguments of ``start`` / ``refill`` for ``size`` rows; a missing row repeats a real prompt with
+        ``max_new = 0`` (done at once, writes nothing)."""
+        real = [r for r in rows if r is not None]
+        filler = real[0]
+        padded = [r if r is not None else filler for r in rows]
+        tokens, positions, layouts = [], [], []
+        for m, model_run in enumerate(self.engine.runs):
+            seqs = [r.tokens[m] for r in padded]
+            t, p = left_pad(seqs, bucket_length(max(len(x) for x in seqs)), self.engine.pad_id)
+            tokens.append(self.engine._place(t))
+            positions.append(self.engine._place(p))
+            layouts.append(cache_layout(model_run.model, size, self.cache_slots[m]))
+        place = self.engine._place
+        stream = place(np.array([r.stream for r in padded], np.int32))
+        max_new = place(np.array([r.max_new if r is not None else 0 for r in rows], np.int32))
+        return (self.plan, self.params, tuple(tokens), tuple(positions), tuple(layouts), self.weights, self.seed,
+                stream, max_new, self.out_len)
+
+    def _decode_state(self, state: Any) -> decode.DecodeState:
+        return state.decode if self.k else state
+
+    def _outputs(self, state: Any, slots: list[int]) -> list[tuple[Row, RowOutput]]:
+        st = self._decode_state(state)
+        tokens, logprobs, counts = (to_host(x) for x in (st.tokens, st.logprobs, st.num_tokens))
+        comps = to_host(st.components) if self.plan.record_components else None
+        dists = to_host(st.distributions) if self.plan.record_distributions else None
+        spec = ({name: to_host(getattr(state, name)) for name in
+                 ("rounds", "drafted", "accepted", "rejected", "round_of", "from_draft")} if self.k else None)
+        out = []
+        for s in slots:
+            n = int(counts[s])
+            out.append((self.occupant[s], RowOutput(
+                tokens=tokens[s, :n], logprobs=logprobs[s, :n],
+                components=None if comps is None else comps[:, s, :n],
+                distributions=None if dists is None else dists[s, :n],
+                speculative=None if spec is None else {name: v[s, :n] if v.ndim == 2 else v[s]
+                                                       for name, v in spec.items()},
+            )))
+        return out
+
+
+def cache_layout(model: Model, batch: int, slots: int) -> CacheLayout:
+    """The static description of ``model``'s empty cache, placed as ``Model.init_cache`` would place it."""
+    cfg = model.config
+    shapes = ((cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim),) * 2 + ((batch, slots), (batch,))
+    axes = (CACHE_LOGICAL_AXES.k, CACHE_LOGICAL_AXES.v, CACHE_LOGICAL_AXES.pos, CACHE_LOGICAL_AXES.length)
+    shardings = tuple(NamedSharding(model.mesh, logical_to_spec(a, shape, model.rules, model.mesh))
+                      for a, shape in zip(axes, shapes, strict=True))
+    return CacheLayout(num_layers=cfg.num_layers, batch=batch, slots=slots, num_kv_heads=cfg.num_kv_heads,
+                       head_dim=cfg.head_dim, dtype=jnp.dtype(model.dtype).name, shardings=shardings)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+def to_host(x: Any) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes on a multi-host mesh)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
