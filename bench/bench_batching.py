@@ -4,7 +4,7 @@ Two jobs of held-out toy questions (``--prompts`` of them, 512 by default):
 
 - ``natural``: answers as the models give them (stop at the end-of-turn token; 24 tokens at most), the
   embedded default's sampling (temperature 0.7, top-p 0.9);
-- ``long-tailed``: each prompt's ``max_new_tokens`` drawn from a log-normal clipped to [8, 256],
+- ``long-tailed``: each prompt's ``max_new_tokens`` drawn from a log-normal clipped to [8, 200] (the toy models' context is 256),
   ``ignore_eos`` so every row runs to its own limit: the case where static batches idle most.
 
 Each mode runs once to compile and once timed (``--repeats``: best of n); the printed ratio is
@@ -35,7 +35,7 @@ def job(name: str, prompts: list[str], seed: int = 0) -> dict:
     if name == "natural":
         return {"max_new_tokens": 24, "ignore_eos": False}
     rng = np.random.default_rng(seed)
-    limits = np.clip(np.round(rng.lognormal(mean=np.log(32), sigma=1.0, size=len(prompts))), 8, 256).astype(int)
+    limits = np.clip(np.round(rng.lognormal(mean=np.log(32), sigma=1.0, size=len(prompts))), 8, 200).astype(int)
     return {"max_new_tokens": limits.tolist(), "ignore_eos": True}
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eft_jax import decode
+from eft_jax.batching import cache_layout
 from eft_jax.model import Model, param_shardings
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
@@ -61,7 +62,7 @@ def _combine_sample_chunk(plan: decode.Plan, logits: tuple, weights, state: deco
     def step(state, i):
         # Perturb the logits per step so XLA cannot hoist the work out of the loop.
         shifted = tuple(x + i.astype(x.dtype) * 1e-3 for x in logits)
-        return decode._choose_and_record(plan, state, shifted, weights, jnp.int32(0), state.index + 1), None
+        return decode._choose_and_record(plan, state, shifted, weights, jnp.int32(0)), None
 
     state, _ = jax.lax.scan(step, state, jnp.arange(plan.chunk))
     return state
@@ -77,7 +78,7 @@ def time_decode(models: list[Model], batch: int, steps: int, prompt: int, chunk_
         configs=tuple(m.config for m in models), vocab=vocab, n_ft=len(models) - 2 if len(models) > 1 else 0,
         base_top_p=None, sampling=SamplingParams(temperature=1.0), stop_ids=(), pad_id=0, chunk=steps,
     )
-    params = tuple(m.params for m in models)
+    params = tuple(m.run_params for m in models)
     weights = jnp.ones((max(plan.n_ft, 1),), jnp.float32)
     rng = np.random.RandomState(0)
     toks = [jnp.asarray(rng.randint(0, vocab, size=(batch, prompt)), jnp.int32) for _ in models]
@@ -86,9 +87,11 @@ def time_decode(models: list[Model], batch: int, steps: int, prompt: int, chunk_
     max_new = jnp.full((batch,), 10**6, jnp.int32)
     out_len = 1 + steps
 
+    layouts = tuple(cache_layout(m, batch, prompt + out_len) for m in models)
+
     def fresh_state():
-        caches = tuple(m.init_cache(batch, prompt + out_len) for m in models)
-        return decode.prefill(plan, params, tuple(toks), tuple(pos), caches, weights, jnp.int32(0), stream, max_new, out_len)
+        return decode.start(plan, params, tuple(toks), tuple(pos), layouts, weights, jnp.int32(0), stream, max_new,
+                            out_len)
 
     if chunk_fn == "eft":
         run = lambda s: decode.decode_chunk(plan, params, weights, jnp.int32(0), s)  # noqa: E731

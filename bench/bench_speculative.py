@@ -109,11 +109,11 @@ def _time_forward(model, batch: int, new_tokens: int, context: int, reps: int) -
         return jax.lax.scan(body, cache, None, length=n)[1]
 
     def best_of(n: int) -> float:
-        jax.block_until_ready(run(model.params, tokens, positions, cache, n))  # compile
+        jax.block_until_ready(run(model.run_params, tokens, positions, cache, n))  # compile
         best = float("inf")
         for _ in range(reps):
             start = time.perf_counter()
-            jax.block_until_ready(run(model.params, tokens, positions, cache, n))
+            jax.block_until_ready(run(model.run_params, tokens, positions, cache, n))
             best = min(best, time.perf_counter() - start)
         return best / n
 

@@ -7,7 +7,8 @@ jitted chunks of decode steps (or speculative rounds):
 2. refills the free slots with the next prompts: one jitted ``refill`` prefills only those rows, for every
    model with its own prompt and cache, and puts them in place of the finished ones (the other rows'
    caches and outputs are untouched), so the batch stays full until the input runs out;
-3. runs the next chunk.
+3. runs the next chunk, whose attention reads only the filled part of each cache: the slots up to the
+   longest live row plus what the chunk writes, rounded up to a power of two (``decode.window_caches``).
 
 ``continuous=False`` refills only when every row is done: static batching, for comparison. A sample
 depends only on (seed, stream, its own output index), never on the slot, the neighbours or when its row
@@ -15,9 +16,10 @@ started, so both give the same samples as batch size 1.
 
 Shapes are fixed per call so that few programs compile: the caches hold the longest prompt (rows are
 sorted longest first, so the first fill sets it) plus the longest ``max_new_tokens`` rounded up to whole
-chunks; a refill prefills a fixed number of rows (a quarter of the batch; padding rows write nothing),
-with prompts left-padded to a power-of-two length; a batch that is entirely free starts over with the
-``start`` program. A call therefore compiles a start, a chunk and one refill program per prompt bucket.
+chunks; a refill prefills a fixed number of rows (a quarter of the batch, or the whole batch when more
+than half is free; padding rows write nothing), with prompts left-padded to a power-of-two length; a
+batch that is entirely free starts over with the ``start`` program. A call therefore compiles a start
+program, a chunk program per attention window (see 3.) and up to two refill programs per prompt bucket.
 """
 
 from __future__ import annotations
@@ -75,11 +77,12 @@ class SlotLoop:
         self.queue = collections.deque(rows)
         self.out_len = 1 + plan.chunk * math.ceil((max(r.max_new for r in rows) - 1) / plan.chunk)
         extra = self.k + 1 if self.k else 0  # a speculative round writes k + 1 entries before rewinding
-        self.cache_slots = [bucket_length(max(len(r.tokens[m]) for r in rows)) + self.out_len + extra
-                            for m in range(len(engine.runs))]
-        self.params = tuple(c.model.params for c in engine.runs)
+        self.prompt_len = [bucket_length(max(len(r.tokens[m]) for r in rows)) for m in range(len(engine.runs))]
+        self.cache_slots = [length + self.out_len + extra for length in self.prompt_len]
+        self.params = tuple(c.model.run_params for c in engine.runs)  # the fastest layout here (Model.run_params)
         self.seed = engine._replicated(np.asarray(seed, np.int32))
         self.occupant: list[Row | None] = [None] * self.num_slots
+        self.lengths = [np.zeros(self.num_slots, np.int64) for _ in engine.runs]  # cache length per model and slot
         # Rows per refill program: a quarter of the batch (a multiple of the data axis). Fewer would
         # compile more programs or call refill more often; more would prefill padding rows each time.
         self.refill_rows = min(self.num_slots, _round_up(math.ceil(self.num_slots / 4), engine.data_size))
@@ -88,7 +91,9 @@ class SlotLoop:
         """Yield the finished rows and their outputs after each chunk, until every row is done."""
         state = self._start()
         while True:
-            done = to_host(self._decode_state(state).done)
+            st = self._decode_state(state)
+            done = to_host(st.done)
+            self.lengths = [np.array(to_host(c.length)) for c in st.caches]
             finished = [s for s, row in enumerate(self.occupant) if row is not None and done[s]]
             if finished:
                 yield self._outputs(state, finished)
@@ -107,30 +112,54 @@ class SlotLoop:
 
     def _start(self) -> Any:
         rows = self._take(range(self.num_slots))
-        args = self._fill_args(rows, self.num_slots)
+        # Prompts padded to the longest of the call: one start program, however often a batch starts over.
+        args = self._fill_args(rows, self.num_slots, self.prompt_len)
+        self._record_lengths(range(self.num_slots), args)
         return speculative.start(*args) if self.k else decode.start(*args)
 
     def _refill(self, state: Any, free: list[int]) -> Any:
-        """Refill ``free`` slots, ``refill_rows`` at a time: one refill program (per prompt-length bucket)
-        whatever the number of free slots; padding rows prefill a repeated prompt and write nothing."""
+        """Refill ``free`` slots, ``refill_rows`` at a time (or all at once when more than half of the
+        batch is free): at most two refill programs per prompt-length bucket, whatever the number of
+        free slots; padding rows prefill a repeated prompt and write nothing."""
         refill = speculative.refill if self.k else decode.refill
-        size = self.refill_rows
         free = free[: len(self.queue)]
+        # Many free slots at once (short answers finishing together): one call for the whole batch rather
+        # than several quarter-batch calls (a second refill program, compiled only if ever needed).
+        size = self.num_slots if len(free) > 2 * self.refill_rows else self.refill_rows
         for i in range(0, len(free), size):
             group = free[i: i + size]
             rows = self._take(group)
             slots = np.array(group + [self.num_slots] * (size - len(group)), np.int32)  # out of range: dropped
-            state = refill(*self._fill_args(rows + [None] * (size - len(group)), size), self.engine._place(slots),
-                           state)
+            args = self._fill_args(rows + [None] * (size - len(group)), size)
+            self._record_lengths(group, args)
+            state = refill(*args, self.engine._place(slots), state)
         return state
+
+    def _record_lengths(self, slots: Sequence[int], args: tuple) -> None:
+        """A (re)filled row's cache length: its left-padded prompt (``args``: those of start / refill)."""
+        for m, tokens in enumerate(args[2]):
+            self.lengths[m][list(slots)] = tokens.shape[1]
 
     def _chunk(self, state: Any) -> Any:
         plan, params, weights = self.plan, self.params, self.weights
         if not self.k:
-            return decode.decode_chunk(plan, params, weights, self.seed, state)
+            return decode.decode_chunk(plan, params, weights, self.seed, state, self._windows(plan.chunk))
         rounds = max(1, plan.chunk // (self.k + 1))
         drafter = self.engine.sources[self.engine.drafter_index]
-        return speculative.spec_chunk(plan, self.k, drafter, rounds, params, weights, self.seed, state)
+        # A round writes at most k + 1 cache slots past a row's length before rolling back.
+        return speculative.spec_chunk(plan, self.k, drafter, rounds, params, weights, self.seed, state,
+                                      self._windows(rounds * (self.k + 1)))
+
+    def _windows(self, writes: int) -> tuple[int, ...] | None:
+        """The cache slots each model's attention reads this chunk: the longest live row plus what the
+        chunk writes, rounded up to a power of two (few programs); None when that is the whole cache."""
+        live = [s for s, row in enumerate(self.occupant) if row is not None]
+        windows = tuple(min(size, bucket_length(int(lengths[live].max()) + writes))
+                        for lengths, size in zip(self.lengths, self.cache_slots, strict=True))
+        # A window is its own program: worth it only where it skips at least half of a cache.
+        if all(2 * w > size for w, size in zip(windows, self.cache_slots, strict=True)):
+            return None
+        return windows
 
     # --- host-side helpers ------------------------------------------------------------------------------
 
@@ -143,16 +172,18 @@ class SlotLoop:
             rows.append(row)
         return rows
 
-    def _fill_args(self, rows: list[Row | None], size: int) -> tuple:
+    def _fill_args(self, rows: list[Row | None], size: int, prompt_len: Sequence[int] | None = None) -> tuple:
         """Arguments of ``start`` / ``refill`` for ``size`` rows; a missing row repeats a real prompt with
-        ``max_new = 0`` (done at once, writes nothing)."""
+        ``max_new = 0`` (done at once, writes nothing). Prompts are left-padded to ``prompt_len[m]``, or
+        else to a power of two."""
         real = [r for r in rows if r is not None]
         filler = real[0]
         padded = [r if r is not None else filler for r in rows]
         tokens, positions, layouts = [], [], []
         for m, model_run in enumerate(self.engine.runs):
             seqs = [r.tokens[m] for r in padded]
-            t, p = left_pad(seqs, bucket_length(max(len(x) for x in seqs)), self.engine.pad_id)
+            length = prompt_len[m] if prompt_len else bucket_length(max(len(x) for x in seqs))
+            t, p = left_pad(seqs, length, self.engine.pad_id)
             tokens.append(self.engine._place(t))
             positions.append(self.engine._place(p))
             layouts.append(cache_layout(model_run.model, size, self.cache_slots[m]))

@@ -138,19 +138,21 @@ def _choose_and_record(plan: Plan, state: DecodeState, logits: tuple[Array, ...]
     )
 
 
-def _prefill(
+def start_state(
     plan: Plan,
     params: tuple[Any, ...],
     prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
     prompt_positions: tuple[Int[Array, "batch prompt"], ...],
-    caches: tuple[KVCache, ...],
+    layouts: tuple[CacheLayout, ...],
     weights: Float[Array, " n_ft"],
     seed: Int[Array, ""],
     stream: Int[Array, " batch"],
     max_new: Int[Array, " batch"],
     out_len: int,
 ) -> DecodeState:
-    """Run every model over its own left-padded prompt and sample output token 0 (traced, not jitted)."""
+    """Empty caches (``layouts``), every model run over its own left-padded prompt, output token 0
+    sampled (traced, not jitted: ``start`` and ``refill`` compile it)."""
+    caches = tuple(layout.zeros() for layout in layouts)
     logits, new_caches = [], []
     for cfg, p, toks, pos, cache in zip(plan.configs, params, prompt_tokens, prompt_positions, caches, strict=True):
         # Left padding: the last column is every row's last prompt token; only it needs logits.
@@ -173,40 +175,6 @@ def _prefill(
         distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
     )
     return _choose_and_record(plan, state, tuple(logits), weights, seed)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnames=("caches",))
-def prefill(
-    plan: Plan,
-    params: tuple[Any, ...],
-    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
-    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
-    caches: tuple[KVCache, ...],
-    weights: Float[Array, " n_ft"],
-    seed: Int[Array, ""],
-    stream: Int[Array, " batch"],
-    max_new: Int[Array, " batch"],
-    out_len: int,
-) -> DecodeState:
-    """Run every model over its own left-padded prompt (into the given, donated caches) and sample output token 0."""
-    return _prefill(plan, params, prompt_tokens, prompt_positions, caches, weights, seed, stream, max_new, out_len)
-
-
-def start_state(
-    plan: Plan,
-    params: tuple[Any, ...],
-    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
-    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
-    layouts: tuple[CacheLayout, ...],
-    weights: Float[Array, " n_ft"],
-    seed: Int[Array, ""],
-    stream: Int[Array, " batch"],
-    max_new: Int[Array, " batch"],
-    out_len: int,
-) -> DecodeState:
-    """``prefill`` into empty caches created in the same program (traced, not jitted; see ``start``)."""
-    caches = tuple(layout.zeros() for layout in layouts)
-    return _prefill(plan, params, prompt_tokens, prompt_positions, caches, weights, seed, stream, max_new, out_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 9))
@@ -272,11 +240,36 @@ def refill(
     return put_rows(state, new, slots)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("state",))
+def window_caches(caches: tuple[KVCache, ...], windows: tuple[int, ...] | None) -> tuple[KVCache, ...]:
+    """Each cache cut to its first ``windows[m]`` slots (None: whole), so that attention reads only the
+    filled part. The caller guarantees that every live row's writes stay inside the window; a done row's
+    writes beyond it are dropped (its outputs are no longer used)."""
+    if windows is None:
+        return caches
+    return tuple(KVCache(k=c.k[:, :, :w], v=c.v[:, :, :w], pos=c.pos[:, :w], length=c.length)
+                 for c, w in zip(caches, windows, strict=True))
+
+
+def unwindow_caches(full: tuple[KVCache, ...], part: tuple[KVCache, ...]) -> tuple[KVCache, ...]:
+    """Write windowed caches back into the full buffers (in place when the full ones are donated)."""
+    return tuple(
+        f if f is p else KVCache(
+            k=jax.lax.dynamic_update_slice_in_dim(f.k, p.k, 0, axis=2),
+            v=jax.lax.dynamic_update_slice_in_dim(f.v, p.v, 0, axis=2),
+            pos=jax.lax.dynamic_update_slice_in_dim(f.pos, p.pos, 0, axis=1), length=p.length)
+        for f, p in zip(full, part, strict=True)
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("state",))
 def decode_chunk(
-    plan: Plan, params: tuple[Any, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""], state: DecodeState
+    plan: Plan, params: tuple[Any, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""], state: DecodeState,
+    windows: tuple[int, ...] | None = None,
 ) -> DecodeState:
-    """``plan.chunk`` decode steps in one ``lax.scan``: feed the last token, combine, sample, record."""
+    """``plan.chunk`` decode steps in one ``lax.scan``: feed the last token, combine, sample, record.
+
+    windows: per model, the cache slots attention reads this chunk (see ``window_caches``; one program
+    per distinct value, so the caller buckets them)."""
 
     def step(state: DecodeState, _: None) -> tuple[DecodeState, None]:
         logits, caches = [], []
@@ -287,8 +280,10 @@ def decode_chunk(
         state = dataclasses.replace(state, caches=tuple(caches), next_pos=state.next_pos + 1)
         return _choose_and_record(plan, state, tuple(logits), weights, seed), None
 
-    state, _ = jax.lax.scan(step, state, None, length=plan.chunk)
-    return state
+    full = state.caches
+    state, _ = jax.lax.scan(step, dataclasses.replace(state, caches=window_caches(full, windows)), None,
+                            length=plan.chunk)
+    return dataclasses.replace(state, caches=unwindow_caches(full, state.caches) if windows else state.caches)
 
 
 @functools.partial(jax.jit, static_argnums=0)

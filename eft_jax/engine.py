@@ -384,7 +384,7 @@ class Engine:
         target = np.full((len(rows), resp_len), self.pad_id, np.int32)
         for b, i in enumerate(rows):
             target[b, : len(targets[i])] = targets[i]
-        params = tuple(c.model.params for c in self.score_runs)
+        params = tuple(c.model.run_params for c in self.score_runs)
         eft, comps = decode.score_batch(
             plan, params, tuple(self._place(t) for t, _ in seqs_per_model),
             tuple(self._place(p) for _, p in seqs_per_model), tuple(predict_at), self._place(target), weights,

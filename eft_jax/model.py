@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float, Int
 
 from eft_jax.models import llama
@@ -45,7 +45,13 @@ def _cache_builder(cfg: LlamaConfig, dtype: str, batch: int, slots: int, mesh: M
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """A causal LM ready to run: ``params`` is a plain pytree of arrays already in their shardings."""
+    """A causal LM ready to run: ``params`` is a plain pytree of arrays already in their shardings.
+
+    ``params`` has the canonical stacked layout (what is saved, trained, exported and inspected);
+    ``run_params`` holds the same weights in the layout the forward runs fastest with here, without a
+    second copy (``llama.run_params``: per-layer views on one CPU device, else ``params`` itself). Pass
+    ``run_params`` to ``llama.forward``.
+    """
 
     config: LlamaConfig
     params: dict[str, Any]
@@ -53,6 +59,10 @@ class Model:
     mesh: Mesh
     rules: ShardingRules
     source: str
+
+    @functools.cached_property
+    def run_params(self) -> dict[str, Any]:
+        return llama.run_params(self.params)
 
     @property
     def vocab_size(self) -> int:
@@ -83,4 +93,4 @@ class Model:
         spec = logical_to_spec(("batch", "seq"), tokens.shape, self.rules, self.mesh)
         # From a callback, so that each process of a multi-host mesh places only its own slices.
         tokens_on_mesh = jax.make_array_from_callback(tokens.shape, NamedSharding(self.mesh, spec), lambda i: tokens[i])
-        return _full_logits(self.config, self.params, self.vocab_size, tokens_on_mesh)
+        return _full_logits(self.config, self.run_params, self.vocab_size, tokens_on_mesh)

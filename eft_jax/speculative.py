@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from eft_jax.decode import DecodeState, Plan, eft_distribution, put_rows, set_rows, start_state
+from eft_jax.decode import (
+    DecodeState, Plan, eft_distribution, put_rows, set_rows, start_state, unwindow_caches, window_caches,
+)
 from eft_jax.models import llama
 from eft_jax.models.kv_cache import CacheLayout
 from eft_jax.sampling import final_logprobs, row_keys, safe_log_softmax, sample
@@ -197,10 +199,16 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("spec",))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 8), donate_argnames=("spec",))
 def spec_chunk(plan: Plan, k: int, drafter: int, rounds: int, params: tuple[Any, ...], weights: Float[Array, " n_ft"],
-               seed: Int[Array, ""], spec: SpecState) -> SpecState:
-    """``rounds`` speculative rounds in one ``lax.scan`` (no host round trip inside)."""
+               seed: Int[Array, ""], spec: SpecState, windows: tuple[int, ...] | None = None) -> SpecState:
+    """``rounds`` speculative rounds in one ``lax.scan`` (no host round trip inside); ``windows`` as for
+    ``decode.decode_chunk`` (a round writes at most k + 1 slots past a row's length)."""
+    full = spec.decode.caches
+    windowed = dataclasses.replace(spec, decode=dataclasses.replace(spec.decode, caches=window_caches(full, windows)))
     spec, _ = jax.lax.scan(lambda s, _: (spec_round(plan, k, drafter, params, weights, seed, s), None),
-                           spec, None, length=rounds)
+                           windowed, None, length=rounds)
+    if windows:
+        spec = dataclasses.replace(spec, decode=dataclasses.replace(
+            spec.decode, caches=unwindow_caches(full, spec.decode.caches)))
     return spec

@@ -4,9 +4,12 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the whole session (this process and the CLI subprocesses), not
-# the user's own (eft_jax turns the cache on when imported; see eft_jax/compile_cache.py).
-os.environ.setdefault("EFT_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="eft-jax-test-compile-cache-"))
+# No persistent compilation cache in this process (eft_jax turns it on when imported; see
+# eft_jax/compile_cache.py): in-process tests count and compare compiled programs, and one full run
+# crashed inside JAX's cache write (XLA:CPU executable serialization) of a training step. The CLI
+# subprocesses share one session cache instead (the `env` fixture), as before.
+SUBPROCESS_COMPILE_CACHE = tempfile.mkdtemp(prefix="eft-jax-test-compile-cache-")
+os.environ.setdefault("EFT_JAX_COMPILE_CACHE", "off")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -62,8 +65,9 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def env():
-    """Environment for CLI subprocesses: one CPU device, the session's compilation cache (set above)."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    """Environment for CLI subprocesses: one CPU device, one compilation cache for the session's subprocesses."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "EFT_JAX_COMPILE_CACHE": SUBPROCESS_COMPILE_CACHE}
 
 
 @pytest.fixture(scope="session")

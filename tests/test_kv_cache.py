@@ -87,3 +87,34 @@ def test_logits_at_selects_columns_of_the_full_forward():
     got, _ = forward(CFG, params, tokens, positions, logits_at=at)
     want = np.take_along_axis(full, at[:, :, None], axis=1)
     np.testing.assert_allclose(np.asarray(got), want, atol=_tol(want), rtol=0)  # bit-exact here; same bound
+
+
+def test_attention_over_the_filled_window_equals_the_full_cache():
+    """Random caches with ragged lengths (and a left-padded row): a decode step over the first W slots
+    (``decode.window_caches``, W >= every row's length + 1) gives the logits of the whole-cache step,
+    and writing the window back leaves the full cache exactly as the whole-cache step does."""
+    from eft_jax.decode import unwindow_caches, window_caches
+
+    params = llama.init_params(CFG, jax.random.key(3))
+    rng = np.random.RandomState(3)
+    batch, slots = 4, 40
+    lengths = np.array([3, 17, 9, 1])
+    pos = np.full((batch, slots), -1)
+    for b, n in enumerate(lengths):
+        pos[b, :n] = np.arange(n) - (2 if b == 2 else 0)  # row 2: two left-padding slots (-1, -2 -> masked)
+    pos = np.where(pos < 0, -1, pos)
+    kv_shape = (CFG.num_layers, batch, slots, CFG.num_kv_heads, CFG.head_dim)
+    cache = KVCache(k=jnp.asarray(rng.standard_normal(kv_shape), jnp.float32),
+                    v=jnp.asarray(rng.standard_normal(kv_shape), jnp.float32),
+                    pos=jnp.asarray(pos, jnp.int32), length=jnp.asarray(lengths, jnp.int32))
+    token = rng.randint(0, 97, size=(batch, 1))
+    position = (pos.max(axis=1) + 1)[:, None]
+
+    full_logits, full_cache = forward(CFG, params, token, position, cache)
+    (part,) = window_caches((cache,), (32,))  # 32 >= 17 + 1
+    logits, part = forward(CFG, params, token, position, part)
+    (merged,) = unwindow_caches((cache,), (part,))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full_logits), atol=_tol(np.asarray(full_logits)),
+                               rtol=0)
+    for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(full_cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

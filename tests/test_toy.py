@@ -104,6 +104,9 @@ def test_upscaling_beats_the_small_fine_tune_on_heldout_facts(toy):
     small = toy_eval.score(items, toy_eval.generate(specs["small-ft"], items), world)
     up = toy_eval.score(items, toy_eval.generate(specs["EFT up-scaled"], items), world)
     print(f"small-ft {small}, up-scaled {up}")
+    # Outcome thresholds, not rounding bounds: greedy decoding of fixed questions gives accuracy 0.25 vs
+    # 1.0 and format 1.0 here, so at least 8 of the 40 answers would have to change (on near-ties of two
+    # tokens) before a threshold is crossed.
     assert up.accuracy >= small.accuracy + 0.2, (small, up)
     assert up.format >= 0.8, up  # the fine-tuned behaviour is kept
     assert up.refusal == 0.0

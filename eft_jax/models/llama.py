@@ -3,8 +3,18 @@
 The modules only declare parameters (shape, initialiser and logical axes in one place) and hold the
 math. Everything outside works on plain pytrees: ``init_params`` / ``abstract_params`` give a nested
 dict of arrays, and ``forward`` is a pure function of (static config, params, tokens, positions, cache)
-that merges the params into the module inside the traced function. Layers are stacked on a leading
-axis and run with ``lax.scan``, so compile time does not grow with depth.
+that merges the params into the module inside the traced function.
+
+Layer weights have two layouts, and ``forward`` runs either (the choice is made in :func:`run_params`):
+
+- **stacked** (the canonical one: loading, sharding, training, checkpoints, export): each layer leaf has a
+  leading ``layers`` axis and the layers run under ``lax.scan``, so compile time does not grow with
+  depth. This is what runs on accelerators and on meshes of several devices.
+- **per-layer** (``params["layers"]`` a tuple of one dict per layer): a Python loop over the layers. On
+  XLA:CPU a scan copies every layer's weights out of the stacked buffer before its matmuls, at every
+  forward (a one-token decode step of an 853M float32 model: ~0.3 of the time to stream the weights
+  once, against ~0.75 per-layer; bench/bench_cpu_decode.py). ``run_params`` gives this layout on one CPU
+  device as *views* of the stacked buffers: no weight is copied and the memory is held once.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from eft_jax.models.config import LlamaConfig, rope_inverse_frequencies
@@ -26,6 +37,8 @@ Params = dict[str, Any]  # nested dict of arrays, as produced by nnx.State.to_pu
 # A finite "minus infinity" for masked attention scores: a row with nothing to attend to (a padding
 # query) then gets a uniform average instead of NaN, and its output is never used.
 _MASKED = -1e30
+# run_params: the largest per-layer slice that may be copied when the runtime cannot view it.
+_MAX_COPIED_BYTES = 4096
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: Any, scale: float | None) -> nnx.Param:
@@ -152,22 +165,23 @@ class Llama(nnx.Module):
         tokens: Int[Array, "batch seq"],
         positions: Int[Array, "batch seq"],
         cache: KVCache | None,
-        logits_at: Int[Array, "batch n"] | None = None,
+        logits_at: Int[Array, "batch n"] | None,
+        layers: Params | tuple[Params, ...],
     ) -> tuple[Float[Array, "batch seq_or_n vocab"], KVCache | None]:
+        """``layers``: the layer weights, stacked or per layer (``self.layers`` only gives their structure)."""
         cfg = self.config
         inv_freq = jnp.asarray(np.asarray(rope_inverse_frequencies(cfg), np.float32))
         x = jnp.take(self.embed[...], tokens, axis=0)
-        layer_def, layer_params = nnx.split(self.layers)
+        over_layers = functools.partial(_over_layers, nnx.graphdef(self.layers), layers)
 
         if cache is None:
             causal = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] >= 0)
 
-            def body(h, p):
-                layer = nnx.merge(layer_def, p)
+            def body(h, layer):
                 q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq)
-                return layer.finish(h, layer.attn.attend(q, k, v, causal)), None
+                return layer.finish(h, layer.attn.attend(q, k, v, causal))
 
-            x, _ = jax.lax.scan(body, x, layer_params)
+            x = over_layers(body, x)
             new_cache = None
         else:
             # Slot bookkeeping is shared by all layers. New keys/values are scattered straight into the
@@ -183,16 +197,15 @@ class Llama(nnx.Module):
                 & (pos[:, None, :] <= positions[:, :, None])
             )
 
-            def body(carry, p):
+            def body(carry, layer):
                 h, k_all, v_all, i = carry
-                layer = nnx.merge(layer_def, p)
                 q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq)
                 k_all = k_all.at[i, rows, slots].set(k.astype(k_all.dtype), mode="drop")
                 v_all = v_all.at[i, rows, slots].set(v.astype(v_all.dtype), mode="drop")
                 h = layer.finish(h, layer.attn.attend(q, k_all[i], v_all[i], valid))
-                return (h, k_all, v_all, i + 1), None
+                return h, k_all, v_all, i + 1
 
-            (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, 0), layer_params)
+            x, k_all, v_all, _ = over_layers(body, (x, cache.k, cache.v, 0))
             new_cache = KVCache(k=k_all, v=v_all, pos=pos, length=length)
 
         if logits_at is not None:
@@ -203,6 +216,17 @@ class Llama(nnx.Module):
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
         return logits, new_cache
+
+
+def _over_layers(layer_def: nnx.GraphDef, layers: Params | tuple[Params, ...], body: Any, carry: Any) -> Any:
+    """``carry = body(carry, layer)`` for each decoder layer in turn: a Python loop over per-layer
+    buffers (``layers`` a tuple), or ``lax.scan`` over stacked ones (the layer index in ``carry`` is then
+    traced; in the loop it stays a Python int, so cache writes are static-index updates in place)."""
+    if isinstance(layers, tuple):
+        for p in layers:
+            carry = body(carry, nnx.merge(layer_def, p))
+        return carry
+    return jax.lax.scan(lambda c, p: (body(c, nnx.merge(layer_def, p)), None), carry, layers)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -250,5 +274,37 @@ def forward(
     cache, tokens attend causally to each other. ``logits_at`` (column indices per row) restricts the
     output to those columns: ``[batch, n, vocab]``. Pure: call it under ``jax.jit`` with ``cfg`` static.
     """
-    graphdef = _graphdef_and_abstract(cfg, "float32")[0]
-    return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at)
+    graphdef, abstract = _graphdef_and_abstract(cfg, "float32")
+    # The module gets the stacked layers' shapes only; their buffers, in either layout, go in as ``layers``.
+    model = nnx.merge(graphdef, {**params, "layers": abstract.to_pure_dict()["layers"]})
+    return model(tokens, positions, cache, logits_at, params["layers"])
+
+
+def run_params(params: Params) -> Params:
+    """``params`` in the layout ``forward`` runs fastest with where they are (see the module docstring).
+
+    Stacked params on one CPU device come back with per-layer layer weights that are zero-copy views of
+    the stacked buffers (which they keep alive); anything else comes back as it is. The runtime views
+    only 64-byte aligned slices and copies others: copies of under ``_MAX_COPIED_BYTES`` per layer (a
+    bias or norm of a tiny model) are accepted, a larger one keeps the stacked params, so the weights
+    are never held twice.
+    """
+    layers = params["layers"]
+    if isinstance(layers, tuple) or any(len(x.devices()) != 1 or x.platform() != "cpu" for x in jax.tree.leaves(layers)):
+        return params
+    per_layer = tuple({} for _ in range(jax.tree.leaves(layers)[0].shape[0]))
+    for path, x in jax.tree_util.tree_leaves_with_path(layers):
+        host = np.asarray(x)  # on CPU: the device buffer itself (read-only), not a copy
+        sharding = NamedSharding(x.sharding.mesh, PartitionSpec()) if isinstance(x.sharding, NamedSharding) else x.sharding
+        for i, layer in enumerate(per_layer):
+            view = jax.device_put(host[i], sharding)
+            if view.unsafe_buffer_pointer() != x.unsafe_buffer_pointer() + i * view.nbytes and view.nbytes >= _MAX_COPIED_BYTES:
+                return params
+            _set(layer, [k.key for k in path], view)
+    return {**params, "layers": per_layer}
+
+
+def _set(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value

@@ -1,0 +1,243 @@
+"""CPU decoding: the layer-weight layout (stacked + scan vs per-layer views, ``llama.run_params``).
+
+``--part step``: one-token cached forward of a random model of realistic shape (default: the 853M shape
+of ``bench_speculative.py --synthetic cpu``, float32, batch 1), each layout, against the time to stream
+its weight bytes once (a jitted sum over an array of the same size, timed in the same run, interleaved):
+floor / step is the fraction of the machine's read bandwidth a step reaches. Also the compiled step's
+``cost_analysis()`` bytes accessed against the ideal bytes (weights read once + live KV). XLA counts a
+loop body once, not once per trip, so for the scanned program that figure is per layer, not per step.
+
+``--part real --gguf FILE``: a real checkpoint against transformers on the same dequantized weights,
+greedy, the same prompt tokens: tokens/s of eft-jax's ``Engine`` (stacked params, what the engine
+passes today, and per-layer ``run_params``) against ``generate``, and the bare one-token cached forward
+of each, at each batch size, for float32 and bfloat16. ``first call s``: the first ``generate`` of a
+batch size (compiles), against the warm call the tokens/s come from.
+
+Usage: python bench/bench_cpu_decode.py --part step [--reps 5]
+       python bench/bench_cpu_decode.py --part real --gguf /tmp/qwen.gguf [--batches 1,8] [--new 64]
+Measures, prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import time
+
+import jax
+import jax.numpy as jnp
+
+from eft_jax.models import llama
+from eft_jax.models.config import LlamaConfig
+from eft_jax.models.kv_cache import KVCache
+
+SHAPE_853M = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=32,
+                  num_kv_heads=8, head_dim=64)
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain what a hash map is and give an example in Java.",
+    "Write a SQL query that lists the ten customers with the largest total order value.",
+    "How do I reverse a linked list in C? Show the code.",
+    "Write a bash one-liner that counts the lines of all .py files in a directory tree.",
+    "What is the difference between a process and a thread?",
+    "Implement binary search in JavaScript.",
+    "Write a Rust function that checks whether a string is a palindrome.",
+]
+
+_forward = jax.jit(llama.forward, static_argnums=0, donate_argnums=5)
+
+
+def _best(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _cache(cfg: LlamaConfig, batch: int, slots: int, filled: int, dtype) -> KVCache:
+    cache = KVCache.zeros(num_layers=cfg.num_layers, batch=batch, slots=slots, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, dtype=dtype)
+    pos = jnp.where(jnp.arange(slots) < filled, jnp.arange(slots), -1)
+    return dataclasses.replace(cache, pos=jnp.broadcast_to(pos, (batch, slots)).astype(jnp.int32),
+                               length=jnp.full((batch,), filled, jnp.int32))
+
+
+class Step:
+    """A one-token cached forward, compiled for one params layout; ``__call__`` runs it once."""
+
+    def __init__(self, cfg: LlamaConfig, params, batch: int, slots: int, filled: int):
+        self.cfg, self.params = cfg, params
+        dtype = jax.tree.leaves(params)[0].dtype
+        self.cache = _cache(cfg, batch, slots, filled, dtype)
+        self.tok = jnp.zeros((batch, 1), jnp.int32)
+        self.pos = jnp.full((batch, 1), filled, jnp.int32)
+        self.cache_stamp = jax.tree.map(lambda x: x, self.cache)
+        t = time.perf_counter()
+        self.compiled = _forward.lower(cfg, params, self.tok, self.pos, self.cache).compile()
+        self.compile_s = time.perf_counter() - t
+
+    def __call__(self):
+        # The cache is donated and comes back with one more slot used: reset the pointer each call.
+        logits, cache = self.compiled(self.params, self.tok, self.pos, self.cache)
+        self.cache = dataclasses.replace(cache, length=self.cache_stamp.length, pos=self.cache_stamp.pos)
+        return logits
+
+    def bytes_accessed(self) -> float:
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("bytes accessed", float("nan")))
+
+    def hlo_copies(self) -> int:
+        return sum(" copy(" in line for line in self.compiled.as_text().splitlines())
+
+
+def part_step(args: argparse.Namespace) -> None:
+    cfg = LlamaConfig(**SHAPE_853M)
+    params = llama.init_params(cfg, jax.random.key(0), jnp.float32)
+    layouts = {"stacked (scan)": params, "per-layer (run_params)": llama.run_params(params)}
+    weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes  # one embed row per token
+    kv = 2 * cfg.num_layers * args.batch * args.filled * cfg.num_kv_heads * cfg.head_dim * 4
+    ideal = weights + kv
+    stream = jnp.ones((ideal // 4,), jnp.float32)
+    read_once = jax.jit(jnp.sum)
+    steps = {name: Step(cfg, p, args.batch, args.slots, args.filled) for name, p in layouts.items()}
+    read_once(stream).block_until_ready()
+    times = {name: float("inf") for name in steps} | {"floor": float("inf")}
+    for _ in range(args.reps):  # interleaved, so machine noise hits all alike
+        times["floor"] = min(times["floor"], _best(lambda: read_once(stream), 1))
+        for name, step in steps.items():
+            times[name] = min(times[name], _best(step, 1))
+    print(f"{cfg.num_params / 1e6:.0f}M params float32, batch {args.batch}, {args.filled} cached tokens; "
+          f"ideal bytes {ideal / 1e9:.3f} GB (weights {weights / 1e9:.3f} + KV {kv / 1e9:.4f}); "
+          f"floor (read them once) {times['floor'] * 1e3:.1f} ms = {ideal / times['floor'] / 1e9:.1f} GB/s")
+    print(f"{'layout':24s} {'step ms':>8s} {'floor/step':>10s} {'compile s':>9s} {'copies':>6s} "
+          f"{'cost bytes GB':>13s} {'/ ideal':>7s}")
+    for name, step in steps.items():
+        b = step.bytes_accessed()
+        print(f"{name:24s} {times[name] * 1e3:8.1f} {times['floor'] / times[name]:10.2f} {step.compile_s:9.2f} "
+              f"{step.hlo_copies():6d} {b / 1e9:13.3f} {b / ideal:7.2f}")
+
+
+# --- real weights against transformers ---------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    return [tokenizer.encode(p) for p in (PROMPTS * ((n + len(PROMPTS) - 1) // len(PROMPTS)))[:n]]
+
+
+def _eft_decode(model, ids: list[list[int]], new: int):
+    from eft_jax.engine import Engine
+    from eft_jax.sampling import SamplingParams
+    from eft_jax.spec import EFTSpec
+
+    engine = Engine(EFTSpec.single(model))
+    prompts = [model.tokenizer.decode(x) for x in ids]
+    t = time.perf_counter()
+    out = engine.generate(prompts, SamplingParams(temperature=0.0), max_new_tokens=new, batch_size=len(ids),
+                          ignore_eos=True)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    out = engine.generate(prompts, SamplingParams(temperature=0.0), max_new_tokens=new, batch_size=len(ids),
+                          ignore_eos=True)
+    warm = time.perf_counter() - t
+    return [r.tokens for r in out], warm, first
+
+
+def _torch_decode(hf, ids: list[list[int]], new: int, pad_id: int):
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad_id)
+    with torch.no_grad():
+        hf.generate(input_ids[:, :4], attention_mask=mask[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=pad_id)
+        t = time.perf_counter()
+        out = hf.generate(input_ids, **kwargs)
+        took = time.perf_counter() - t
+    return [row[width:].tolist() for row in out], took
+
+
+def _torch_step(hf, batch: int, filled: int, reps: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        out = hf(torch.zeros((batch, filled), dtype=torch.long), use_cache=True)
+        past = out.past_key_values
+        tok = torch.zeros((batch, 1), dtype=torch.long)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            hf(tok, past_key_values=past, use_cache=True)
+            times.append(time.perf_counter() - t)
+            past.crop(-1)  # drop the token just added
+    return min(times)
+
+
+def part_real(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+    import transformers
+
+    import eft_jax
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    gguf = os.path.abspath(args.gguf)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                           dtype=torch.float32).eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} {jax.devices()[0]}")
+    for dtype_name in args.dtypes.split(","):
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+        hf = hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name])
+        t = time.perf_counter()
+        model = eft_jax.load_model(gguf, dtype=dtype)
+        load_s = time.perf_counter() - t
+        per_layer = dataclasses.replace(model, params=model.run_params)  # what the engine runs once it passes run_params
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        print(f"\n== {dtype_name}: {model.config.num_params / 1e9:.2f}B params, {model.weight_bytes / 1e9:.2f} GB, "
+              f"eft-jax load {load_s:.1f}s")
+        print(f"{'batch':>5s} {'what':34s} {'tok/s':>8s} {'vs torch':>8s} {'first call s':>12s} {'same tokens':>11s}")
+        for batch in [int(b) for b in args.batches.split(",")]:
+            ids = _prompt_ids(model.tokenizer, batch)
+            theirs, took = _torch_decode(hf, ids, args.new, pad)
+            torch_tps = batch * args.new / took
+            print(f"{batch:5d} {'transformers generate':34s} {torch_tps:8.2f} {1.0:8.2f} {'':>12s} {'':>11s}")
+            for name, m in (("eft-jax Engine, stacked params", model), ("eft-jax Engine, per-layer params", per_layer)):
+                ours, warm, first_s = _eft_decode(m, ids, args.new)
+                same = sum(a[: args.new] == b[: args.new] for a, b in zip(ours, theirs, strict=True))
+                tps = batch * args.new / warm
+                print(f"{batch:5d} {name:34s} {tps:8.2f} {tps / torch_tps:8.2f} {first_s:12.1f} {same:6d}/{batch}")
+            steps = {name: Step(model.config, p, batch, 128, 64)
+                     for name, p in (("stacked", model.params), ("per-layer", model.run_params))}
+            torch_ms = _torch_step(hf, batch, 64, args.reps) * 1e3
+            line = f"{batch:5d} bare one-token forward (64 cached): torch {torch_ms:.0f} ms"
+            for name, step in steps.items():
+                step()
+                line += f", eft-jax {name} {_best(step, args.reps) * 1e3:.0f} ms (compile {step.compile_s:.1f}s)"
+            print(line)
+            del steps
+        del model, per_layer
+        gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("step", "real"), default="step")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="step: batch size")
+    parser.add_argument("--slots", type=int, default=256, help="step: cache slots")
+    parser.add_argument("--filled", type=int, default=128, help="step: cached tokens each row attends to")
+    parser.add_argument("--gguf", help="real: the GGUF file")
+    parser.add_argument("--batches", default="1,8", help="real: batch sizes")
+    parser.add_argument("--new", type=int, default=64, help="real: new tokens per prompt")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="real: parameter dtypes")
+    args = parser.parse_args()
+    part_step(args) if args.part == "step" else part_real(args)
+
+
+if __name__ == "__main__":
+    main()

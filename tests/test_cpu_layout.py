@@ -1,0 +1,101 @@
+"""The two layouts of the layer weights (``eft_jax.models.llama``): per-layer views on one CPU device run
+the same math as the scanned stacked layers, share their memory, and the scanned program stays flat in
+depth."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eft_jax.model import Model
+from eft_jax.models import llama
+from eft_jax.models.config import LlamaConfig
+from eft_jax.models.kv_cache import KVCache
+from eft_jax.sharding import REPLICATED, make_mesh, single_device_mesh
+from tolerances import logits_tolerance
+
+CFG = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_layers=4, num_heads=6, num_kv_heads=2,
+                  head_dim=8, qkv_bias=True)
+_forward = jax.jit(llama.forward, static_argnums=0)
+
+
+def _random_params(cfg: LlamaConfig) -> dict:
+    # Biases and norm scales random too (init gives zeros/ones), so a layer mixed up with another shows.
+    params = llama.init_params(cfg, jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape) if x.ndim <= 3 else x, params)
+
+
+def test_per_layer_views_share_the_stacked_buffers():
+    params = _random_params(CFG)
+    per_layer = llama.run_params(params)["layers"]
+    assert isinstance(per_layer, tuple) and len(per_layer) == CFG.num_layers
+    for i, layer in enumerate(per_layer):
+        for stacked, view in zip(jax.tree.leaves(params["layers"]), jax.tree.leaves(layer), strict=True):
+            np.testing.assert_array_equal(np.asarray(view), np.asarray(stacked[i]))
+            if view.nbytes % 64 == 0:  # the runtime views 64-byte aligned slices: no second copy
+                assert view.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + i * view.nbytes
+
+
+def test_per_layer_loop_gives_the_scanned_logits():
+    params = _random_params(CFG)
+    per_layer = llama.run_params(params)
+    rng = np.random.RandomState(0)
+    tokens = jnp.asarray(rng.randint(0, CFG.vocab_size, (3, 10)))
+    positions = jnp.broadcast_to(jnp.arange(10), (3, 10)).at[0, :3].set(-1)  # a left-padded row
+    want, _ = _forward(CFG, params, tokens, positions)
+    got, _ = _forward(CFG, per_layer, tokens, positions)
+    # Same float32 math, possibly fused differently: the rounding bound eps x max|logit| x
+    # sqrt(longest reduction (MLP 112) x layers) x LAMBDA (tests/tolerances.py); a layer run with another
+    # layer's weights or cache moves the logits by O(max|logit|).
+    tol = logits_tolerance(np.asarray(want), hidden=CFG.hidden_size, intermediate=CFG.intermediate_size,
+                           layers=CFG.num_layers, seq=10)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol, rtol=0)
+
+    # Cached: a prefill of 6 tokens then 4 one-token steps, both layouts from one empty cache.
+    caches = [KVCache.zeros(num_layers=CFG.num_layers, batch=3, slots=12, num_kv_heads=CFG.num_kv_heads,
+                            head_dim=CFG.head_dim, dtype=jnp.float32) for _ in range(2)]
+    for start, stop in [(0, 6), (6, 7), (7, 8), (8, 9), (9, 10)]:
+        step = [_forward(CFG, p, tokens[:, start:stop], positions[:, start:stop], c)
+                for p, c in zip((params, per_layer), caches, strict=True)]
+        (want_step, want_cache), (got_step, got_cache) = step
+        np.testing.assert_allclose(np.asarray(got_step), np.asarray(want_step), atol=tol, rtol=0)
+        # Against the uncached forward: two computations, each within tol of the exact logits.
+        real = np.asarray(positions[:, start:stop] >= 0)  # a padding query's output is never used
+        np.testing.assert_allclose(np.asarray(got_step)[real], np.asarray(want[:, start:stop])[real], atol=2 * tol, rtol=0)
+        caches = [want_cache, got_cache]
+    np.testing.assert_array_equal(np.asarray(caches[0].length), np.asarray(caches[1].length))
+    np.testing.assert_allclose(np.asarray(caches[1].k), np.asarray(caches[0].k), atol=tol, rtol=0)
+
+
+def test_model_runs_per_layer_on_one_cpu_device_and_stacked_on_a_mesh():
+    params = _random_params(CFG)
+    one = Model(CFG, params, None, single_device_mesh(), REPLICATED, "random")
+    assert isinstance(one.run_params["layers"], tuple)
+    assert one.params["layers"]["attn"]["q"].shape[0] == CFG.num_layers  # the canonical layout is kept
+    mesh = make_mesh(data=2, model=4)
+    on_mesh = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    assert isinstance(Model(CFG, on_mesh, None, mesh, REPLICATED, "random").run_params["layers"], dict)
+
+
+def _hlo_chars(cfg: LlamaConfig, params: dict) -> int:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    cache = KVCache.zeros(num_layers=cfg.num_layers, batch=1, slots=8, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, dtype=jnp.float32)
+    text = _forward.lower(cfg, params, tokens, tokens, cache).compile().as_text()
+    return len(re.sub(r"\d+", "0", text))  # layer counts in shapes must not count as growth
+
+
+def test_scanned_program_does_not_grow_with_depth_and_the_loop_does():
+    shallow, deep = (dataclasses.replace(CFG, num_layers=n) for n in (2, 16))
+    shallow_params, deep_params = (llama.abstract_params(c) for c in (shallow, deep))
+    scanned = _hlo_chars(shallow, shallow_params), _hlo_chars(deep, deep_params)
+    assert scanned[1] <= 1.02 * scanned[0], scanned
+    # The per-layer loop is unrolled by design (CPU only, where compile time is small next to decoding).
+    per_layer = (_hlo_chars(c, {**p, "layers": tuple(jax.tree.map(lambda x: x[0], p["layers"]) for _ in range(c.num_layers))})
+                 for c, p in ((shallow, llama.init_params(shallow, jax.random.key(0))),
+                              (deep, llama.init_params(deep, jax.random.key(0)))))
+    small, large = per_layer
+    assert large > 4 * small
