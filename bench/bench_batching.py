@@ -11,7 +11,8 @@ Each mode runs once to compile and once timed (``--repeats``: best of n); the pr
 continuous / static tokens per second at the same batch size, and the samples are checked to be
 identical between the two modes.
 
-Usage: python bench/bench_batching.py [--prompts 512] [--batch-size 16] [--repeats 1] [--jobs natural,long-tailed]
+Usage: python bench/bench_batching.py [--prompts 512] [--batch-size 16] [--chunk-size 8] [--repeats 1]
+       [--jobs natural,long-tailed]
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--jobs", default="natural,long-tailed")
+    p.add_argument("--chunk-size", type=int, default=8, help="decode steps per chunk (the embedded job's: 8)")
     args = p.parse_args()
 
     models, world = load_toy(REPO / "checkpoints" / "toy")
-    engine = Engine(row_specs(models, world)["EFT up-scaled"])
+    engine = Engine(row_specs(models, world)["EFT up-scaled"], chunk_size=args.chunk_size)
     prompts = [it.prompt for it in eval_items(world, args.prompts // 4)][: args.prompts]
-    print(f"toy trio, EFT up-scaling, {len(prompts)} prompts, batch size {args.batch_size}")
+    print(f"toy trio, EFT up-scaling, {len(prompts)} prompts, batch size {args.batch_size}, chunk {args.chunk_size}")
     print(f"{'job':<12} {'mode':<11} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for name in args.jobs.split(","):
         kwargs = job(name, prompts)

@@ -57,7 +57,7 @@ def test_a_chat_template_that_cannot_render_stops_the_job_before_any_sample(fami
 def test_the_same_setup_error_on_every_line_of_a_batch_stops_the_job():
     same = _SameFailure(limit=3, total=10)
     same.failed("boom")
-    same.ok()  # a line that renders resets the count
+    assert same.attempt(None, [], lambda: "fine") == "fine"  # a line that renders resets the count
     same.failed("boom")
     same.failed("other")  # a different error: not the same fault
     same.failed("other")

@@ -242,8 +242,20 @@ class _SameFailure:
         self.message: str | None = None
         self.count = 0
 
-    def ok(self) -> None:
+    def attempt(self, req: Request, issues: list[Issue], fit: Any) -> Any:
+        """``fit()`` for one input line, or None after recording why it failed as the line's issue: a
+        ``PromptError`` is the line's own problem; anything else also counts towards the limit."""
+        try:
+            result = fit()
+        except PromptError as e:
+            issues.append(_prompt_issue(req, e))
+            return None
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on one line must not stop the job
+            issues.append(_prompt_issue(req, e))
+            self.failed(issues[-1].message)
+            return None
         self.count = 0
+        return result
 
     def failed(self, message: str) -> None:
         self.count = self.count + 1 if message == self.message else 1
@@ -303,16 +315,10 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
     same = _SameFailure(config.job.batch_size, len(todo))
     for req, samples in todo:
         max_new = req.max_new_tokens or config.job.max_new_tokens
-        try:
-            prompt, cut = fit_prompt(models, req.prompt, max_new, config.job.on_long_prompt)
-        except PromptError as e:
-            issues.append(_prompt_issue(req, e))
+        fitted = same.attempt(req, issues, lambda: fit_prompt(models, req.prompt, max_new, config.job.on_long_prompt))
+        if fitted is None:
             continue
-        except Exception as e:  # noqa: BLE001 - a template or tokenizer failure on one prompt must not stop the job
-            issues.append(_prompt_issue(req, e))
-            same.failed(issues[-1].message)
-            continue
-        same.ok()
+        prompt, cut = fitted
         if cut:
             truncated.add(req.key)
             issues.append(Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to "
@@ -403,6 +409,15 @@ def _sort_output(job: _Job) -> None:
         job.summary.interrupted = True
 
 
+def _fit_pair(engine: Any, req: Request, policy: str) -> tuple[list[int], Any, int]:
+    """A score line's response tokens, and its prompt fitted to every model's context with them."""
+    response = engine.tokenizer(req.response, add_special_tokens=False)["input_ids"]
+    if not response:
+        raise PromptError("the response encodes to no tokens")
+    prompt, cut = fit_prompt(engine.spec.components, req.prompt, len(response), policy)
+    return response, prompt, cut
+
+
 def _prompt_issue(req: Request, error: Exception) -> Issue:
     """An issue for a prompt that cannot be run as it is (too long under "skip", or not renderable)."""
     if isinstance(error, PromptError):
@@ -477,19 +492,10 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
     truncated: set[str] = set()
     same = _SameFailure(config.job.batch_size, len(todo))
     for req in todo:
-        try:
-            response = engine.tokenizer(req.response, add_special_tokens=False)["input_ids"]
-            if not response:
-                raise PromptError("the response encodes to no tokens")
-            prompt, cut = fit_prompt(engine.spec.components, req.prompt, len(response), config.job.on_long_prompt)
-        except PromptError as e:
-            issues.append(_prompt_issue(req, e))
+        fitted = same.attempt(req, issues, lambda: _fit_pair(engine, req, config.job.on_long_prompt))
+        if fitted is None:
             continue
-        except Exception as e:  # noqa: BLE001 - see _generate
-            issues.append(_prompt_issue(req, e))
-            same.failed(issues[-1].message)
-            continue
-        same.ok()
+        response, prompt, cut = fitted
         if cut:
             truncated.add(req.key)
             issues.append(Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to "
