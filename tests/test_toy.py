@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -114,19 +117,32 @@ def test_upscaling_beats_the_small_fine_tune_on_heldout_facts(toy):
 
 @pytest.mark.slow  # ~25 s: tokenizer, pretraining and SFT of four models
 def test_build_pipeline_end_to_end(tmp_path):
-    """A miniature ``eft-jax toy build``: every stage runs and the result loads as a trio."""
-    from eft_jax.toy import build as toy_build
-    from eft_jax.train import OptimizerConfig, TrainConfig
+    """A miniature ``eft-jax toy build``: every stage runs and the result loads as a trio.
 
-    opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=1)
-    cfg = toy_build.BuildConfig(
-        world=WorldConfig(num_entities=40), vocab_size=320, tokenizer_passes=2, small=(32, 1, 64), large=(64, 1, 64),
-        seq_len=64,
-        pretrain=TrainConfig(steps=3, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated", log_every=1),
-        sft_seq_len=64, sft=TrainConfig(steps=2, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated"),
-    )
-    record = toy_build.build(tmp_path / "toy", tmp_path / "work", cfg, log=None)
-    assert set(record["models"]) == set(toy_eval.MODEL_NAMES)
+    The build runs in a process of its own, as ``eft-jax toy build`` does: in two full-suite runs,
+    compiling its training step inside the long-lived test process (after ~400 other tests) crashed
+    XLA:CPU with a segmentation fault, which did not happen with this file alone (an open problem,
+    noted on issue 12)."""
+    script = """
+import json, sys
+from eft_jax.toy import build as toy_build
+from eft_jax.toy.world import WorldConfig
+from eft_jax.train import OptimizerConfig, TrainConfig
+opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=1)
+cfg = toy_build.BuildConfig(
+    world=WorldConfig(num_entities=40), vocab_size=320, tokenizer_passes=2, small=(32, 1, 64), large=(64, 1, 64),
+    seq_len=64,
+    pretrain=TrainConfig(steps=3, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated", log_every=1),
+    sft_seq_len=64, sft=TrainConfig(steps=2, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated"),
+)
+record = toy_build.build(sys.argv[1], sys.argv[2], cfg, log=None)
+print(json.dumps(sorted(record["models"])))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "toy"), str(tmp_path / "work")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == sorted(toy_eval.MODEL_NAMES)
     models, world = toy_eval.load_toy(tmp_path / "toy")
     assert len(world.entities) == 40
     items = toy_eval.eval_items(world, 1)
