@@ -84,3 +84,25 @@ def family_logit_tol(family):
         scale = max(float(m(tokens).logits.abs().max()) for _, m in family.values())
     c = hf_config("gqa")
     return logits_tolerance(np.float64(scale), hidden=c.hidden_size, intermediate=c.intermediate_size, layers=3, seq=64)
+
+
+MAX_MAPPINGS = 20_000  # of the kernel's vm.max_map_count (65530 by default)
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs when the process holds many memory mappings. Each XLA:CPU executable
+    maps its code in hundreds of pieces (~1000 mappings per toy generate call measured here); the suite
+    compiles many hundreds of programs in one process, and past vm.max_map_count the next compilation
+    crashes with a segmentation fault (seen twice, ~400 tests in)."""
+    yield
+    try:
+        with open("/proc/self/maps") as f:
+            mappings = sum(1 for _ in f)
+    except OSError:  # not Linux: nothing to measure
+        return
+    if mappings > MAX_MAPPINGS:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
