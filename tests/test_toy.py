@@ -119,10 +119,9 @@ def test_upscaling_beats_the_small_fine_tune_on_heldout_facts(toy):
 def test_build_pipeline_end_to_end(tmp_path):
     """A miniature ``eft-jax toy build``: every stage runs and the result loads as a trio.
 
-    The build runs in a process of its own, as ``eft-jax toy build`` does: in two full-suite runs,
-    compiling its training step inside the long-lived test process (after ~400 other tests) crashed
-    XLA:CPU with a segmentation fault, which did not happen with this file alone (an open problem,
-    noted on issue 12)."""
+    The build runs in a process of its own, as ``eft-jax toy build`` does (its training compiles a few
+    dozen programs, whose memory mappings count towards the test process's limit: see
+    ``_release_compiled_programs`` in conftest.py)."""
     script = """
 import json, sys
 from eft_jax.toy import build as toy_build
