@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from eft_jax import decode
-from eft_jax.batching import cache_layout
 from eft_jax.model import Model, param_shardings
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
@@ -87,7 +86,7 @@ def time_decode(models: list[Model], batch: int, steps: int, prompt: int, chunk_
     max_new = jnp.full((batch,), 10**6, jnp.int32)
     out_len = 1 + steps
 
-    layouts = tuple(cache_layout(m, batch, prompt + out_len) for m in models)
+    layouts = tuple(m.cache_layout(batch, prompt + out_len) for m in models)
 
     def fresh_state():
         return decode.start(plan, params, tuple(toks), tuple(pos), layouts, weights, jnp.int32(0), stream, max_new,

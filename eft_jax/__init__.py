@@ -27,7 +27,8 @@ _EXPORTS = {
     "make_mesh": "eft_jax.sharding",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["CheckpointError", "LlamaConfig", "Model", "UnsupportedConfigError", "convert", "load_model",
+           "load_tokenizer", "make_mesh"]  # = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from eft_jax.loading.load import convert, load_model, load_tokenizer

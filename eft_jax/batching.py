@@ -30,15 +30,10 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from eft_jax import decode, speculative
-from eft_jax.model import Model
-from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, CacheLayout
 from eft_jax.prompts import bucket_length, left_pad
-from eft_jax.sharding import logical_to_spec
 
 if TYPE_CHECKING:
     from eft_jax.engine import Engine
@@ -186,7 +181,7 @@ class SlotLoop:
             t, p = left_pad(seqs, length, self.engine.pad_id)
             tokens.append(self.engine._place(t))
             positions.append(self.engine._place(p))
-            layouts.append(cache_layout(model_run.model, size, self.cache_slots[m]))
+            layouts.append(model_run.model.cache_layout(size, self.cache_slots[m]))
         place = self.engine._place
         stream = place(np.array([r.stream for r in padded], np.int32))
         max_new = place(np.array([r.max_new if r is not None else 0 for r in rows], np.int32))
@@ -214,17 +209,6 @@ class SlotLoop:
                                                        for name, v in spec.items()},
             )))
         return out
-
-
-def cache_layout(model: Model, batch: int, slots: int) -> CacheLayout:
-    """The static description of ``model``'s empty cache, placed as ``Model.init_cache`` would place it."""
-    cfg = model.config
-    shapes = ((cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim),) * 2 + ((batch, slots), (batch,))
-    axes = (CACHE_LOGICAL_AXES.k, CACHE_LOGICAL_AXES.v, CACHE_LOGICAL_AXES.pos, CACHE_LOGICAL_AXES.length)
-    shardings = tuple(NamedSharding(model.mesh, logical_to_spec(a, shape, model.rules, model.mesh))
-                      for a, shape in zip(axes, shapes, strict=True))
-    return CacheLayout(num_layers=cfg.num_layers, batch=batch, slots=slots, num_kv_heads=cfg.num_kv_heads,
-                       head_dim=cfg.head_dim, dtype=jnp.dtype(model.dtype).name, shardings=shardings)
 
 
 def _round_up(n: int, multiple: int) -> int:

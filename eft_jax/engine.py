@@ -1,9 +1,9 @@
 """EFT generation and scoring for any number of prompts: batching, buckets, the host decode loop.
 
 ``Engine(spec)`` checks the models once (shared vocabulary, same mesh) and then serves ``generate``
-and ``score`` calls. Prompts are sorted by length and run in fixed-size batches (the last one padded
-with dummy rows), prompt lengths are bucketed to powers of two and output lengths to whole chunks, so
-a job with many batches compiles a handful of programs: per batch shape ``start`` (empty caches, prefill
+and ``score`` calls. Generation sorts prompts by length and decodes them in ``batch_size`` slots that
+are refilled as rows finish (``eft_jax.batching``); scoring runs fixed-size batches. Prompt lengths are
+bucketed to powers of two and output lengths to whole chunks, so a job compiles a handful of programs: per batch shape ``start`` (empty caches, prefill
 and token 0), the decode or speculative chunk, and the ``refill`` programs of continuous batching
 (``eft_jax.batching``); nothing else, since no array is computed eagerly on the way (each eager op would
 compile a program of its own). Results come back in input order.

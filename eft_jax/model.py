@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
-from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, KVCache
+from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, CacheLayout, KVCache
 from eft_jax.sharding import ShardingRules, logical_to_spec, tree_shardings
 
 
@@ -30,17 +30,10 @@ def _full_logits(cfg: LlamaConfig, params: Any, vocab: int, tokens: Array) -> Ar
     return logits[..., :vocab]
 
 
-def _empty_cache(cfg: LlamaConfig, dtype: str, batch: int, slots: int) -> KVCache:
-    return KVCache.zeros(num_layers=cfg.num_layers, batch=batch, slots=slots, num_kv_heads=cfg.num_kv_heads,
-                         head_dim=cfg.head_dim, dtype=jnp.dtype(dtype))
-
-
 @functools.lru_cache(maxsize=64)
-def _cache_builder(cfg: LlamaConfig, dtype: str, batch: int, slots: int, mesh: Mesh, rules: ShardingRules):
-    """A compiled zero-cache constructor per shape (jit of a fresh lambda would recompile every batch)."""
-    abstract = jax.eval_shape(lambda: _empty_cache(cfg, dtype, batch, slots))
-    shardings = tree_shardings(CACHE_LOGICAL_AXES, abstract, rules, mesh)
-    return jax.jit(functools.partial(_empty_cache, cfg, dtype, batch, slots), out_shardings=shardings)
+def _cache_builder(layout: CacheLayout):
+    """A compiled zero-cache constructor per layout (jit of a fresh lambda would recompile every batch)."""
+    return jax.jit(layout.zeros)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -79,9 +72,18 @@ class Model:
     def weight_bytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.params))
 
+    def cache_layout(self, batch: int, slots: int) -> CacheLayout:
+        """The static description of an empty cache of ``slots`` positions per row, with its shardings."""
+        cfg = self.config
+        layout = CacheLayout(num_layers=cfg.num_layers, batch=batch, slots=slots, num_kv_heads=cfg.num_kv_heads,
+                             head_dim=cfg.head_dim, dtype=jnp.dtype(self.dtype).name)
+        abstract = jax.eval_shape(layout.zeros)
+        shardings = tree_shardings(CACHE_LOGICAL_AXES, abstract, self.rules, self.mesh)
+        return dataclasses.replace(layout, shardings=(shardings.k, shardings.v, shardings.pos, shardings.length))
+
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty cache of ``slots`` positions per row, created directly in its shardings."""
-        return _cache_builder(self.config, jnp.dtype(self.dtype).name, batch, slots, self.mesh, self.rules)()
+        return _cache_builder(self.cache_layout(batch, slots))()
 
     def logits(self, tokens: Int[Array, "batch seq"] | np.ndarray) -> Float[Array, "batch seq vocab"]:
         """Full-sequence float32 logits ``[batch, seq, vocab_size]`` (positions 0..seq-1, no padding)."""
