@@ -68,32 +68,37 @@ class SlotLoop:
         self.engine, self.plan, self.weights, self.continuous = engine, plan, weights, continuous
         self.k = engine.speculative_k
         # No slot for a row that does not exist: a small call runs a small batch.
-        self.num_slots = min(batch_size, math.ceil(len(rows) / engine.data_size) * engine.data_size)
+        self.num_slots = min(batch_size, _round_up(len(rows), engine.place.data_size))
         self.queue = collections.deque(rows)
         self.out_len = 1 + plan.chunk * math.ceil((max(r.max_new for r in rows) - 1) / plan.chunk)
         extra = self.k + 1 if self.k else 0  # a speculative round writes k + 1 entries before rewinding
         self.prompt_len = [bucket_length(max(len(r.tokens[m]) for r in rows)) for m in range(len(engine.runs))]
         self.cache_slots = [length + self.out_len + extra for length in self.prompt_len]
         self.params = tuple(c.model.run_params for c in engine.runs)  # the fastest layout here (Model.run_params)
-        self.seed = engine._replicated(np.asarray(seed, np.int32))
+        self.seed = engine.place.replicated(np.asarray(seed, np.int32))
         self.occupant: list[Row | None] = [None] * self.num_slots
         self.lengths = [np.zeros(self.num_slots, np.int64) for _ in engine.runs]  # cache length per model and slot
         # Rows per refill program: a quarter of the batch (a multiple of the data axis). Fewer would
         # compile more programs or call refill more often; more would prefill padding rows each time.
-        self.refill_rows = min(self.num_slots, _round_up(math.ceil(self.num_slots / 4), engine.data_size))
+        self.refill_rows = min(self.num_slots, _round_up(math.ceil(self.num_slots / 4), engine.place.data_size))
 
-    def run(self) -> Iterator[list[tuple[Row, RowOutput]]]:
-        """Yield the finished rows and their outputs after each chunk, until every row is done."""
+    def run(self) -> Iterator[tuple[list[tuple[Row, RowOutput]], int]]:
+        """After each chunk (and the first prefill), yield the rows that finished with their outputs, and
+        the tokens decoded since the last yield over every row; until every row is done."""
         state = self._start()
+        counted = np.zeros(self.num_slots, np.int64)  # each slot's tokens already reported
         while True:
             st = self._decode_state(state)
-            done = to_host(st.done)
+            done, num_tokens = to_host(st.done), to_host(st.num_tokens)
             self.lengths = [np.array(to_host(c.length)) for c in st.caches]
+            live = np.array([row is not None for row in self.occupant])
+            tokens = int(np.sum(np.where(live, num_tokens - counted, 0)))
+            counted = np.where(live, num_tokens, 0)
             finished = [s for s, row in enumerate(self.occupant) if row is not None and done[s]]
-            if finished:
-                yield self._outputs(state, finished)
-                for s in finished:
-                    self.occupant[s] = None
+            yield (self._outputs(state, finished) if finished else []), tokens
+            for s in finished:
+                self.occupant[s] = None
+                counted[s] = 0
             free = [s for s, row in enumerate(self.occupant) if row is None]
             if self.queue and len(free) == self.num_slots:
                 state = self._start()  # a whole new batch: the start program, no refill needed
@@ -127,7 +132,7 @@ class SlotLoop:
             slots = np.array(group + [self.num_slots] * (size - len(group)), np.int32)  # out of range: dropped
             args = self._fill_args(rows + [None] * (size - len(group)), size)
             self._record_lengths(group, args)
-            state = refill(*args, self.engine._place(slots), state)
+            state = refill(*args, self.engine.place.rows(slots), state)
         return state
 
     def _record_lengths(self, slots: Sequence[int], args: tuple) -> None:
@@ -179,10 +184,10 @@ class SlotLoop:
             seqs = [r.tokens[m] for r in padded]
             length = prompt_len[m] if prompt_len else bucket_length(max(len(x) for x in seqs))
             t, p = left_pad(seqs, length, self.engine.pad_id)
-            tokens.append(self.engine._place(t))
-            positions.append(self.engine._place(p))
+            tokens.append(self.engine.place.rows(t))
+            positions.append(self.engine.place.rows(p))
             layouts.append(model_run.model.cache_layout(size, self.cache_slots[m]))
-        place = self.engine._place
+        place = self.engine.place.rows
         stream = place(np.array([r.stream for r in padded], np.int32))
         max_new = place(np.array([r.max_new if r is not None else 0 for r in rows], np.int32))
         return (self.plan, self.params, tuple(tokens), tuple(positions), tuple(layouts), self.weights, self.seed,

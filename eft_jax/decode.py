@@ -1,4 +1,4 @@
-"""The jitted core of EFT decoding: prefill, fixed-length scan chunks of decode steps, and scoring.
+"""The jitted core of EFT decoding: prefill, chunks of decode steps, and scoring.
 
 One step, for every model of the spec: feed the last sampled token at that model's own position,
 get next-token logits, then combine (``eft.eft_logprobs``), filter (``sampling.final_logprobs``) and
@@ -7,9 +7,9 @@ sample once for all. Plain decoding is the one-model case of the same code.
 Everything here is a pure function of a static ``Plan`` (shapes, configs, sampling settings) and
 pytrees of arrays (params, caches, ``DecodeState``). The host loop lives in ``batching.py``: it calls
 ``start`` (empty caches + prefill + token 0, one program: the caches are created inside it, not by a
-separately compiled constructor), then ``decode_chunk`` (``chunk`` steps in one ``lax.scan``, no host
-round trip inside) until every row is done, checking between chunks, and ``refill`` to put new prompts
-in finished rows. Nothing else is compiled on the way: the host loop computes no array eagerly.
+separately compiled constructor), then ``decode_chunk`` (``chunk`` steps in one loop, no host round trip
+inside) until every row is done, checking between chunks, and ``refill`` to put new prompts in finished
+rows. ``emit`` is the one place where output tokens are written and rows stop (plain and speculative). Nothing else is compiled on the way: the host loop computes no array eagerly.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class Plan:
       ``configs``; empty means "the first rule_size configs, in order". vocab: the common vocabulary size.
     record_components: also return each model's log-prob of every sampled token.
     record_distributions: also return every step's EFT distribution (analysis/tests; [B, T, vocab]).
+    stop_early: end a chunk as soon as every row is done (``while_loop``) instead of running all its
+      steps (``scan``). Worth it on CPU; on GPU a data-dependent loop exit syncs with the host each step.
     """
 
     configs: tuple[LlamaConfig, ...]
@@ -52,6 +54,7 @@ class Plan:
     record_components: bool = False
     record_distributions: bool = False
     sources: tuple[int, ...] = ()
+    stop_early: bool = False
 
     @property
     def rule_size(self) -> int:
@@ -95,12 +98,39 @@ def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array
     return eft_logprobs(sliced[0], sliced[1], jnp.stack(sliced[2:]), weights, base_top_p=plan.base_top_p)
 
 
-def _write_at(buf: Array, value: Array, at: Int[Array, " batch"], batch_axis: int = 0) -> Array:
-    """``buf[..., b, at[b], ...] = value[..., b, ...]`` per row b (axis ``batch_axis`` + 1 is the output
-    index); an out-of-range ``at[b]`` writes nothing."""
-    rows = jnp.arange(at.shape[0])
-    index = (slice(None),) * batch_axis + (rows, at)
-    return buf.at[index].set(value, mode="drop")
+def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed: Bool[Array, "batch n"],
+         lp: Float[Array, "batch n vocab"], logits: tuple[Array, ...]) -> tuple[DecodeState, Bool[Array, "batch n"]]:
+    """Write each row's new output tokens: the one emit/stop bookkeeping of plain and speculative decoding.
+
+    ``tokens[b, j]`` is row b's candidate output token ``num_tokens[b] + j``, ``proposed`` says which
+    candidates the caller emits (a prefix of each row), ``lp`` their EFT log-probs (``[batch, n, vocab]``)
+    and ``logits`` each model's raw logits at them (``[batch, n, padded vocab]``, for the per-model
+    log-probs). A row emits its proposed tokens up to and including the first stop token, at most up to
+    its ``max_new``, nothing once done. Returns the new state (``token`` unchanged: the caller feeds
+    what it decides) and which candidates were emitted."""
+    j = jnp.arange(tokens.shape[1])[None, :]
+    is_stop = jnp.isin(tokens, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros(tokens.shape, bool)
+    after_stop = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
+    emitted = (proposed & ~after_stop & (j < (state.max_new - state.num_tokens)[:, None])
+               & ~state.done[:, None])
+    out_len = state.tokens.shape[1]
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    at = jnp.where(emitted, state.num_tokens[:, None] + j, out_len)  # out of range: dropped
+    put = lambda buf, value: buf.at[rows, at].set(value, mode="drop")  # noqa: E731
+    take = lambda dist: jnp.take_along_axis(dist, tokens[..., None], axis=-1)[..., 0]  # noqa: E731
+    components, distributions = state.components, state.distributions
+    if plan.record_components:
+        per_model = jnp.stack([take(safe_log_softmax(x[..., : plan.vocab])) for x in plan.rule(logits)])
+        components = components.at[:, rows, at].set(per_model, mode="drop")
+    if plan.record_distributions:
+        distributions = put(distributions, lp)
+    num_tokens = state.num_tokens + jnp.sum(emitted, axis=1)
+    done = state.done | jnp.any(is_stop & emitted, axis=1) | (num_tokens >= state.max_new)
+    return dataclasses.replace(
+        state, done=done, num_tokens=num_tokens, tokens=put(state.tokens, tokens),
+        logprobs=put(state.logprobs, take(lp)), components=components,
+        distributions=distributions,
+    ), emitted
 
 
 def _choose_and_record(plan: Plan, state: DecodeState, logits: tuple[Array, ...], weights: Array,
@@ -110,32 +140,12 @@ def _choose_and_record(plan: Plan, state: DecodeState, logits: tuple[Array, ...]
     A row's randomness is keyed by (seed, stream, its own output index), so a sample does not depend
     on when its row started or what its neighbours do."""
     lp = eft_distribution(plan, logits, weights)
-    index = state.num_tokens
-    keys = row_keys(seed, state.stream, index)
+    keys = row_keys(seed, state.stream, state.num_tokens)
     # The EFT log-probs are already normalised: skip the filter pass when it would change nothing.
     tok = sample(lp if plan.sampling.is_identity else final_logprobs(lp, plan.sampling), keys)
-
-    out_len = state.tokens.shape[1]
-    active = ~state.done & (index < out_len)
-    tok = jnp.where(active, tok, plan.pad_id)
-    num_tokens = index + active
-    is_stop = jnp.isin(tok, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros_like(active)
-    done = state.done | (active & is_stop) | (num_tokens >= state.max_new)
-
-    at = jnp.where(active, index, out_len)  # out of range: dropped
-    tokens = _write_at(state.tokens, tok, at)
-    logprobs = _write_at(state.logprobs, gather_logprobs(lp, tok), at)
-    components = state.components
-    if plan.record_components:
-        comp = jnp.stack([gather_logprobs(safe_log_softmax(x[:, : plan.vocab]), tok) for x in plan.rule(logits)])
-        components = _write_at(components, comp, at, batch_axis=1)
-    distributions = state.distributions
-    if plan.record_distributions:
-        distributions = _write_at(distributions, lp, at)
-    return dataclasses.replace(
-        state, token=tok, done=done, num_tokens=num_tokens,
-        tokens=tokens, logprobs=logprobs, components=components, distributions=distributions,
-    )
+    state, emitted = emit(plan, state, tok[:, None], jnp.ones((tok.shape[0], 1), bool), lp[:, None],
+                          tuple(x[:, None] for x in logits))
+    return dataclasses.replace(state, token=jnp.where(emitted[:, 0], tok, plan.pad_id))
 
 
 def start_state(
@@ -266,24 +276,34 @@ def decode_chunk(
     plan: Plan, params: tuple[Any, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""], state: DecodeState,
     windows: tuple[int, ...] | None = None,
 ) -> DecodeState:
-    """``plan.chunk`` decode steps in one ``lax.scan``: feed the last token, combine, sample, record.
+    """``plan.chunk`` decode steps in one loop (``run_steps``): feed the last token, combine, sample, record.
 
     windows: per model, the cache slots attention reads this chunk (see ``window_caches``; one program
     per distinct value, so the caller buckets them)."""
 
-    def step(state: DecodeState, _: None) -> tuple[DecodeState, None]:
+    def step(state: DecodeState) -> DecodeState:
         logits, caches = [], []
         for m, (cfg, p, cache) in enumerate(zip(plan.configs, params, state.caches, strict=True)):
             out, cache = llama.forward(cfg, p, state.token[:, None], state.next_pos[m][:, None], cache)
             logits.append(out[:, 0])
             caches.append(cache)
         state = dataclasses.replace(state, caches=tuple(caches), next_pos=state.next_pos + 1)
-        return _choose_and_record(plan, state, tuple(logits), weights, seed), None
+        return _choose_and_record(plan, state, tuple(logits), weights, seed)
 
     full = state.caches
-    state, _ = jax.lax.scan(step, dataclasses.replace(state, caches=window_caches(full, windows)), None,
-                            length=plan.chunk)
+    state = run_steps(plan, step, dataclasses.replace(state, caches=window_caches(full, windows)),
+                      plan.chunk, lambda s: s.done)
     return dataclasses.replace(state, caches=unwindow_caches(full, state.caches) if windows else state.caches)
+
+
+def run_steps(plan: Plan, step: Any, state: Any, length: int, done: Any) -> Any:
+    """``step`` applied ``length`` times: a ``lax.scan``, or with ``plan.stop_early`` a ``lax.while_loop``
+    that also stops once ``done(state)`` is true for every row (the steps it skips would write nothing)."""
+    if not plan.stop_early:
+        return jax.lax.scan(lambda s, _: (step(s), None), state, None, length=length)[0]
+    _, state = jax.lax.while_loop(lambda c: (c[0] < length) & ~jnp.all(done(c[1])),
+                                  lambda c: (c[0] + 1, step(c[1])), (jnp.int32(0), state))
+    return state
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -116,3 +116,31 @@ def tree_shardings(logical_axes: Any, abstract: Any, rules: ShardingRules, mesh:
         abstract,
         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPlacement:
+    """Puts host (numpy) arrays on a mesh: batch arrays split over the ``batch_axis`` (None: replicated),
+    small ones (weights, a seed) on every device.
+
+    Built from callbacks, so it works on multi-host meshes too (each process places only its own devices'
+    slices of an array that is identical on every process), and compiles nothing (``jnp.asarray(x, dtype)``
+    would compile a conversion program)."""
+
+    mesh: Mesh
+    batch_axis: str | None
+
+    @property
+    def data_size(self) -> int:
+        """How many ways a batch is split (a batch size must be a multiple of it)."""
+        return self.mesh.shape[self.batch_axis] if self.batch_axis else 1
+
+    def rows(self, x: np.ndarray) -> jax.Array:
+        """``x`` [batch, ...] split over the batch axis."""
+        return self._put(x, PartitionSpec(self.batch_axis, *([None] * (x.ndim - 1))))
+
+    def replicated(self, x: np.ndarray) -> jax.Array:
+        return self._put(x, PartitionSpec())
+
+    def _put(self, x: np.ndarray, spec: PartitionSpec) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda index: x[index])

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from eft_jax.decode import (
-    DecodeState, Plan, eft_distribution, put_rows, set_rows, start_state, unwindow_caches, window_caches,
+    DecodeState, Plan, eft_distribution, emit, put_rows, run_steps, set_rows, start_state, unwindow_caches,
+    window_caches,
 )
 from eft_jax.models import llama
 from eft_jax.models.kv_cache import CacheLayout
@@ -158,36 +159,21 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, jnp.exp(p_at))
     corrected = sample(jnp.log(residual), _keys(plan, seed, st.stream, st.num_tokens + n_acc, _CORRECT))
 
-    # 4. Emit d_1..d_{n_acc}, corrected; cut at a stop token and at max_new; rows done write nothing.
+    # 4. Emit d_1..d_{n_acc}, corrected (cut at a stop token and at max_new; rows done write nothing).
     j = jnp.arange(k + 1)[None, :]
-    emitted = jnp.where(j < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), corrected[:, None])
-    is_stop = (jnp.isin(emitted, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids
-               else jnp.zeros(emitted.shape, bool))
-    after_stop = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
-    valid = (j <= n_acc[:, None]) & ~after_stop & (j < (st.max_new - st.num_tokens)[:, None]) & ~st.done[:, None]
-    out_len = st.tokens.shape[1]
-    rows = jnp.arange(batch)[:, None]
-    at = jnp.where(valid, st.num_tokens[:, None] + j, out_len)  # out of range = dropped
-    emitted_lp = take(lp, emitted)
-    tokens = st.tokens.at[rows, at].set(emitted, mode="drop")
-    logprobs = st.logprobs.at[rows, at].set(emitted_lp, mode="drop")
-    components = st.components
-    if plan.record_components:
-        per_model = jnp.stack([take(safe_log_softmax(x[..., : plan.vocab]), emitted) for x in plan.rule(logits)])
-        components = components.at[:, rows, at].set(per_model, mode="drop")
-    count = jnp.sum(valid, axis=1)
-    num_tokens = st.num_tokens + count
-    done = st.done | jnp.any(is_stop & valid, axis=1) | (num_tokens >= st.max_new)
-
+    candidates = jnp.where(j < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), corrected[:, None])
+    emitted_state, valid = emit(plan, st, candidates, j <= n_acc[:, None], lp, tuple(logits))
     active = ~st.done
     rounds = spec.rounds + active
     new_decode = dataclasses.replace(
-        st,
+        emitted_state,
         caches=tuple(c.rewind(length + 1 + n_acc) for c, length in zip(caches, base_len, strict=True)),
         token=corrected,
         next_pos=st.next_pos + 1 + n_acc[None, :],
-        done=done, num_tokens=num_tokens, tokens=tokens, logprobs=logprobs, components=components,
     )
+    out_len = st.tokens.shape[1]
+    rows = jnp.arange(batch)[:, None]
+    at = jnp.where(valid, st.num_tokens[:, None] + j, out_len)  # out of range = dropped
     return SpecState(
         decode=new_decode,
         rounds=rounds,
@@ -202,12 +188,12 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 8), donate_argnames=("spec",))
 def spec_chunk(plan: Plan, k: int, drafter: int, rounds: int, params: tuple[Any, ...], weights: Float[Array, " n_ft"],
                seed: Int[Array, ""], spec: SpecState, windows: tuple[int, ...] | None = None) -> SpecState:
-    """``rounds`` speculative rounds in one ``lax.scan`` (no host round trip inside); ``windows`` as for
+    """``rounds`` speculative rounds in one loop (``decode.run_steps``; no host round trip inside); ``windows`` as for
     ``decode.decode_chunk`` (a round writes at most k + 1 slots past a row's length)."""
     full = spec.decode.caches
     windowed = dataclasses.replace(spec, decode=dataclasses.replace(spec.decode, caches=window_caches(full, windows)))
-    spec, _ = jax.lax.scan(lambda s, _: (spec_round(plan, k, drafter, params, weights, seed, s), None),
-                           windowed, None, length=rounds)
+    spec = run_steps(plan, lambda s: spec_round(plan, k, drafter, params, weights, seed, s), windowed, rounds,
+                     lambda s: s.decode.done)
     if windows:
         spec = dataclasses.replace(spec, decode=dataclasses.replace(
             spec.decode, caches=unwindow_caches(full, spec.decode.caches)))

@@ -151,9 +151,39 @@ def test_continuous_batching_gives_the_samples_of_static_batching_and_of_batch_s
         np.testing.assert_allclose(c.token_logprobs, b.token_logprobs, atol=tol, rtol=0)
 
 
-def test_stream_yields_rows_as_they_finish(trio):
-    groups = list(Engine(trio, chunk_size=2).stream(["a", "b", "c"], max_new_tokens=[2, 8, 2], batch_size=3, seed=0))
-    assert [sorted(r.index for r in g) for g in groups] == [[0, 2], [1]]  # the short rows come back first
+def test_stream_yields_rows_as_they_finish_and_counts_tokens_per_chunk(trio):
+    updates = list(Engine(trio, chunk_size=2).stream(["a", "b", "c"], max_new_tokens=[2, 8, 2], batch_size=3,
+                                                     seed=0, ignore_eos=True))
+    finished = [sorted(r.index for r in u.finished) for u in updates if u.finished]
+    assert finished == [[0, 2], [1]]  # the short rows come back first
+    # Progress after the prefill and after every chunk, finished or not: 3 tokens at the prefill, then
+    # 2 steps per chunk for each live row (the chunk where rows 0 and 2 reach 2 tokens: 1 each, 2 for row 1).
+    assert [u.tokens for u in updates] == [3, 4, 2, 2, 1]
+    assert sum(u.tokens for u in updates) == 2 + 8 + 2
+
+
+def test_a_chunk_stops_when_every_row_is_done(trio):
+    """On CPU the decode loop exits once every row has stopped (``decode.run_steps``), and gives the
+    samples of the fixed-length chunk."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    plan = decode.Plan(configs=(), vocab=2, n_ft=0, base_top_p=None, sampling=SamplingParams(), stop_ids=(),
+                       pad_id=0, chunk=16)
+    # A toy state: a step counter and rows that are done after 2 and 3 steps.
+    step = lambda s: {"steps": s["steps"] + 1, "done": s["steps"] + 1 >= s["limit"], "limit": s["limit"]}  # noqa: E731
+    state = {"steps": jnp.int32(0), "done": jnp.zeros(2, bool), "limit": jnp.array([2, 3])}
+    for stop_early, steps in ((True, 3), (False, 16)):
+        out = decode.run_steps(dataclasses.replace(plan, stop_early=stop_early), step, state, 16, lambda s: s["done"])
+        assert int(out["steps"]) == steps
+
+    engine = Engine(trio, chunk_size=16)
+    assert engine.stop_early  # CPU
+    short = engine.generate(["a", "b", "c"], max_new_tokens=[2, 5, 3], seed=1, batch_size=2)
+    engine.stop_early = False
+    fixed = engine.generate(["a", "b", "c"], max_new_tokens=[2, 5, 3], seed=1, batch_size=2)
+    assert [r.tokens for r in short] == [r.tokens for r in fixed]
 
 
 def test_bad_input(family, trio, tmp_path):

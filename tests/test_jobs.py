@@ -19,7 +19,6 @@ import time
 import pytest
 
 from eft_jax import cli
-from eft_jax.jobs.fit import fit_prompt, prompt_lengths
 from eft_jax.jobs.records import JobError, OutputFile, id_key, read_requests
 from eft_jax.prompts import PromptError
 from job_helpers import REPO, read_jsonl, run, summary_counts, trio_config
@@ -271,34 +270,56 @@ def test_speculative_greedy_job_writes_the_same_responses(family, env, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def components(family):
+def renderer(family):
+    """Two models with different contexts-in-tokens for one prompt: a base-style template and a chat one."""
     import eft_jax
+    from eft_jax.requests import Renderer
     from eft_jax.spec import Component
 
     models = {name: eft_jax.load_model(family[name][0]) for name in ("large_base", "small_ft")}
-    return [Component(models["large_base"], "Q: {prompt}\nA:", "base"), Component(models["small_ft"], "chat", "ft")]
+    return Renderer((Component(models["large_base"], "Q: {prompt}\nA:", "base"),
+                     Component(models["small_ft"], "chat", "ft")), vocab=models["large_base"].vocab_size)
 
 
-def test_truncate_left_keeps_the_end_of_a_text_prompt(components):
+def test_truncate_left_keeps_the_end_of_a_text_prompt(renderer):
+    from eft_jax.prompts import render_tokens
+
     prompt = "HEAD" + "y" * 400 + "TAIL"
-    fitted, cut = fit_prompt(components, prompt, 16, "truncate_left")
-    assert prompt.endswith(fitted) and fitted.endswith("TAIL") and cut > 0
-    assert max(n + 16 for n in prompt_lengths(components, fitted)) == 256  # cut as little as possible
-    assert fit_prompt(components, "short", 16, "truncate_left") == ("short", 0)
-    with pytest.raises(PromptError, match="on_long_prompt=skip"):
-        fit_prompt(components, prompt, 16, "skip")
+    before = max(renderer.lengths(prompt))
+    fitted = renderer.render(prompt, 16, on_long_prompt="truncate_left")
+    assert prompt.endswith(fitted.prompt) and fitted.prompt.endswith("TAIL") and fitted.cut > 0
+    assert max(n + 16 for n in renderer.lengths(fitted.prompt)) == 256  # cut as little as possible
+    assert fitted.cut == before - max(renderer.lengths(fitted.prompt))
+    # The tokens are those of the fitted prompt, rendered by each model's own format.
+    assert fitted.tokens == tuple(tuple(render_tokens(c.model.tokenizer, fitted.prompt, c.prompt_format))
+                                  for c in renderer.components)
+    short = renderer.render("short", 16, on_long_prompt="truncate_left")
+    assert (short.prompt, short.cut) == ("short", 0)
+    with pytest.raises(PromptError, match="context is 256.*on_long_prompt=truncate_left"):
+        renderer.render(prompt, 16, on_long_prompt="skip")
     with pytest.raises(PromptError, match="cannot make it fit"):
-        fit_prompt(components, "short", 300, "truncate_left")
+        renderer.render("short", 300, on_long_prompt="truncate_left")
 
 
-def test_truncate_left_drops_the_oldest_messages_first(components):
+def test_truncate_left_drops_the_oldest_messages_first(renderer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "u" * 200},
                 {"role": "assistant", "content": "a" * 30}, {"role": "user", "content": "last question"}]
-    fitted, cut = fit_prompt(components, messages, 16, "truncate_left")
-    assert fitted == [messages[0], messages[2], messages[3]] and cut > 0
+    fitted = renderer.render(messages, 16, on_long_prompt="truncate_left")
+    assert fitted.prompt == [messages[0], messages[2], messages[3]] and fitted.cut > 0
     huge = [{"role": "user", "content": "z" * 500 + "END"}]
-    fitted, _ = fit_prompt(components, huge, 16, "truncate_left")
-    assert len(fitted) == 1 and fitted[0]["content"].endswith("END") and len(fitted[0]["content"]) < 256
+    content = renderer.render(huge, 16, on_long_prompt="truncate_left").prompt[0]["content"]
+    assert content.endswith("END") and len(content) < 256
+
+
+def test_a_prompt_is_rendered_once_per_model(renderer, monkeypatch):
+    """The request path renders each prompt once for each model, however many checks it passes."""
+    from eft_jax import requests
+
+    calls = []
+    real = requests.render_tokens
+    monkeypatch.setattr(requests, "render_tokens", lambda *a: calls.append(a[2]) or real(*a))
+    renderer.render("a prompt that fits", 16)
+    assert sorted(calls) == sorted(["Q: {prompt}\nA:", "chat"])
 
 
 @pytest.mark.slow

@@ -24,8 +24,10 @@ def m(family):
 def test_greedy_is_identical_to_non_speculative(m, k, family_logit_tol):
     spec = EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 1.0)
     greedy = SamplingParams(temperature=0.0)
-    plain = Engine(spec).generate(PROMPTS, greedy, max_new_tokens=[20, 7, 13, 20], batch_size=4)
-    fast = Engine(spec, speculative_k=k).generate(PROMPTS, greedy, max_new_tokens=[20, 7, 13, 20], batch_size=4)
+    record = dict(return_distributions=True, return_component_logprobs=True)
+    plain = Engine(spec).generate(PROMPTS, greedy, max_new_tokens=[20, 7, 13, 20], batch_size=4, **record)
+    fast = Engine(spec, speculative_k=k).generate(PROMPTS, greedy, max_new_tokens=[20, 7, 13, 20], batch_size=4,
+                                                  **record)
     assert [r.tokens for r in fast] == [r.tokens for r in plain]
     alone = Engine(spec, speculative_k=k).generate(PROMPTS[2:3], greedy, max_new_tokens=13, batch_size=1)
     assert alone[0].tokens == plain[2].tokens
@@ -33,6 +35,13 @@ def test_greedy_is_identical_to_non_speculative(m, k, family_logit_tol):
     # the EFT log-probs (w = 1) by eft_logprob_tolerance of it.
     tol = eft_logprob_tolerance(family_logit_tol, [1.0])
     np.testing.assert_allclose(fast[0].token_logprobs, plain[0].token_logprobs, atol=tol, rtol=0)
+    # Plain and speculative decoding share one emit/record path: every step's distribution and each
+    # model's log-prob of its token come back the same (a model's log-softmax: twice its logit bound).
+    for f, p in zip(fast, plain, strict=True):
+        assert f.distributions.shape == p.distributions.shape == (len(p.tokens), p.distributions.shape[1])
+        np.testing.assert_allclose(f.distributions, p.distributions, atol=tol, rtol=0)
+        for label, lps in p.component_logprobs.items():
+            np.testing.assert_allclose(f.component_logprobs[label], lps, atol=2 * family_logit_tol, rtol=0)
 
 
 def test_separate_drafter_for_plain_decoding(m):

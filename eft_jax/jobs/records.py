@@ -337,7 +337,6 @@ class ErrorsFile:
         self.path = path
         self.writer = writer
         self.count = 0
-        self.failed_prompts = 0  # prompts the engine refused at run time
 
     def start(self, issues: Iterable[Issue]) -> None:
         issues = list(issues)

@@ -11,7 +11,7 @@ Exit status (``Summary.exit_status``): 0 done; 1 the job stopped on an error aft
 wrote nothing because every input line failed; 2 it could not start (``JobError``); 130 interrupted.
 Nothing written is ever lost: a stopped or interrupted job resumes where it was.
 
-Randomness: a sample's stream is ``engine.stream_id(["id", id], k)`` for sample ``k`` of a line, or
+Randomness: a sample's stream is ``requests.stream_id(["id", id], k)`` for sample ``k`` of a line, or
 ``stream_id(["seed", seed], k)`` when the line gives its own ``seed``, combined with ``job.seed``. So a
 sample depends on neither the batch nor the order of the input nor on what was done before a resume;
 with a per-line seed it does not depend on the id either (same prompt + same seed = same sample).
@@ -23,12 +23,10 @@ import dataclasses
 import sys
 import time
 import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from eft_jax.config import Config, missing_model_files, resolve_model_path
-from eft_jax.jobs.fit import fit_prompt
 from eft_jax.jobs.interrupt import Interrupts
 from eft_jax.jobs.preflight import check_tokenizers, make_job_mesh
 from eft_jax.jobs.progress import Progress, format_duration
@@ -290,7 +288,7 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
 
 
 def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Summary:
-    from eft_jax.engine import stream_id
+    from eft_jax.requests import stream_id
 
     config, summary, output, issues = job.config, job.summary, job.output, job.issues
     todo: list[tuple[Request, list[int]]] = []
@@ -307,57 +305,52 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
     if not todo:
         return _nothing_to_do(job, log)
 
-    jobs = _load(job, todo[0][0], log)
-    engine = jobs.engine
-    models = engine.components  # every model that renders the prompt (the drafter too)
-    rows: list[tuple[Request, int, Any, int, int]] = []  # (request, sample, prompt to run, max_new, stream)
-    truncated: set[str] = set()
+    engine = _load(job, todo[0][0], log).engine
+    # Each line rendered once, for every model (the drafter too), with every check; then one request per sample.
+    requests: list[Any] = []
+    origin: list[tuple[Request, int]] = []  # (line, sample) of each request
     same = _SameFailure(config.job.batch_size, len(todo))
     for req, samples in todo:
         max_new = req.max_new_tokens or config.job.max_new_tokens
-        fitted = same.attempt(req, issues, lambda: fit_prompt(models, req.prompt, max_new, config.job.on_long_prompt))
-        if fitted is None:
+        rendered = same.attempt(req, issues, lambda: engine.render(req.prompt, max_new,
+                                                                   on_long_prompt=config.job.on_long_prompt))
+        if rendered is None:
             continue
-        prompt, cut = fitted
-        if cut:
-            truncated.add(req.key)
-            issues.append(Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to "
-                                f"fit the context with max_new_tokens={max_new} (job.on_long_prompt=truncate_left)",
-                                action="truncated"))
+        if rendered.cut:
+            issues.append(_truncated(req, rendered.cut, f"max_new_tokens={max_new}"))
         for k in samples:
             stream = stream_id(["seed", req.seed] if req.seed is not None else ["id", req.id], k)
-            rows.append((req, k, prompt, max_new, stream))
-    summary.prompts_run = len({r[0].key for r in rows})
-    summary.truncated = len(truncated)
-    sampling = config.sampling.params()
+            requests.append(dataclasses.replace(rendered, stream=stream))
+            origin.append((req, k))
+    summary.prompts_run = len({req.key for req, _ in origin})
+    summary.truncated = sum(1 for i in issues if i.action == "truncated")
 
     def run(errors: ErrorsFile, bar: Progress) -> None:
-        # Continuous batching over the whole job: the batch stays full until the input runs out, and
-        # finished samples come back (and are written) after every decode chunk.
-        for results in engine.stream(
-            [r[2] for r in rows], sampling, max_new_tokens=[r[3] for r in rows],
-            batch_size=config.job.batch_size, seed=config.job.seed, ids=[r[4] for r in rows],
-            stop_token_ids=config.sampling.stop_token_ids, on_error="report",
-        ):
-            _report_failures([(rows[r.index][0], r.error) for r in results if r.error is not None], errors, bar)
-            finished = [r for r in results if r.error is None]
-            records = [_sample_record(rows[r.index][0], rows[r.index][1], r, summary, truncated) for r in finished]
+        # Continuous batching over the whole job: the batch stays full until the input runs out; finished
+        # samples are written after every decode chunk, and progress is reported after every chunk.
+        for update in engine.run(requests, config.sampling.params(), batch_size=config.job.batch_size,
+                                 seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids):
+            records = [_sample_record(*origin[r.index], requests[r.index], r, summary) for r in update.finished]
             output.append(records)
-            tokens = sum(len(r.tokens) for r in finished)
             summary.written += len(records)
-            summary.tokens += tokens
-            bar.update(len(records), tokens)
+            summary.tokens += sum(len(r.tokens) for r in update.finished)
+            bar.update(len(records), update.tokens)
             job.interrupts.check()
 
-    return _run(job, run, len(rows), "samples", progress, log)
+    return _run(job, run, len(requests), "samples", progress, log)
 
 
-def _sample_record(req: Request, sample: int, result: Any, summary: Summary, truncated: set[str]) -> dict[str, Any]:
+def _truncated(req: Request, cut: int, budget: str) -> Issue:
+    return Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to fit the context "
+                 f"with {budget} (job.on_long_prompt=truncate_left)", action="truncated")
+
+
+def _sample_record(req: Request, sample: int, rendered: Any, result: Any, summary: Summary) -> dict[str, Any]:
     """One output line of ``generate`` (and the speculative counts added to the summary)."""
     record = {
         "id": req.id, "sample": sample, "prompt": req.prompt, "response": result.text,
         "tokens": len(result.tokens), "finish_reason": result.finish_reason, "logprob": result.logprob,
-        "prompt_truncated": req.key in truncated, "fingerprint": summary.fingerprint,
+        "prompt_truncated": rendered.cut > 0, "fingerprint": summary.fingerprint,
     }
     spec = result.speculative
     if spec is not None:
@@ -392,7 +385,7 @@ def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextI
         traceback.print_exc(file=log)
     finally:
         bar.close()
-    summary.skipped = sum(1 for i in job.issues if i.action == "skipped") + errors.failed_prompts
+    summary.skipped = sum(1 for i in job.issues if i.action == "skipped")
     summary.warnings = sum(1 for i in job.issues if i.action == "warning")
     summary.run_s = time.perf_counter() - run_start
     if not summary.interrupted and summary.stopped is None:
@@ -409,30 +402,11 @@ def _sort_output(job: _Job) -> None:
         job.summary.interrupted = True
 
 
-def _fit_pair(engine: Any, req: Request, policy: str) -> tuple[list[int], Any, int]:
-    """A score line's response tokens, and its prompt fitted to every model's context with them."""
-    response = engine.tokenizer(req.response, add_special_tokens=False)["input_ids"]
-    if not response:
-        raise PromptError("the response encodes to no tokens")
-    prompt, cut = fit_prompt(engine.spec.components, req.prompt, len(response), policy)
-    return response, prompt, cut
-
-
 def _prompt_issue(req: Request, error: Exception) -> Issue:
     """An issue for a prompt that cannot be run as it is (too long under "skip", or not renderable)."""
     if isinstance(error, PromptError):
         return Issue(req.line, req.id, "prompt_too_long" if "context" in str(error) else "invalid_prompt", str(error))
     return Issue(req.line, req.id, "invalid_prompt", f"cannot render the prompt: {type(error).__name__}: {error}")
-
-
-def _report_failures(failed: Sequence[tuple[Request, str]], errors: ErrorsFile, bar: Progress) -> None:
-    """Prompts the engine refused at run time (reported once per prompt)."""
-    seen: dict[str, Issue] = {}
-    for req, message in failed:
-        seen.setdefault(req.key, Issue(req.line, req.id, "invalid_prompt", message))
-        bar.update(1, 0)
-    errors.add(seen.values())
-    errors.failed_prompts += len(seen)
 
 
 def _nothing_to_do(job: _Job, log: TextIO) -> Summary:
@@ -488,36 +462,29 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
 
     jobs = _load(job, todo[0], log)
     engine = jobs.engine
-    rows: list[tuple[Request, Any, list[int], int]] = []  # (request, prompt to run, response ids, sort length)
-    truncated: set[str] = set()
+    lines: list[Request] = []
+    pairs: list[Any] = []
     same = _SameFailure(config.job.batch_size, len(todo))
     for req in todo:
-        fitted = same.attempt(req, issues, lambda: _fit_pair(engine, req, config.job.on_long_prompt))
-        if fitted is None:
+        pair = same.attempt(req, issues, lambda: engine.render_pair(req.prompt, req.response,
+                                                                    on_long_prompt=config.job.on_long_prompt))
+        if pair is None:
             continue
-        response, prompt, cut = fitted
-        if cut:
-            truncated.add(req.key)
-            issues.append(Issue(req.line, req.id, "prompt_too_long", f"prompt cut by {cut} tokens from the left to "
-                                f"fit the context with the {len(response)}-token response", action="truncated"))
-        rows.append((req, prompt, response, len(response) + len(str(prompt))))
-    rows.sort(key=lambda r: -r[3])  # similar lengths share a batch
-    summary.prompts_run = len(rows)
-    summary.truncated = len(truncated)
+        if pair.cut:
+            issues.append(_truncated(req, pair.cut, f"the {pair.max_new}-token response"))
+        lines.append(req)
+        pairs.append(pair)
+    summary.prompts_run = len(pairs)
+    summary.truncated = sum(1 for i in issues if i.action == "truncated")
 
     ref = jobs.label("ref") if config.eft.ref else None
     fts = [(name, label) for role, name, label in jobs.roles if role.startswith("ft")]
-    bs = config.job.batch_size
 
     def run(errors: ErrorsFile, bar: Progress) -> None:
-        for s in range(0, len(rows), bs):
-            batch = rows[s: s + bs]
-            results = engine.score([r[1] for r in batch], [r[2] for r in batch], batch_size=bs, on_error="report")
-            records, failed = [], []
-            for (req, _, _, _), r in zip(batch, results, strict=True):
-                if r.error is not None:
-                    failed.append((req, r.error))
-                    continue
+        for results in engine.score_rendered(pairs, batch_size=config.job.batch_size):
+            records = []
+            for r in results:
+                req = lines[r.index]
                 rec: dict[str, Any] = {"id": req.id, "prompt": req.prompt, "response": req.response,
                                        "tokens": len(r.tokens), "logprob": r.logprob}
                 if ref is not None:
@@ -530,7 +497,7 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
                         rec["token_rewards"] = per_token
                 elif rewards:
                     rec["token_logprobs"] = r.token_logprobs
-                rec["prompt_truncated"] = req.key in truncated
+                rec["prompt_truncated"] = pairs[r.index].cut > 0
                 rec["fingerprint"] = summary.fingerprint
                 records.append(rec)
             output.append(records)
@@ -538,7 +505,6 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
             tokens = sum(rec["tokens"] for rec in records)
             summary.tokens += tokens
             bar.update(len(records), tokens)
-            _report_failures(failed, errors, bar)
             job.interrupts.check()
 
-    return _run(job, run, len(rows), "pairs", progress, log)
+    return _run(job, run, len(pairs), "pairs", progress, log)

@@ -1,0 +1,67 @@
+"""Scoring on the host side: rendered (prompt, response) pairs in fixed-size batches through
+``decode.score_batch`` (teacher forcing: one forward per model over prompt + response, no sampling).
+
+Pairs are grouped longest first (prompt + response) so that similar lengths share a batch; each model's sequences are
+left-padded to a power-of-two length and responses to a power of two (at least 8), so a job compiles a
+few programs. A short last batch repeats its first pair (the copies' outputs are dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from eft_jax import decode
+from eft_jax.batching import to_host
+from eft_jax.prompts import bucket_length, left_pad
+from eft_jax.requests import Rendered
+from eft_jax.results import ScoreResult
+from eft_jax.sharding import HostPlacement
+
+
+def score_pairs(plan: decode.Plan, params: tuple[Any, ...], place: HostPlacement, labels: Sequence[str],
+                pairs: Sequence[Rendered], batch_size: int, weights: jax.Array) -> Iterator[list[ScoreResult]]:
+    """Score ``pairs`` (``Rendered`` with ``response`` set, tokens for each model of ``plan``), yielding
+    each batch's results (``index``: the pair's position in ``pairs``). ``labels``: the rule members' names
+    for ``component_logprobs``."""
+    order = sorted(range(len(pairs)), key=lambda i: (-max(len(t) for t in pairs[i].tokens) - len(pairs[i].response), i))
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        yield _score_batch(plan, params, place, labels, pairs, batch, batch_size, weights)
+
+
+def _score_batch(plan: decode.Plan, params: tuple[Any, ...], place: HostPlacement, labels: Sequence[str],
+                 pairs: Sequence[Rendered], batch: list[int], batch_size: int, weights: jax.Array) -> list[ScoreResult]:
+    rows = [pairs[i] for i in batch + [batch[0]] * (batch_size - len(batch))]
+    resp_len = bucket_length(max(len(r.response) for r in rows), minimum=8)
+    tokens, positions, predict_at = [], [], []
+    for m in range(len(plan.configs)):
+        seqs = [list(r.tokens[m]) + list(r.response) for r in rows]
+        length = bucket_length(max(len(s) for s in seqs))
+        t, p = left_pad(seqs, length, plan.pad_id)
+        # Left padding puts each response at the end: token j is predicted at length - r - 1 + j.
+        at = np.zeros((len(rows), resp_len), np.int32)
+        for b, r in enumerate(rows):
+            n = len(r.response)
+            at[b, :n] = length - n - 1 + np.arange(n)
+        tokens.append(place.rows(t))
+        positions.append(place.rows(p))
+        predict_at.append(place.rows(at))
+    target = np.full((len(rows), resp_len), plan.pad_id, np.int32)
+    for b, r in enumerate(rows):
+        target[b, : len(r.response)] = r.response
+    eft, comps = decode.score_batch(plan, params, tuple(tokens), tuple(positions), tuple(predict_at),
+                                    place.rows(target), weights)
+    eft, comps = to_host(eft), to_host(comps)
+    out = []
+    for b, i in enumerate(batch):
+        n = len(pairs[i].response)
+        lps = eft[b, :n].astype(float).tolist()
+        out.append(ScoreResult(
+            index=i, tokens=list(pairs[i].response), token_logprobs=lps, logprob=float(sum(lps)),
+            component_logprobs={label: comps[m, b, :n].astype(float).tolist() for m, label in enumerate(labels)},
+        ))
+    return out
