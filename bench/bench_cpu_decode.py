@@ -1,4 +1,5 @@
-"""CPU decoding: the layer-weight layout (stacked + scan vs per-layer views, ``llama.run_params``).
+"""CPU decoding: the layer-weight layout (stacked + scan, per-layer views, per-layer [out, in] copies), and
+real weights against transformers.
 
 ``--part step``: one-token cached forward of a random model of realistic shape (default: the 853M shape
 of ``bench_speculative.py --synthetic cpu``, float32, batch 1), each layout, against the time to stream
@@ -7,14 +8,16 @@ floor / step is the fraction of the machine's read bandwidth a step reaches. Als
 ``cost_analysis()`` bytes accessed against the ideal bytes (weights read once + live KV). XLA counts a
 loop body once, not once per trip, so for the scanned program that figure is per layer, not per step.
 
-``--part real --gguf FILE``: a real checkpoint against transformers on the same dequantized weights,
-greedy, the same prompt tokens: tokens/s of eft-jax's ``Engine`` (stacked params, what the engine
-passes today, and per-layer ``run_params``) against ``generate``, and the bare one-token cached forward
-of each, at each batch size, for float32 and bfloat16. ``first call s``: the first ``generate`` of a
-batch size (compiles), against the warm call the tokens/s come from.
+``--part real --gguf FILE [--small-gguf FILE]``: a real checkpoint against transformers on the same
+dequantized weights, greedy, the same prompt tokens, per dtype and batch size: tokens/s of transformers'
+``generate``, of eft-jax's ``Engine`` (plain decoding of FILE, and with ``--small-gguf`` EFT up-scaling:
+FILE + the small model as reference and, as a second Model object, as fine-tune, all on the plain prompt, so
+the reward is 0 and the tokens must match), each one's first call (compiles) and the bare one-token cached forward.
+transformers runs first and is freed before eft-jax loads (memory).
 
-Usage: python bench/bench_cpu_decode.py --part step [--reps 5]
-       python bench/bench_cpu_decode.py --part real --gguf /tmp/qwen.gguf [--batches 1,8] [--new 64]
+Usage: python bench/bench_cpu_decode.py --part step [--reps 5] [--batch 8]
+       python bench/bench_cpu_decode.py --part real --gguf /tmp/qwen15.gguf --small-gguf /tmp/qwen05.gguf \
+           [--batches 1,8] [--new 64] [--dtypes float32,bfloat16]
 Measures, prints; asserts nothing.
 """
 
@@ -97,7 +100,8 @@ class Step:
 def part_step(args: argparse.Namespace) -> None:
     cfg = LlamaConfig(**SHAPE_853M)
     params = llama.init_params(cfg, jax.random.key(0), jnp.float32)
-    layouts = {"stacked (scan)": params, "per-layer (run_params)": llama.run_params(params)}
+    layouts = {"stacked (scan)": params, "per-layer views": llama.run_params(params),
+               "per-layer [out,in] copies": llama.run_params(params, transpose=True)}
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes  # one embed row per token
     kv = 2 * cfg.num_layers * args.batch * args.filled * cfg.num_kv_heads * cfg.head_dim * 4
     ideal = weights + kv
@@ -113,11 +117,11 @@ def part_step(args: argparse.Namespace) -> None:
     print(f"{cfg.num_params / 1e6:.0f}M params float32, batch {args.batch}, {args.filled} cached tokens; "
           f"ideal bytes {ideal / 1e9:.3f} GB (weights {weights / 1e9:.3f} + KV {kv / 1e9:.4f}); "
           f"floor (read them once) {times['floor'] * 1e3:.1f} ms = {ideal / times['floor'] / 1e9:.1f} GB/s")
-    print(f"{'layout':24s} {'step ms':>8s} {'floor/step':>10s} {'compile s':>9s} {'copies':>6s} "
+    print(f"{'layout':26s} {'step ms':>8s} {'floor/step':>10s} {'compile s':>9s} {'copies':>6s} "
           f"{'cost bytes GB':>13s} {'/ ideal':>7s}")
     for name, step in steps.items():
         b = step.bytes_accessed()
-        print(f"{name:24s} {times[name] * 1e3:8.1f} {times['floor'] / times[name]:10.2f} {step.compile_s:9.2f} "
+        print(f"{name:26s} {times[name] * 1e3:8.1f} {times['floor'] / times[name]:10.2f} {step.compile_s:9.2f} "
               f"{step.hlo_copies():6d} {b / 1e9:13.3f} {b / ideal:7.2f}")
 
 
@@ -128,22 +132,20 @@ def _prompt_ids(tokenizer, n: int) -> list[list[int]]:
     return [tokenizer.encode(p) for p in (PROMPTS * ((n + len(PROMPTS) - 1) // len(PROMPTS)))[:n]]
 
 
-def _eft_decode(model, ids: list[list[int]], new: int):
+def _engine_decode(spec, tokenizer, ids: list[list[int]], new: int):
+    """Greedy ``Engine.generate`` of ``ids`` twice: (tokens, warm seconds, first-call seconds)."""
     from eft_jax.engine import Engine
     from eft_jax.sampling import SamplingParams
-    from eft_jax.spec import EFTSpec
 
-    engine = Engine(EFTSpec.single(model))
-    prompts = [model.tokenizer.decode(x) for x in ids]
-    t = time.perf_counter()
-    out = engine.generate(prompts, SamplingParams(temperature=0.0), max_new_tokens=new, batch_size=len(ids),
-                          ignore_eos=True)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    out = engine.generate(prompts, SamplingParams(temperature=0.0), max_new_tokens=new, batch_size=len(ids),
-                          ignore_eos=True)
-    warm = time.perf_counter() - t
-    return [r.tokens for r in out], warm, first
+    engine = Engine(spec)
+    prompts = [tokenizer.decode(x) for x in ids]
+    times = []
+    for _ in range(2):  # the first call compiles (start + chunk programs)
+        t = time.perf_counter()
+        out = engine.generate(prompts, SamplingParams(temperature=0.0), max_new_tokens=new, batch_size=len(ids),
+                              ignore_eos=True)
+        times.append(time.perf_counter() - t)
+    return [r.tokens for r in out], times[1], times[0]
 
 
 def _torch_decode(hf, ids: list[list[int]], new: int, pad_id: int):
@@ -177,50 +179,82 @@ def _torch_step(hf, batch: int, filled: int, reps: int) -> float:
     return min(times)
 
 
+def _free_gb() -> float:
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
 def part_real(args: argparse.Namespace) -> None:
+    """transformers first (then freed: the 1.5B in float32 is 7 GB per framework), then eft-jax plain and
+    EFT on the same prompts; tokens compared with transformers' greedy ones."""
     import os
 
     import torch
     import transformers
 
     import eft_jax
+    from eft_jax.spec import Component, EFTSpec
 
     torch.set_num_threads(os.cpu_count() or 1)
     gguf = os.path.abspath(args.gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                           dtype=torch.float32).eval()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} {jax.devices()[0]}")
+    batches = [int(b) for b in args.batches.split(",")]
     for dtype_name in args.dtypes.split(","):
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-        hf = hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name])
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+        print(f"\n== {dtype_name} (free memory {_free_gb():.1f} GB)", flush=True)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                               dtype=tdtype).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        theirs, torch_tps, torch_ms = {}, {}, {}
+        for batch in batches:
+            ids = _prompt_ids(tok, batch)
+            theirs[batch], took = _torch_decode(hf, ids, args.new, pad)
+            torch_tps[batch] = batch * args.new / took
+            torch_ms[batch] = _torch_step(hf, batch, 64, args.reps) * 1e3
+            print(f"{batch:5d} transformers generate {torch_tps[batch]:8.2f} tok/s; bare forward {torch_ms[batch]:.0f} ms",
+                  flush=True)
+        del hf
+        gc.collect()
+
         t = time.perf_counter()
         model = eft_jax.load_model(gguf, dtype=dtype)
+        run = model.run_params  # the CPU run layout, built once here (not timed with the first call)
         load_s = time.perf_counter() - t
-        per_layer = dataclasses.replace(model, params=model.run_params)  # what the engine runs once it passes run_params
-        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        print(f"\n== {dtype_name}: {model.config.num_params / 1e9:.2f}B params, {model.weight_bytes / 1e9:.2f} GB, "
-              f"eft-jax load {load_s:.1f}s")
-        print(f"{'batch':>5s} {'what':34s} {'tok/s':>8s} {'vs torch':>8s} {'first call s':>12s} {'same tokens':>11s}")
-        for batch in [int(b) for b in args.batches.split(",")]:
+        small = eft_jax.load_model(os.path.abspath(args.small_gguf), dtype=dtype) if args.small_gguf else None
+        print(f"eft-jax: {model.config.num_params / 1e9:.2f}B params, {model.weight_bytes / 1e9:.2f} GB, load + layout "
+              f"{load_s:.1f}s, layers {type(run['layers']).__name__}; free memory {_free_gb():.1f} GB", flush=True)
+        specs = {"eft-jax plain 1.5B": EFTSpec.single(model)}
+        if small is not None:
+            # ref and fine-tune: the same 0.5B weights in two Model objects, so the engine runs both (it runs a
+            # model used twice only once) while the reward ft - ref is exactly 0: EFT's tokens must equal
+            # the 1.5B's greedy ones, and the cost is that of the real three-model loop.
+            ft = dataclasses.replace(small, source=small.source + " (as fine-tune)", params=small.run_params)
+            # Every model on the plain prompt (a fine-tune would default to its chat template: reward != 0).
+            specs["eft-jax EFT 1.5B + 2 x 0.5B"] = EFTSpec.up_scaling(
+                Component(model, "plain"), Component(small, "plain"), Component(ft, "plain", "small_ft"), 1.0)
+        print(f"{'batch':>5s} {'what':30s} {'tok/s':>8s} {'vs torch':>8s} {'first call s':>12s} {'same tokens':>11s}")
+        for batch in batches:
             ids = _prompt_ids(model.tokenizer, batch)
-            theirs, took = _torch_decode(hf, ids, args.new, pad)
-            torch_tps = batch * args.new / took
-            print(f"{batch:5d} {'transformers generate':34s} {torch_tps:8.2f} {1.0:8.2f} {'':>12s} {'':>11s}")
-            for name, m in (("eft-jax Engine, stacked params", model), ("eft-jax Engine, per-layer params", per_layer)):
-                ours, warm, first_s = _eft_decode(m, ids, args.new)
-                same = sum(a[: args.new] == b[: args.new] for a, b in zip(ours, theirs, strict=True))
-                tps = batch * args.new / warm
-                print(f"{batch:5d} {name:34s} {tps:8.2f} {tps / torch_tps:8.2f} {first_s:12.1f} {same:6d}/{batch}")
-            steps = {name: Step(model.config, p, batch, 128, 64)
-                     for name, p in (("stacked", model.params), ("per-layer", model.run_params))}
-            torch_ms = _torch_step(hf, batch, 64, args.reps) * 1e3
-            line = f"{batch:5d} bare one-token forward (64 cached): torch {torch_ms:.0f} ms"
-            for name, step in steps.items():
-                step()
-                line += f", eft-jax {name} {_best(step, args.reps) * 1e3:.0f} ms (compile {step.compile_s:.1f}s)"
-            print(line)
-            del steps
-        del model, per_layer
+            print(f"{batch:5d} {'transformers generate':30s} {torch_tps[batch]:8.2f} {1.0:8.2f}")
+            rates = {}
+            for name, spec in specs.items():
+                ours, warm, first_s = _engine_decode(spec, model.tokenizer, ids, args.new)
+                same = sum(a[: args.new] == b[: args.new] for a, b in zip(ours, theirs[batch], strict=True))
+                rates[name] = batch * args.new / warm
+                print(f"{batch:5d} {name:30s} {rates[name]:8.2f} {rates[name] / torch_tps[batch]:8.2f} {first_s:12.1f} "
+                      f"{same:6d}/{batch}", flush=True)
+            if len(rates) == 2:
+                plain, eft = rates.values()
+                print(f"{batch:5d} EFT cost (plain tok/s / EFT tok/s) {plain / eft:.2f}x")
+            step = Step(model.config, run, batch, 128, 64)
+            step()
+            print(f"{batch:5d} bare one-token forward (64 cached): torch {torch_ms[batch]:.0f} ms, eft-jax "
+                  f"{_best(step, args.reps) * 1e3:.0f} ms (compile {step.compile_s:.1f}s)", flush=True)
+            del step
+        del model, small, specs, run
         gc.collect()
 
 
@@ -232,6 +266,8 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=256, help="step: cache slots")
     parser.add_argument("--filled", type=int, default=128, help="step: cached tokens each row attends to")
     parser.add_argument("--gguf", help="real: the GGUF file")
+    parser.add_argument("--small-gguf", help="real: a small model of the same tokenizer, for the EFT rows (ref and "
+                                             "fine-tune)")
     parser.add_argument("--batches", default="1,8", help="real: batch sizes")
     parser.add_argument("--new", type=int, default=64, help="real: new tokens per prompt")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="real: parameter dtypes")

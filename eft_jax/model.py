@@ -36,26 +36,56 @@ def _cache_builder(layout: CacheLayout):
     return jax.jit(layout.zeros)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """A causal LM ready to run: ``params`` is a plain pytree of arrays already in their shardings.
+    """A causal LM ready to run: config, weights already in their shardings, tokenizer, mesh and rules.
 
-    ``params`` has the canonical stacked layout (what is saved, trained, exported and inspected);
-    ``run_params`` holds the same weights in the layout the forward runs fastest with here, without a
-    second copy (``llama.run_params``: per-layer views on one CPU device, else ``params`` itself). Pass
+    ``params`` is the canonical stacked layout (what is saved, trained, exported and inspected);
+    ``run_params`` holds the same weights in the layout the forward runs fastest with here. Pass
     ``run_params`` to ``llama.forward``.
+
+    On one CPU device ``run_params`` is the contraction-minor per-layer layout (``llama.run_params(...,
+    transpose=True)``: ~1.1x faster decoding than the canonical layout at batch 1, ~1.7x at batch 8),
+    built on first use, and the weights are not held twice: the model then drops its stacked copy, and
+    ``params`` rebuilds the canonical layout from ``run_params`` on each access (a copy of the weights that
+    lives as long as the caller keeps it; saving or training reads it once). Elsewhere ``run_params`` is
+    ``params`` itself.
     """
 
-    config: LlamaConfig
-    params: dict[str, Any]
-    tokenizer: Any  # transformers.PreTrainedTokenizerBase, or None for a checkpoint without one
-    mesh: Mesh
-    rules: ShardingRules
-    source: str
+    def __init__(self, config: LlamaConfig, params: dict[str, Any], tokenizer: Any, mesh: Mesh,
+                 rules: ShardingRules, source: str, end_token_ids: tuple[int, ...] = ()):
+        self.config = config
+        self.tokenizer = tokenizer  # transformers.PreTrainedTokenizerBase, or None for a checkpoint without one
+        self.mesh = mesh
+        self.rules = rules
+        self.source = source
+        self.end_token_ids = tuple(end_token_ids)  # end tokens the checkpoint declares (vocab.end_token_ids)
+        # The weights as held: the stacked params until the CPU run layout replaces them (see run_params).
+        self._stacked: dict[str, Any] | None = params
+        self._run: dict[str, Any] | None = None
 
-    @functools.cached_property
+    def replace(self, **changes: Any) -> Model:
+        """A new model with some fields changed (``params`` given in any layout is taken as it is)."""
+        fields = dict(config=self.config, params=self._held(), tokenizer=self.tokenizer, mesh=self.mesh,
+                      rules=self.rules, source=self.source, end_token_ids=self.end_token_ids)
+        return Model(**{**fields, **changes})
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The canonical stacked params: the held ones, or a copy rebuilt from the CPU run layout."""
+        return llama.stacked_params(self._held())
+
+    @property
     def run_params(self) -> dict[str, Any]:
-        return llama.run_params(self.params)
+        if self._run is None:
+            params = self._stacked
+            if _on_one_cpu_device(params):
+                # Convert our own copy of the tree structure leaf by leaf, releasing each stacked leaf as it
+                # goes: the weights are held twice at most one leaf at a time (when nothing else holds them).
+                self._stacked = None
+                self._run = llama.run_params(jax.tree.map(lambda x: x, params), transpose=True, consume=True)
+            else:
+                self._run = llama.run_params(params)
+        return self._run
 
     @property
     def vocab_size(self) -> int:
@@ -66,11 +96,15 @@ class Model:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.params["embed"].dtype
+        return self._held()["embed"].dtype
 
     @property
     def weight_bytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+        return sum(x.nbytes for x in jax.tree.leaves(self._held()))
+
+    def _held(self) -> dict[str, Any]:
+        """The weights as held now, in either layout (no copy)."""
+        return self._stacked if self._stacked is not None else self._run
 
     def cache_layout(self, batch: int, slots: int) -> CacheLayout:
         """The static description of an empty cache of ``slots`` positions per row, with its shardings."""
@@ -96,3 +130,9 @@ class Model:
         # From a callback, so that each process of a multi-host mesh places only its own slices.
         tokens_on_mesh = jax.make_array_from_callback(tokens.shape, NamedSharding(self.mesh, spec), lambda i: tokens[i])
         return _full_logits(self.config, self.run_params, self.vocab_size, tokens_on_mesh)
+
+
+def _on_one_cpu_device(params: dict[str, Any]) -> bool:
+    leaves = jax.tree.leaves(params["layers"])
+    return not isinstance(params["layers"], tuple) and all(
+        len(x.devices()) == 1 and x.platform() == "cpu" for x in leaves)

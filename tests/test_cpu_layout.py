@@ -14,7 +14,7 @@ from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
 from eft_jax.models.kv_cache import KVCache
 from eft_jax.sharding import REPLICATED, make_mesh, single_device_mesh
-from tolerances import logits_tolerance
+from tolerances import float32_tolerance, logits_tolerance
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=112, num_layers=4, num_heads=6, num_kv_heads=2,
                   head_dim=8, qkv_bias=True)
@@ -99,3 +99,55 @@ def test_scanned_program_does_not_grow_with_depth_and_the_loop_does():
                               (deep, llama.init_params(deep, jax.random.key(0)))))
     small, large = per_layer
     assert large > 4 * small
+
+
+def test_contraction_minor_copies_give_the_scanned_logits_and_convert_back():
+    params = _random_params(CFG)
+    struct = jax.tree.map(lambda x: x, params)  # run_params(consume=True) empties this structure, not params
+    minor = llama.run_params(struct, transpose=True, consume=True)
+    assert isinstance(minor["layers"], llama.MinorLayers) and len(minor["layers"]) == CFG.num_layers
+    assert minor["layers"][0]["mlp"]["gate"].shape == (CFG.intermediate_size, CFG.hidden_size)
+    assert minor["lm_head"].shape == (CFG.vocab_size, CFG.hidden_size)
+    assert jax.tree.leaves(struct["layers"]) == [] and "lm_head" not in struct
+    # Exactly the canonical values, moved: stacked_params inverts the conversion bit for bit.
+    back = llama.stacked_params(minor)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, params)
+
+    rng = np.random.RandomState(1)
+    tokens = jnp.asarray(rng.randint(0, CFG.vocab_size, (3, 10)))
+    positions = jnp.broadcast_to(jnp.arange(10), (3, 10)).at[1, :4].set(-1)
+    want, _ = _forward(CFG, params, tokens, positions)
+    got, _ = _forward(CFG, minor, tokens, positions)
+    tol = logits_tolerance(np.asarray(want), hidden=CFG.hidden_size, intermediate=CFG.intermediate_size,
+                           layers=CFG.num_layers, seq=10)  # same math, other summation order (see above)
+    real = np.asarray(positions >= 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=tol, rtol=0)
+
+
+def test_model_holds_the_weights_once_in_the_cpu_run_layout():
+    params = _random_params(CFG)
+    model = Model(CFG, params, None, single_device_mesh(), REPLICATED, "random")
+    bytes_before = model.weight_bytes
+    run = model.run_params
+    assert isinstance(run["layers"], llama.MinorLayers)
+    assert model._stacked is None  # released: only the run layout is held
+    assert model.weight_bytes == bytes_before and model.dtype == jnp.float32
+    # ``params`` is rebuilt canonical on access, equal to what was loaded.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), model.params, params)
+    # A second Model on the same run params shares them (no conversion, no copy).
+    twin = model.replace(source="twin", params=run)
+    assert twin.run_params["layers"][0]["mlp"]["gate"] is run["layers"][0]["mlp"]["gate"]
+
+
+def test_bf16_single_row_dense_equals_the_plain_dot():
+    # One bf16 row is computed as two identical rows (XLA:CPU's fast path); the result must be the same
+    # dot: float32 accumulation of the same bf16 products, rounded once to bf16 (one bf16 ulp apart at most).
+    rng = np.random.RandomState(2)
+    x = jnp.asarray(rng.randn(1, 1, 64), jnp.bfloat16)
+    w = jnp.asarray(rng.randn(32, 64), jnp.bfloat16)
+    got = np.asarray(llama._dense("btd,fd->btf", x, w).astype(jnp.float32))
+    exact = np.asarray(x.astype(jnp.float32))[0, 0] @ np.asarray(w.astype(jnp.float32)).T
+    # float32 accumulation (bound of tests/tolerances.py) then one bf16 rounding (half a bf16 ulp, 2**-8 rel).
+    tol = float32_tolerance(np.abs(np.asarray(x, np.float32)).max() * np.abs(np.asarray(w, np.float32)).max(), 64) \
+        + np.abs(exact) * 2.0**-8
+    np.testing.assert_array_less(np.abs(got[0, 0] - exact), tol + 1e-30)

@@ -5,21 +5,29 @@ math. Everything outside works on plain pytrees: ``init_params`` / ``abstract_pa
 dict of arrays, and ``forward`` is a pure function of (static config, params, tokens, positions, cache)
 that merges the params into the module inside the traced function.
 
-Layer weights have two layouts, and ``forward`` runs either (the choice is made in :func:`run_params`):
+Layer weights have three layouts, and ``forward`` runs any of them (the choice is made in :func:`run_params`):
 
 - **stacked** (the canonical one: loading, sharding, training, checkpoints, export): each layer leaf has a
   leading ``layers`` axis and the layers run under ``lax.scan``, so compile time does not grow with
   depth. This is what runs on accelerators and on meshes of several devices.
-- **per-layer** (``params["layers"]`` a tuple of one dict per layer): a Python loop over the layers. On
-  XLA:CPU a scan copies every layer's weights out of the stacked buffer before its matmuls, at every
-  forward (a one-token decode step of an 853M float32 model: ~0.3 of the time to stream the weights
+- **per-layer views** (``params["layers"]`` a tuple of one dict per layer): a Python loop over the
+  layers. On XLA:CPU a scan copies every layer's weights out of the stacked buffer before its matmuls, at
+  every forward (a one-token decode step of an 853M float32 model: ~0.3 of the time to stream the weights
   once, against ~0.75 per-layer; bench/bench_cpu_decode.py). ``run_params`` gives this layout on one CPU
   device as *views* of the stacked buffers: no weight is copied and the memory is held once.
+- **per-layer contraction-minor** (:class:`MinorLayers`): per-layer copies with every dense weight stored
+  ``[out, in]``, PyTorch's ``Linear`` layout. XLA:CPU's batched dots (YNNPACK) run this form ~1.7x faster
+  than ``[in, out]`` at batch 8 (and ~1.1x at batch 1): a 1.5B model's decode step at batch 8 goes from
+  ~1.3 s to ~0.8 s. ``Model.run_params`` uses it on one CPU device and then drops the stacked copy.
+
+Attention is :func:`eft_jax.models.attention.attention` (einsum reference on CPU, the platform's fused
+attention on GPU/TPU).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -27,16 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
+from eft_jax.models.attention import attention
 from eft_jax.models.config import LlamaConfig, rope_inverse_frequencies
 from eft_jax.models.kv_cache import KVCache
 
 Params = dict[str, Any]  # nested dict of arrays, as produced by nnx.State.to_pure_dict()
 
-# A finite "minus infinity" for masked attention scores: a row with nothing to attend to (a padding
-# query) then gets a uniform average instead of NaN, and its output is never used.
-_MASKED = -1e30
 # run_params: the largest per-layer slice that may be copied when the runtime cannot view it.
 _MAX_COPIED_BYTES = 4096
 
@@ -91,12 +97,22 @@ class Attention(nnx.Module):
         self.scale = hd**-0.5
 
     def project(
-        self, x: Float[Array, "batch seq embed"], positions: Int[Array, "batch seq"], inv_freq: Float[Array, " half"]
+        self,
+        x: Float[Array, "batch seq embed"],
+        positions: Int[Array, "batch seq"],
+        inv_freq: Float[Array, " half"],
+        minor: bool = False,
     ) -> tuple[Array, Array, Array]:
-        """Rotated queries ``[b, t, heads, hd]`` and keys, plus values ``[b, t, kv_heads, hd]``."""
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
+        """Rotated queries ``[b, t, heads, hd]`` and keys, plus values ``[b, t, kv_heads, hd]``. ``minor``:
+        the weights are in the contraction-minor run layout (see :func:`run_params`)."""
+        if minor:
+            # [heads, hd, embed] viewed as 2-D [heads * hd, embed] (a free reshape): XLA:CPU canonicalises a
+            # dot with several free weight axes by transposing (copying) the weight at every call.
+            b, t, _ = x.shape
+            q, k, v = (_dense("btd,nd->btn", x, w[...].reshape(-1, w.shape[-1])).reshape(b, t, w.shape[0], w.shape[1])
+                       for w in (self.q, self.k, self.v))
+        else:
+            q, k, v = (_dense("btd,dhk->bthk", x, w[...]) for w in (self.q, self.k, self.v))
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
@@ -106,17 +122,18 @@ class Attention(nnx.Module):
         q: Float[Array, "batch seq heads head_dim"],
         keys: Float[Array, "batch slots kv_heads head_dim"],
         values: Float[Array, "batch slots kv_heads head_dim"],
-        valid: Bool[Array, "batch seq slots"],
+        q_pos: Int[Array, "batch seq"],
+        k_pos: Int[Array, "batch slots"],
+        kv_length: Int[Array, " batch"] | None,
+        minor: bool = False,
     ) -> Float[Array, "batch seq embed"]:
-        """Grouped-query attention of ``q`` over ``keys``/``values`` where ``valid``; scores in float32."""
-        b, t, h, hd = q.shape
-        kv_heads = keys.shape[2]
-        qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * self.scale
-        scores = jnp.where(valid[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...])
+        """Grouped-query attention of ``q`` over ``keys``/``values`` (``attention.attention``: visibility
+        from positions, scores in float32), then the output projection."""
+        out = attention(q, keys, values, q_pos, k_pos, kv_length, scale=self.scale)
+        if minor:  # [embed, heads, hd] as 2-D [embed, heads * hd], as in ``project``
+            b, t, h, hd = out.shape
+            return _dense("btn,dn->btd", out.reshape(b, t, h * hd), self.o[...].reshape(self.o.shape[0], h * hd))
+        return _dense("bthk,hkd->btd", out, self.o[...])
 
 
 class MLP(nnx.Module):
@@ -126,8 +143,11 @@ class MLP(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5)
 
-    def __call__(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
-        return (jax.nn.silu(x @ self.gate[...]) * (x @ self.up[...])) @ self.down[...]
+    def __call__(self, x: Float[Array, "batch seq embed"], minor: bool = False) -> Float[Array, "batch seq embed"]:
+        """SwiGLU; ``minor``: weights in the contraction-minor run layout (gate/up ``[mlp, embed]``)."""
+        into, out_of = ("btd,fd->btf", "btf,df->btd") if minor else ("btd,df->btf", "btf,fd->btd")
+        h = jax.nn.silu(_dense(into, x, self.gate[...])) * _dense(into, x, self.up[...])
+        return _dense(out_of, h, self.down[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -137,10 +157,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def finish(self, x: Float[Array, "batch seq embed"], attn_out: Float[Array, "batch seq embed"]) -> Array:
+    def finish(self, x: Float[Array, "batch seq embed"], attn_out: Float[Array, "batch seq embed"],
+               minor: bool = False) -> Array:
         """Residual add of the attention output, then the MLP block."""
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), minor)
 
 
 class Llama(nnx.Module):
@@ -168,41 +189,37 @@ class Llama(nnx.Module):
         logits_at: Int[Array, "batch n"] | None,
         layers: Params | tuple[Params, ...],
     ) -> tuple[Float[Array, "batch seq_or_n vocab"], KVCache | None]:
-        """``layers``: the layer weights, stacked or per layer (``self.layers`` only gives their structure)."""
+        """``layers``: the layer weights, stacked, per layer, or per layer contraction-minor
+        (:class:`MinorLayers`; the LM head is then ``[vocab, embed]``); ``self.layers`` only gives their
+        structure."""
         cfg = self.config
+        minor = isinstance(layers, MinorLayers)
         inv_freq = jnp.asarray(np.asarray(rope_inverse_frequencies(cfg), np.float32))
         x = jnp.take(self.embed[...], tokens, axis=0)
         over_layers = functools.partial(_over_layers, nnx.graphdef(self.layers), layers)
 
         if cache is None:
-            causal = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] >= 0)
-
+            # Tokens attend causally to each other (by position; -1 marks padding).
             def body(h, layer):
-                q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq)
-                return layer.finish(h, layer.attn.attend(q, k, v, causal))
+                q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq, minor)
+                return layer.finish(h, layer.attn.attend(q, k, v, positions, positions, None, minor), minor)
 
             x = over_layers(body, x)
             new_cache = None
         else:
             # Slot bookkeeping is shared by all layers. New keys/values are scattered straight into the
-            # full cache buffers carried by the scan (an in-place update), then the layer's slice is read.
+            # full cache buffers (an in-place update), then the layer's slice is read.
             rows = jnp.arange(tokens.shape[0])[:, None]
             slots = cache.length[:, None] + jnp.arange(tokens.shape[1])[None, :]
             pos = cache.pos.at[rows, slots].set(positions, mode="drop")
             length = cache.length + tokens.shape[1]
-            slot_ids = jnp.arange(cache.num_slots)
-            valid = (
-                (slot_ids[None, None, :] < length[:, None, None])
-                & (pos[:, None, :] >= 0)
-                & (pos[:, None, :] <= positions[:, :, None])
-            )
 
             def body(carry, layer):
                 h, k_all, v_all, i = carry
-                q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq)
+                q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq, minor)
                 k_all = k_all.at[i, rows, slots].set(k.astype(k_all.dtype), mode="drop")
                 v_all = v_all.at[i, rows, slots].set(v.astype(v_all.dtype), mode="drop")
-                h = layer.finish(h, layer.attn.attend(q, k_all[i], v_all[i], valid))
+                h = layer.finish(h, layer.attn.attend(q, k_all[i], v_all[i], positions, pos, length, minor), minor)
                 return h, k_all, v_all, i + 1
 
             x, k_all, v_all, _ = over_layers(body, (x, cache.k, cache.v, 0))
@@ -213,9 +230,44 @@ class Llama(nnx.Module):
             # sequence would cost batch x seq x vocab floats.
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        # A tied head is the embedding [vocab, embed]: already contraction-minor.
+        if cfg.tie_word_embeddings or minor:
+            head = self.embed[...] if cfg.tie_word_embeddings else self.lm_head[...]
+            logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
         return logits, new_cache
+
+
+def _dense(spec: str, x: Array, w: Array) -> Array:
+    """``einsum(spec, x, w)`` accumulated and returned in float32, then cast to ``x``'s dtype; ``spec``
+    starts with the batch axis on both ``x`` and the output.
+
+    For float32 this is the plain einsum. For bfloat16 it is the same arithmetic (XLA accumulates a bf16
+    dot in float32 and rounds once), in the forms XLA:CPU runs fastest: a float32-output dot (a bf16-output
+    one takes a slow generic path, ~6x at batch 8), and never a single-row one: a one-row bf16 dot runs
+    ~7x slower than the same dot with two rows (bench/bench_cpu_decode.py), so one row is computed twice.
+    """
+    if x.dtype != jnp.float32 and math.prod(x.shape[:-1]) == 1:
+        doubled = jnp.concatenate([x, x], axis=0)
+        return jnp.einsum(spec, doubled, w, preferred_element_type=jnp.float32)[:1].astype(x.dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@jax.tree_util.register_pytree_node_class
+class MinorLayers(tuple):
+    """Per-layer weights in the *contraction-minor* run layout: each dense weight stored ``[out, in]`` (the
+    layout of PyTorch's ``Linear``), e.g. ``mlp.gate`` ``[mlp, embed]``, ``attn.q`` ``[heads, head_dim,
+    embed]``, ``attn.o`` ``[embed, heads, head_dim]``; norms and biases as in the canonical layout. A
+    tuple of one params dict per layer, tagged by its type so that ``forward`` knows the layout (with it,
+    ``params["lm_head"]`` is ``[vocab, embed]``)."""
+
+    def tree_flatten(self) -> tuple[tuple[Params, ...], None]:
+        return tuple(self), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: Any) -> MinorLayers:
+        return cls(children)
 
 
 def _over_layers(layer_def: nnx.GraphDef, layers: Params | tuple[Params, ...], body: Any, carry: Any) -> Any:
@@ -280,28 +332,99 @@ def forward(
     return model(tokens, positions, cache, logits_at, params["layers"])
 
 
-def run_params(params: Params) -> Params:
+# The contraction-minor run layout (MinorLayers): per-layer leaf -> axes permutation from the canonical
+# per-layer shape. Leaves not listed (norms, biases) keep their shape.
+_MINOR_PERM: dict[tuple[str, ...], tuple[int, ...]] = {
+    ("attn", "q"): (1, 2, 0), ("attn", "k"): (1, 2, 0), ("attn", "v"): (1, 2, 0),  # [d, h, hd] -> [h, hd, d]
+    ("attn", "o"): (2, 0, 1),  # [h, hd, d] -> [d, h, hd]
+    ("mlp", "gate"): (1, 0), ("mlp", "up"): (1, 0), ("mlp", "down"): (1, 0),
+}
+
+
+def run_params(params: Params, *, transpose: bool = False, consume: bool = False) -> Params:
     """``params`` in the layout ``forward`` runs fastest with where they are (see the module docstring).
 
-    Stacked params on one CPU device come back with per-layer layer weights that are zero-copy views of
-    the stacked buffers (which they keep alive); anything else comes back as it is. The runtime views
-    only 64-byte aligned slices and copies others: copies of under ``_MAX_COPIED_BYTES`` per layer (a
-    bias or norm of a tiny model) are accepted, a larger one keeps the stacked params, so the weights
-    are never held twice.
+    Stacked params on one CPU device come back per layer; anything else comes back as it is.
+
+    - ``transpose=False``: per-layer zero-copy *views* of the stacked buffers (which they keep alive). The
+      runtime views only 64-byte aligned slices and copies others: copies of under ``_MAX_COPIED_BYTES``
+      per layer (a bias or norm of a tiny model) are accepted, a larger one keeps the stacked params, so
+      the weights are never held twice.
+    - ``transpose=True``: per-layer *copies* in the contraction-minor layout (:class:`MinorLayers`, and
+      the LM head ``[vocab, embed]``). XLA:CPU runs ``x @ W`` with ``W`` stored ``[out, in]`` faster than
+      with ``[in, out]``: ~1.2x at batch 1, ~1.7x at batch 8 (its batched dots go to YNNPACK, which
+      repacks an ``[in, out]`` operand; bench/bench_cpu_decode.py). With ``consume`` the stacked leaves
+      are removed from ``params``' dicts as they are converted (the caller passes a structure it owns), so
+      that a caller that holds no other reference never has a leaf in both layouts at once.
     """
     layers = params["layers"]
     if isinstance(layers, tuple) or any(len(x.devices()) != 1 or x.platform() != "cpu" for x in jax.tree.leaves(layers)):
         return params
-    per_layer = tuple({} for _ in range(jax.tree.leaves(layers)[0].shape[0]))
-    for path, x in jax.tree_util.tree_leaves_with_path(layers):
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = tuple({} for _ in range(num_layers))
+    head = params.get("lm_head")
+    # Leaf paths only: a list of the leaves themselves would keep every stacked buffer alive to the end.
+    for keys in [[k.key for k in path] for path, _ in jax.tree_util.tree_leaves_with_path(layers)]:
+        x = _get(layers, keys)
         host = np.asarray(x)  # on CPU: the device buffer itself (read-only), not a copy
-        sharding = NamedSharding(x.sharding.mesh, PartitionSpec()) if isinstance(x.sharding, NamedSharding) else x.sharding
+        sharding = _one_device(x)
+        perm = _MINOR_PERM.get(tuple(keys)) if transpose else None
         for i, layer in enumerate(per_layer):
+            if perm is not None:
+                _set(layer, keys, jax.device_put(np.ascontiguousarray(host[i].transpose(perm)), sharding))
+                continue
             view = jax.device_put(host[i], sharding)
-            if view.unsafe_buffer_pointer() != x.unsafe_buffer_pointer() + i * view.nbytes and view.nbytes >= _MAX_COPIED_BYTES:
+            if not transpose and view.unsafe_buffer_pointer() != x.unsafe_buffer_pointer() + i * view.nbytes \
+                    and view.nbytes >= _MAX_COPIED_BYTES:
                 return params
-            _set(layer, [k.key for k in path], view)
-    return {**params, "layers": per_layer}
+            _set(layer, keys, view)
+        if consume:
+            _pop(layers, keys)
+        del host, x
+    out = {**params, "layers": MinorLayers(per_layer) if transpose else per_layer}
+    if transpose and head is not None:
+        if consume:
+            del params["lm_head"]
+        out["lm_head"] = jax.device_put(np.ascontiguousarray(np.asarray(head).T), _one_device(head))
+    return out
+
+
+def stacked_params(params: Params) -> Params:
+    """The canonical stacked layout of ``params`` in any layout (the inverse of :func:`run_params`): the
+    same arrays when already stacked, else a copy."""
+    layers = params["layers"]
+    if not isinstance(layers, tuple):
+        return params
+    minor = isinstance(layers, MinorLayers)
+
+    def stack(path: Any, *xs: Array) -> Array:
+        perm = _MINOR_PERM.get(tuple(k.key for k in path)) if minor else None
+        inverse = tuple(int(i) for i in np.argsort(perm)) if perm is not None else None
+        host = np.stack([np.asarray(x) if inverse is None else np.asarray(x).transpose(inverse) for x in xs])
+        return jax.device_put(host, _one_device(xs[0]))
+
+    out = {**params, "layers": jax.tree_util.tree_map_with_path(stack, *layers)}
+    if minor and "lm_head" in params:
+        out["lm_head"] = jax.device_put(np.ascontiguousarray(np.asarray(params["lm_head"]).T),
+                                        _one_device(params["lm_head"]))
+    return out
+
+
+def _one_device(x: Array) -> Any:
+    """``x``'s sharding with the (size-1) layers axis dropped from a NamedSharding's spec."""
+    return NamedSharding(x.sharding.mesh, PartitionSpec()) if isinstance(x.sharding, NamedSharding) else x.sharding
+
+
+def _get(tree: dict[str, Any], keys: list[str]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def _pop(tree: dict[str, Any], keys: list[str]) -> None:
+    for key in keys[:-1]:
+        tree = tree[key]
+    del tree[keys[-1]]
 
 
 def _set(tree: dict[str, Any], keys: list[str], value: Any) -> None:
