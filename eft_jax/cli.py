@@ -93,10 +93,39 @@ def _show_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     print(f"# {config.source}: valid")
     print(f"# fingerprint: generate {config.fingerprint('generate')}, score {config.fingerprint('score')}")
-    for problem in missing_model_files(config):
+    missing = missing_model_files(config)
+    for problem in missing:
         print(f"# not found here: {problem}")
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    for line in _memory_plan(config, args.prompt_tokens, bool(missing)).splitlines():
+        print(f"# {line}")
     return 0
+
+
+def _memory_plan(config, prompt_tokens: int, missing: bool) -> str:
+    """``generate``'s memory plan for prompts of up to ``prompt_tokens`` tokens (eft_jax.memory), or why not."""
+    import jax
+
+    from eft_jax import memory
+    from eft_jax.loading import CheckpointError
+    from eft_jax.models.config import UnsupportedConfigError
+
+    if missing:
+        return "memory plan: needs every model's config.json or GGUF file (not found here)"
+    try:
+        specs = memory.read_model_specs(config)
+    except (CheckpointError, UnsupportedConfigError) as e:
+        return f"memory plan: cannot read a model's config: {e}"
+    devices = jax.devices()
+    model = config.mesh.model
+    data = config.mesh.data if config.mesh.data != -1 else max(1, len(devices) // model)
+    available = memory.detect_device_memory(config.mesh.device_memory_gb, devices, data * model)
+    plan = memory.plan_memory(config, specs, {"data": data, "model": model},
+                              memory.config_workload(config, prompt_tokens), available)
+    text = memory.does_not_fit_message(plan, specs) if not plan.fits else plan.table()
+    if data * model > len(devices):
+        text += f"\n(this machine has {len(devices)} {devices[0].platform.upper()} device(s); the plan is for the mesh)"
+    return text
 
 
 def _job_arguments(p: argparse.ArgumentParser, input_flag: str, input_help: str) -> None:
@@ -137,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write per-token EFT log-probs and per-token implicit rewards (log p_ft - log p_ref)")
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("config", help="validate a config and print it resolved, with its fingerprints")
+    p = sub.add_parser("config", help="validate a config and print it resolved, with its fingerprints and "
+                       "memory plan")
     p.add_argument("--config", default=None, help="YAML job config (default: the embedded one)")
+    p.add_argument("--prompt-tokens", type=int, default=1024, metavar="N",
+                   help="the memory plan's prompt length (default 1024; generate and score bound it from their "
+                   "input)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=_show_config)
 

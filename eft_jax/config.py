@@ -4,8 +4,8 @@ A config is a YAML file with five sections (see ``configs/`` and the README's co
 
     models:   {name: {path, prompt_format, dtype, sharding}}   any number of named model entries
     eft:      {base, ref, fine_tuned, weights, base_top_p}     roles, by model name
-    sampling: {temperature, top_k, top_p, min_p, stop_token_ids}
-    mesh:     {data, model, distributed}
+    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, end_tokens}
+    mesh:     {data, model, distributed, device_memory_gb}
     job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt, compile_cache}
     speculative: {k, drafter}                                 optional: speculative EFT (k = 0: off)
 
@@ -47,6 +47,7 @@ FINGERPRINT_VERSION = 1
 DTYPES = ("bfloat16", "float16", "float32")
 SHARDINGS = ("tensor_parallel", "replicated")
 LONG_PROMPT_POLICIES = ("truncate_left", "skip")
+END_TOKEN_POLICIES = ("all", "declared")
 PKG_PREFIX = "pkg:"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -108,6 +109,7 @@ sampling:
   top_p: 0.9
   min_p: 0.0
   stop_token_ids: []
+  end_tokens: all  # every model's end-of-text and end-of-turn tokens stop a sample (or: declared)
 mesh:
   data: 1
   model: 1
@@ -170,13 +172,16 @@ class EFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling filters (see ``eft_jax.sampling``) and extra stop tokens (the tokenizers' EOS always stops)."""
+    """Sampling filters (see ``eft_jax.sampling``) and what ends a sample: ``stop_token_ids`` always, and
+    ``end_tokens``: "all" (every model's end-of-text and end-of-turn tokens) or "declared" (only what each
+    model's tokenizer and checkpoint declare as EOS); see ``Engine.run``."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
+    end_tokens: str = "all"
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
@@ -188,11 +193,15 @@ class MeshConfig:
 
     data = -1 takes every visible device not used by ``model``. distributed: call
     ``jax.distributed.initialize()`` first (multi-host: run the same command on every host).
+    device_memory_gb: the memory of one device in GB (1e9 bytes) for the memory plan (``eft_jax.memory``),
+    overriding what is detected; None: ``device.memory_stats()`` where the backend reports it, else (CPU)
+    the host's available RAM shared by the CPU devices. It never changes a sample: not fingerprinted.
     """
 
     data: int = -1
     model: int = 1
     distributed: bool = False
+    device_memory_gb: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,7 +594,7 @@ def _parse_eft(ctx: _Ctx, raw: Any, models: Mapping[str, ModelEntry]) -> EFTConf
 
 
 def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
-    raw = ctx.section(raw, "sampling", ("temperature", "top_k", "top_p", "min_p", "stop_token_ids"))
+    raw = ctx.section(raw, "sampling", ("temperature", "top_k", "top_p", "min_p", "stop_token_ids", "end_tokens"))
     g = lambda name, conv, default: ctx.get(raw, "sampling", name, conv, default)  # noqa: E731
 
     def stops(v: Any) -> tuple[int, ...]:
@@ -601,16 +610,20 @@ def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
         top_p=g("top_p", _float(lambda x: 0 < x <= 1, "a number in (0, 1] (1 = off)"), 1.0),
         min_p=g("min_p", _float(lambda x: 0 <= x < 1, "a number in [0, 1) (0 = off)"), 0.0),
         stop_token_ids=g("stop_token_ids", stops, ()),
+        end_tokens=g("end_tokens", _choice(END_TOKEN_POLICIES), "all"),
     )
 
 
 def _parse_mesh(ctx: _Ctx, raw: Any) -> MeshConfig:
-    raw = ctx.section(raw, "mesh", ("data", "model", "distributed"))
+    raw = ctx.section(raw, "mesh", ("data", "model", "distributed", "device_memory_gb"))
     return MeshConfig(
         data=ctx.get(raw, "mesh", "data", _int(1, also=(-1,), what="an integer >= 1, or -1 (all devices not "
                                                                   "used by mesh.model)"), -1),
         model=ctx.get(raw, "mesh", "model", _int(1), 1),
         distributed=ctx.get(raw, "mesh", "distributed", _bool, False),
+        device_memory_gb=ctx.get(raw, "mesh", "device_memory_gb", _optional(
+            _float(lambda x: x > 0, "a number > 0"), "null (detect) or a number of GB > 0 (memory of one device, "
+            "e.g. 16 for a TPU v5e chip)"), None),
     )
 
 

@@ -40,7 +40,7 @@ from eft_jax.sampling import SamplingParams
 from eft_jax.scoring import score_pairs
 from eft_jax.sharding import HostPlacement
 from eft_jax.spec import Component, EFTSpec
-from eft_jax.vocab import common_vocab_size
+from eft_jax.vocab import common_vocab_size, end_token_ids
 
 __all__ = ["Engine", "GenerationResult", "Rendered", "ScoreResult", "SpeculativeStats", "Update", "generate",
            "score"]
@@ -96,7 +96,13 @@ class Engine:
         # On CPU a chunk ends as soon as every row is done (no host sync to fear); elsewhere it runs its
         # fixed length (a data-dependent loop exit would sync with the host every step).
         self.stop_early = self.mesh.devices.flat[0].platform == "cpu"
-        self.stop_ids = tuple(sorted({t for c in comps for t in _eos_ids(c.model.tokenizer) if t < self.vocab}))
+        # What ends a sample: any model's end of text or of turn ("all"), or only what each model's
+        # tokenizer and checkpoint declare ("declared"); see vocab.end_token_ids.
+        self.end_ids = {
+            policy: tuple(sorted({t for c in comps for t in end_token_ids(c.model.tokenizer, c.model.end_token_ids,
+                                                                          markers=policy == "all")
+                                  if t < self.vocab}))
+            for policy in ("all", "declared")}
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None and pad < self.vocab else 0)
         self.labels = [c.label for c in spec.components]
@@ -133,6 +139,7 @@ class Engine:
         weights: Sequence[float] | None = None,
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        end_tokens: Literal["all", "declared"] = "all",
         return_component_logprobs: bool = False,
         return_distributions: bool = False,
         continuous: bool = True,
@@ -141,17 +148,23 @@ class Engine:
         request's position in ``requests``) and the number of tokens the chunk decoded.
 
         batch_size: rows decoded together (slots; rounded up to a multiple of the mesh's data axis).
-        weights: override the spec's reward weights (no recompilation). ignore_eos: stop only at
-        ``stop_token_ids`` (not at the models' end-of-sequence tokens), e.g. to benchmark fixed lengths.
+        weights: override the spec's reward weights (no recompilation). end_tokens: which end tokens stop
+        a sample besides ``stop_token_ids``: "all" (default) every model's end-of-text and end-of-turn
+        tokens - in EFT the models disagree on which one ends an answer, so one model's EOS alone can let
+        an answer run on -, "declared" only those each model's tokenizer and checkpoint declare
+        (``vocab.end_token_ids``). ignore_eos: stop only at ``stop_token_ids``, e.g. to benchmark fixed lengths.
         continuous: refill a finished row with the next request at once (continuous batching); False waits
         until every row of the batch is done (static batching). Samples are the same either way.
         """
+        if end_tokens not in self.end_ids:
+            raise ValueError(f"end_tokens must be one of {sorted(self.end_ids)}, got {end_tokens!r}")
         if not requests:
             return
         plan = decode.Plan(
             configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
             vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
-            stop_ids=tuple(sorted((set() if ignore_eos else set(self.stop_ids)) | {int(t) for t in stop_token_ids})),
+            stop_ids=tuple(sorted((set() if ignore_eos else set(self.end_ids[end_tokens]))
+                                  | {int(t) for t in stop_token_ids})),
             pad_id=self.pad_id, chunk=self.chunk_size, record_components=return_component_logprobs,
             record_distributions=return_distributions, stop_early=self.stop_early,
         )
@@ -298,13 +311,6 @@ def _distinct(components: Sequence[Component]) -> tuple[tuple[Component, ...], t
             runs.append(c)
         sources.append(keys.index(key))
     return tuple(runs), tuple(sources)
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def generate(spec: EFTSpec, prompts: Sequence[Prompt], sampling: SamplingParams = SamplingParams(), *,

@@ -234,7 +234,7 @@ def test_ignore_eos_decodes_to_the_limit(trio):
     row = free[stopped[0].index]
     # Same random streams: the row continues past its EOS instead of stopping there.
     assert row.tokens[: len(stopped[0].tokens)] == stopped[0].tokens
-    assert stopped[0].tokens[-1] in engine.stop_ids
+    assert stopped[0].tokens[-1] in engine.end_ids["all"]
     # Extra stop ids still stop a row.
     extra = engine.generate(prompts[:1], max_new_tokens=40, seed=seed, ignore_eos=True, stop_token_ids=[free[0].tokens[5]])
     assert len(extra[0].tokens) <= 6 and extra[0].finish_reason == "stop"

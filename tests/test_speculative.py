@@ -73,7 +73,7 @@ def test_second_token_follows_the_exact_eft_marginal(family, m, case):
     first = np.array([r.tokens[0] for r in res])
     # A row whose first token is a stop token has no second token: condition on continuing.
     second = np.array([r.tokens[1] for r in res if len(r.tokens) > 1])
-    stops = list(Engine(spec).stop_ids)
+    stops = list(Engine(spec).end_ids["all"])
 
     torch_models = [family[r][1] for r in roles]
     ids = [render_tokens(c.model.tokenizer, prompt, c.prompt_format) for c in spec.components]

@@ -4,6 +4,8 @@ Loading a 70B base takes minutes; a setup mistake found after it wastes them. Ev
 only the config, the visible devices and the tokenizers is checked here, first:
 
 - the mesh (``mesh.data`` x ``mesh.model``) fits the visible devices;
+- the memory plan (``eft_jax.memory``: weights, KV caches and working memory per device, from the
+  models' config.json / GGUF headers and the input's lengths) fits the devices' memory;
 - every model used by the job (the EFT roles and the drafter) has a tokenizer, a ``chat`` prompt format
   has a chat template, and all tokenizers share one vocabulary (the first differing id is named);
 - one probe prompt and the job's first valid prompt render for every (model, prompt format): a missing
@@ -42,6 +44,32 @@ def make_job_mesh(mc: MeshConfig) -> Any:
         raise JobError(f"mesh.data={data} x mesh.model={mc.model} needs {data * mc.model} devices; {where}. "
                        "Lower mesh.data or mesh.model (mesh.data=-1 uses every device not used by mesh.model).")
     return make_mesh(data, mc.model, devices[: data * mc.model])
+
+
+def check_memory(config: Config, command: str, requests: Sequence[Any], mesh: Any) -> Any:
+    """The job's memory plan (``eft_jax.memory.MemoryPlan``); JobError with the per-model table and what
+    to change (a batch size that fits, ...) when it does not fit. Reads config.json / GGUF headers only."""
+    import jax
+
+    from eft_jax import memory
+    from eft_jax.loading import CheckpointError
+    from eft_jax.models.config import UnsupportedConfigError
+
+    specs = {}
+    for name in config.model_names():
+        try:
+            specs[name] = memory.read_model_spec(config.models[name])
+        except (CheckpointError, UnsupportedConfigError) as e:
+            raise JobError(f"{config.source}: models.{name}: {e}") from None
+    devices = list(mesh.devices.flat)
+    local = sum(1 for d in devices if d.process_index == jax.process_index())
+    available = memory.detect_device_memory(config.mesh.device_memory_gb, devices, local)
+    workload = memory.workload_from_requests(config, requests, command)
+    plan = memory.plan_memory(config, specs, dict(mesh.shape), workload, available)
+    if not plan.fits:
+        raise JobError(f"{config.source}: the job does not fit in device memory; nothing was loaded.\n"
+                       + memory.does_not_fit_message(plan, specs))
+    return plan
 
 
 def check_tokenizers(config: Config, prompts: Sequence[Prompt]) -> dict[str, Any]:

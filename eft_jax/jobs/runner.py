@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from eft_jax.config import Config, missing_model_files, resolve_model_path
 from eft_jax.jobs.interrupt import Interrupts
-from eft_jax.jobs.preflight import check_tokenizers, make_job_mesh
+from eft_jax.jobs.preflight import check_memory, check_tokenizers, make_job_mesh
 from eft_jax.jobs.progress import Progress, format_duration
 from eft_jax.jobs.records import (
     STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, errors_path, read_requests,
@@ -205,7 +205,8 @@ class _Job:
 
 def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite: bool, ignore_fingerprint: bool,
              interrupts: Interrupts, log: TextIO) -> _Job:
-    """Checks that need no models: model files, the input, the output (writable, resumable), the mesh."""
+    """Checks that need no models: model files, the input, the output (writable, resumable), the mesh, and
+    the memory plan (from config.json / GGUF headers: refuses a job that does not fit before any loading)."""
     start = time.perf_counter()
     interrupts.check()
     fingerprint = config.fingerprint(command)
@@ -217,6 +218,8 @@ def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite
                         writer=_is_writer(), log=log)
     requests, issues, summary.lines = read_requests(inputs, score=command == "score")
     mesh = make_job_mesh(config.mesh)
+    if requests:
+        check_memory(config, command, requests, mesh)
     interrupts.check()
     return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start)
 
@@ -329,7 +332,8 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
         # Continuous batching over the whole job: the batch stays full until the input runs out; finished
         # samples are written after every decode chunk, and progress is reported after every chunk.
         for update in engine.run(requests, config.sampling.params(), batch_size=config.job.batch_size,
-                                 seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids):
+                                 seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
+                                 end_tokens=config.sampling.end_tokens):
             records = [_sample_record(*origin[r.index], requests[r.index], r, summary) for r in update.finished]
             output.append(records)
             summary.written += len(records)

@@ -165,6 +165,13 @@ class GGUFCheckpoint:
         """The model's tokenizer, built from the file's vocabulary, with its chat template if it has one."""
         return _load_tokenizer(self.path, self._reader, self.hf_config)
 
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """The ids the file declares end a text or a turn (``tokenizer.ggml`` eos / eot / eom)."""
+        meta = _Metadata(self.path, self._reader)
+        ids = (meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom"))
+        return tuple(sorted({int(i) for i in ids if i is not None}))
+
 
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Open a Llama-family (``llama`` / ``qwen2``) GGUF file. Reads the header only; no tensor is

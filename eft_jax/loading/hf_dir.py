@@ -63,3 +63,22 @@ def load_hf_tokenizer(directory: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # transformers raises many types here; all mean the same to the user
         raise CheckpointError(f"{directory}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def declared_end_ids(directory: Path, hf_config: dict[str, Any]) -> tuple[int, ...]:
+    """The ``eos_token_id`` values (an id or a list) of config.json and generation_config.json, which
+    is where instruct models list their end-of-turn tokens (e.g. Llama 3.1: [128001, 128008, 128009])."""
+    sources = [hf_config]
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        try:
+            sources.append(json.loads(generation.read_text()))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{generation}: cannot read it ({e}); fix or remove the file") from None
+    ids: set[int] = set()
+    for source in sources:
+        eos = source.get("eos_token_id")
+        for e in eos if isinstance(eos, list) else [eos]:
+            if isinstance(e, int):
+                ids.add(e)
+    return tuple(sorted(ids))

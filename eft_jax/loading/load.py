@@ -51,21 +51,22 @@ def load_model(
         cfg = _config(ckpt.hf_config, f"{path} (GGUF metadata)")
         dtype = dtype if dtype is not None else GGUF_DEFAULT_DTYPE
         params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules), dtype)
-        return Model(cfg, params, tokenizer or ckpt.load_tokenizer(), mesh, rules, str(path))
+        return Model(cfg, params, tokenizer or ckpt.load_tokenizer(), mesh, rules, str(path), ckpt.end_token_ids)
 
     if orbax_checkpoint.is_orbax_checkpoint(path):
         cfg, saved_dtype = orbax_checkpoint.read_checkpoint_meta(path)
         dtype = dtype if dtype is not None else saved_dtype
         params = orbax_checkpoint.restore_params(path, cfg, param_shardings(cfg, mesh, rules), dtype)
         return Model(cfg, params, tokenizer or orbax_checkpoint.load_checkpoint_tokenizer(path), mesh, rules,
-                     str(path))
+                     str(path), orbax_checkpoint.read_end_token_ids(path))
 
     hf_config, tensors = hf_dir.open_hf_dir(path)
     cfg = _config(hf_config, str(path / "config.json"))
     if dtype is None:
         dtype = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors.keys() else jnp.float32
     params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules), dtype)
-    return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path))
+    return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path),
+                 hf_dir.declared_end_ids(path, hf_config))
 
 
 def load_tokenizer(source: str | os.PathLike) -> Any:

@@ -43,6 +43,7 @@ def save_checkpoint(model: Any, dest: Path) -> None:
     meta = {
         "format": "eft_jax", "version": FORMAT_VERSION, "config": model.config.to_dict(),
         "dtype": jnp.dtype(model.dtype).name, "converted_from": model.source,
+        "end_token_ids": list(model.end_token_ids),
     }
     # The marker is written last: a directory without it is an interrupted conversion, not a checkpoint.
     (dest / MARKER).write_text(json.dumps(meta, indent=2))
@@ -53,6 +54,11 @@ def read_checkpoint_meta(path: Path) -> tuple[LlamaConfig, str]:
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} is not {FORMAT_VERSION}")
     return LlamaConfig.from_dict(meta["config"]), meta["dtype"]
+
+
+def read_end_token_ids(path: Path) -> tuple[int, ...]:
+    """The end tokens the source checkpoint declared (none for a checkpoint written before they were kept)."""
+    return tuple(int(t) for t in json.loads((path / MARKER).read_text()).get("end_token_ids", []))
 
 
 def restore_params(path: Path, cfg: LlamaConfig, shardings: Any, dtype: Any) -> dict[str, Any]:
