@@ -5,14 +5,17 @@ Two jobs of held-out toy questions (``--prompts`` of them, 512 by default):
 - ``natural``: answers as the models give them (stop at the end-of-turn token; 24 tokens at most), the
   embedded default's sampling (temperature 0.7, top-p 0.9);
 - ``long-tailed``: each prompt's ``max_new_tokens`` drawn from a log-normal clipped to [8, 200] (the toy models' context is 256),
-  ``ignore_eos`` so every row runs to its own limit: the case where static batches idle most.
+  ``ignore_eos`` so every row runs to its own limit: the case where static batches idle most;
+- ``small``: the first 2 prompts with natural answers and ``max_new_tokens`` 128, comparing chunks that run
+  all their steps (``fixed``) with chunks that end once every row is done (``early``, the CPU default):
+  the small-job case, where a chunk used to run on long after the answers had ended.
 
 Each mode runs once to compile and once timed (``--repeats``: best of n); the printed ratio is
-continuous / static tokens per second at the same batch size, and the samples are checked to be
-identical between the two modes.
+continuous / static (or early / fixed) tokens per second at the same batch size, and the samples are
+checked to be identical between the two modes.
 
 Usage: python bench/bench_batching.py [--prompts 512] [--batch-size 16] [--chunk-size 8] [--repeats 1]
-       [--jobs natural,long-tailed]
+       [--jobs natural,long-tailed,small]
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ from eft_jax.toy.eval import eval_items, load_toy, row_specs  # noqa: E402
 def job(name: str, prompts: list[str], seed: int = 0) -> dict:
     if name == "natural":
         return {"max_new_tokens": 24, "ignore_eos": False}
+    if name == "small":
+        return {"max_new_tokens": 128, "ignore_eos": False}
     rng = np.random.default_rng(seed)
     limits = np.clip(np.round(rng.lognormal(mean=np.log(32), sigma=1.0, size=len(prompts))), 8, 200).astype(int)
     return {"max_new_tokens": limits.tolist(), "ignore_eos": True}
 
 
 def timed(engine: Engine, prompts: list[str], kwargs: dict, batch_size: int, continuous: bool,
-          repeats: int) -> tuple[float, int, list]:
+          repeats: int, stop_early: bool) -> tuple[float, int, list]:
+    engine.stop_early = stop_early
     sampling = SamplingParams(temperature=0.7, top_p=0.9)
     run = lambda: engine.generate(prompts, sampling, batch_size=batch_size, seed=0, continuous=continuous,  # noqa: E731
                                   ids=range(len(prompts)), **kwargs)
@@ -68,18 +74,23 @@ def main() -> None:
     prompts = [it.prompt for it in eval_items(world, args.prompts // 4)][: args.prompts]
     print(f"toy trio, EFT up-scaling, {len(prompts)} prompts, batch size {args.batch_size}, chunk {args.chunk_size}")
     print(f"{'job':<12} {'mode':<11} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    default_early = engine.stop_early
     for name in args.jobs.split(","):
         kwargs = job(name, prompts)
+        chosen = prompts[:2] if name == "small" else prompts
+        # (mode, continuous, stop_early): the small job compares the chunk loop, the others the scheduling.
+        modes = ([("fixed", True, False), ("early", True, True)] if name == "small"
+                 else [("static", False, default_early), ("continuous", True, default_early)])
         rates = {}
         outputs = {}
-        for mode in ("static", "continuous"):
-            seconds, tokens, outputs[mode] = timed(engine, prompts, kwargs, args.batch_size, mode == "continuous",
-                                                   args.repeats)
+        for mode, continuous, early in modes:
+            seconds, tokens, outputs[mode] = timed(engine, chosen, kwargs, args.batch_size, continuous,
+                                                   args.repeats, early)
             rates[mode] = tokens / seconds
             print(f"{name:<12} {mode:<11} {tokens:>7} {seconds:>8.2f} {rates[mode]:>9.1f}")
-        same = [r.tokens for r in outputs["static"]] == [r.tokens for r in outputs["continuous"]]
-        print(f"{name:<12} continuous / static = {rates['continuous'] / rates['static']:.2f}x "
-              f"(samples identical: {same})")
+        (a, *_), (b, *_) = modes
+        same = [r.tokens for r in outputs[a]] == [r.tokens for r in outputs[b]]
+        print(f"{name:<12} {b} / {a} = {rates[b] / rates[a]:.2f}x (samples identical: {same})")
 
 
 if __name__ == "__main__":
