@@ -64,7 +64,7 @@ import jax.numpy as jnp
 
 from eft_jax.config import Config, ModelEntry, resolve_model_path
 from eft_jax.models import llama
-from eft_jax.models.config import LlamaConfig, config_from_hf
+from eft_jax.models.config import LlamaConfig
 from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, CacheLayout
 from eft_jax.prompts import bucket_length
 from eft_jax.sharding import DATA, MODEL, logical_to_spec, resolve_rules
@@ -81,7 +81,6 @@ COMBINE_BUFFERS = 3  # EFT log-probs, the sampling filter's sorted values and th
 TEMPLATE_ALLOWANCE = 128  # tokens a chat template and special tokens may add to a prompt ...
 MESSAGE_ALLOWANCE = 16  # ... plus this many per chat message (role headers)
 DEFAULT_PROMPT_TOKENS = 1024  # `eft-jax config`: the prompt length assumed when no input is given
-GGUF_DEFAULT_DTYPE = "bfloat16"  # as eft_jax.loading.load.GGUF_DEFAULT_DTYPE
 
 
 # --- Inputs ---------------------------------------------------------------------------------------------
@@ -136,43 +135,29 @@ def read_model_spec(entry: ModelEntry) -> ModelSpec:
     ``load_model`` decides it; with no weight files (a config.json alone) config.json's ``torch_dtype``.
     """
     from eft_jax.loading import hf_dir, orbax_checkpoint
+    from eft_jax.loading.load import GGUF_DEFAULT_DTYPE, checked_path, model_config, own_dtype
     from eft_jax.loading.source import CheckpointError
 
-    path = resolve_model_path(entry.path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    path = checked_path(resolve_model_path(entry.path))
     if path.is_file():
         from eft_jax.loading.gguf import open_gguf
 
-        return ModelSpec(_llama_config(open_gguf(path).hf_config, f"{path} (GGUF metadata)"), GGUF_DEFAULT_DTYPE)
+        cfg = model_config(open_gguf(path).hf_config, f"{path} (GGUF metadata)")
+        return ModelSpec(cfg, jnp.dtype(GGUF_DEFAULT_DTYPE).name)
     if orbax_checkpoint.is_orbax_checkpoint(path):
         cfg, dtype = orbax_checkpoint.read_checkpoint_meta(path)
         return ModelSpec(cfg, jnp.dtype(dtype).name)
     hf = hf_dir.read_hf_config(path)
-    cfg = _llama_config(hf, str(path / "config.json"))
+    cfg = model_config(hf, str(path / "config.json"))
     if entry.dtype is not None:
         return ModelSpec(cfg, entry.dtype)  # the checkpoint's own does not matter: nothing more to read
     try:
         from eft_jax.loading.safetensors_source import SafetensorsSource
 
-        tensors = SafetensorsSource(hf_dir.safetensors_files(path))
-        name = "model.embed_tokens.weight"
-        dtype = jnp.dtype(tensors.dtype(name)).name if name in tensors.keys() else "float32"
+        dtype = own_dtype(SafetensorsSource(hf_dir.safetensors_files(path))).name
     except CheckpointError:  # no weight files: loading will say so; plan from config.json
         dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     return ModelSpec(cfg, dtype)
-
-
-def _llama_config(hf: dict, where: str) -> LlamaConfig:
-    from eft_jax.loading.source import CheckpointError
-    from eft_jax.models.config import UnsupportedConfigError
-
-    try:
-        return config_from_hf(hf, where=where)
-    except UnsupportedConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: malformed config ({e})") from None
 
 
 def workload_from_requests(config: Config, requests: Sequence[Any], command: str) -> Workload:

@@ -40,7 +40,7 @@ def load_model(
       tokenizer: the checkpoint's tokenizer if already loaded (``load_tokenizer(source)``), so it is
         not built twice.
     """
-    path = _checked_path(source)
+    path = checked_path(source)
     mesh = mesh if mesh is not None else single_device_mesh()
     rules = resolve_rules(sharding)
 
@@ -48,7 +48,7 @@ def load_model(
         from eft_jax.loading.gguf import open_gguf
 
         ckpt = open_gguf(path)
-        cfg = _config(ckpt.hf_config, f"{path} (GGUF metadata)")
+        cfg = model_config(ckpt.hf_config, f"{path} (GGUF metadata)")
         dtype = dtype if dtype is not None else GGUF_DEFAULT_DTYPE
         params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules), dtype)
         return Model(cfg, params, tokenizer or ckpt.load_tokenizer(), mesh, rules, str(path), ckpt.end_token_ids)
@@ -61,9 +61,9 @@ def load_model(
                      str(path), orbax_checkpoint.read_end_token_ids(path))
 
     hf_config, tensors = hf_dir.open_hf_dir(path)
-    cfg = _config(hf_config, str(path / "config.json"))
+    cfg = model_config(hf_config, str(path / "config.json"))
     if dtype is None:
-        dtype = tensors.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in tensors.keys() else jnp.float32
+        dtype = own_dtype(tensors)
     params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules), dtype)
     return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path),
                  hf_dir.declared_end_ids(path, hf_config))
@@ -74,7 +74,7 @@ def load_tokenizer(source: str | os.PathLike) -> Any:
 
     Cheap next to ``load_model``: jobs use it to check tokenizers and prompt formats before loading.
     """
-    path = _checked_path(source)
+    path = checked_path(source)
     if path.is_file():
         from eft_jax.loading.gguf import open_gguf
 
@@ -85,7 +85,8 @@ def load_tokenizer(source: str | os.PathLike) -> Any:
     return hf_dir.load_hf_tokenizer(path)
 
 
-def _checked_path(source: str | os.PathLike) -> Path:
+def checked_path(source: str | os.PathLike) -> Path:
+    """``source`` as a path, or CheckpointError if it does not exist or is a file that is no .gguf."""
     path = Path(source).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -96,13 +97,21 @@ def _checked_path(source: str | os.PathLike) -> Path:
     return path
 
 
-def _config(hf_config: dict, where: str) -> LlamaConfig:
+def model_config(hf_config: dict, where: str) -> LlamaConfig:
+    """The config of an HF-style config dict; CheckpointError (naming ``where``) if it is malformed."""
     try:
         return config_from_hf(hf_config, where=where)
     except UnsupportedConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: malformed config ({e})") from None
+
+
+def own_dtype(tensors: Any) -> Any:
+    """An HF checkpoint's own dtype (what ``load_model`` keeps when given none): its embedding's, float32
+    if it has no embedding tensor. Reads the safetensors header only."""
+    name = "model.embed_tokens.weight"
+    return jnp.dtype(tensors.dtype(name)) if name in tensors.keys() else jnp.dtype(jnp.float32)
 
 
 def convert(source: str | os.PathLike, dest: str | os.PathLike, *, dtype: Any = None) -> Model:
