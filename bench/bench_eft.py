@@ -89,8 +89,8 @@ def time_decode(models: list[Model], batch: int, steps: int, prompt: int, chunk_
     layouts = tuple(m.cache_layout(batch, prompt + out_len) for m in models)
 
     def fresh_state():
-        return decode.start(plan, params, tuple(toks), tuple(pos), layouts, weights, jnp.int32(0), stream, max_new,
-                            out_len)
+        rows = decode.NewRows(tuple(toks), tuple(pos), stream, max_new, layouts, out_len)
+        return decode.start(plan, params, rows, weights, jnp.int32(0))
 
     if chunk_fn == "eft":
         run = lambda s: decode.decode_chunk(plan, params, weights, jnp.int32(0), s)  # noqa: E731

@@ -113,9 +113,9 @@ class SlotLoop:
     def _start(self) -> Any:
         rows = self._take(range(self.num_slots))
         # Prompts padded to the longest of the call: one start program, however often a batch starts over.
-        args = self._fill_args(rows, self.num_slots, self.prompt_len)
-        self._record_lengths(range(self.num_slots), args)
-        return speculative.start(*args) if self.k else decode.start(*args)
+        new = self._new_rows(rows, self.num_slots, self.prompt_len)
+        self._record_lengths(range(self.num_slots), new)
+        return (speculative.start if self.k else decode.start)(self.plan, self.params, new, self.weights, self.seed)
 
     def _refill(self, state: Any, free: list[int]) -> Any:
         """Refill ``free`` slots, ``refill_rows`` at a time (or all at once when more than half of the
@@ -130,14 +130,14 @@ class SlotLoop:
             group = free[i: i + size]
             rows = self._take(group)
             slots = np.array(group + [self.num_slots] * (size - len(group)), np.int32)  # out of range: dropped
-            args = self._fill_args(rows + [None] * (size - len(group)), size)
-            self._record_lengths(group, args)
-            state = refill(*args, self.engine.place.rows(slots), state)
+            new = self._new_rows(rows + [None] * (size - len(group)), size)
+            self._record_lengths(group, new)
+            state = refill(self.plan, self.params, new, self.weights, self.seed, self.engine.place.rows(slots), state)
         return state
 
-    def _record_lengths(self, slots: Sequence[int], args: tuple) -> None:
-        """A (re)filled row's cache length: its left-padded prompt (``args``: those of start / refill)."""
-        for m, tokens in enumerate(args[2]):
+    def _record_lengths(self, slots: Sequence[int], new: decode.NewRows) -> None:
+        """A (re)filled row's cache length: its left-padded prompt."""
+        for m, tokens in enumerate(new.tokens):
             self.lengths[m][list(slots)] = tokens.shape[1]
 
     def _chunk(self, state: Any) -> Any:
@@ -172,8 +172,8 @@ class SlotLoop:
             rows.append(row)
         return rows
 
-    def _fill_args(self, rows: list[Row | None], size: int, prompt_len: Sequence[int] | None = None) -> tuple:
-        """Arguments of ``start`` / ``refill`` for ``size`` rows; a missing row repeats a real prompt with
+    def _new_rows(self, rows: list[Row | None], size: int, prompt_len: Sequence[int] | None = None) -> decode.NewRows:
+        """What ``start`` / ``refill`` start, for ``size`` rows; a missing row repeats a real prompt with
         ``max_new = 0`` (done at once, writes nothing). Prompts are left-padded to ``prompt_len[m]``, or
         else to a power of two."""
         real = [r for r in rows if r is not None]
@@ -190,8 +190,7 @@ class SlotLoop:
         place = self.engine.place.rows
         stream = place(np.array([r.stream for r in padded], np.int32))
         max_new = place(np.array([r.max_new if r is not None else 0 for r in rows], np.int32))
-        return (self.plan, self.params, tuple(tokens), tuple(positions), tuple(layouts), self.weights, self.seed,
-                stream, max_new, self.out_len)
+        return decode.NewRows(tuple(tokens), tuple(positions), stream, max_new, tuple(layouts), self.out_len)
 
     def _decode_state(self, state: Any) -> decode.DecodeState:
         return state.decode if self.k else state

@@ -90,6 +90,22 @@ class DecodeState:
     distributions: Float[Array, "batch out vocab"]  # empty when not recorded
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "positions", "stream", "max_new"],
+                   meta_fields=["layouts", "out_len"])
+@dataclasses.dataclass(frozen=True)
+class NewRows:
+    """Rows to start decoding (``start``, ``refill``): each model's left-padded prompt (``tokens``, and
+    ``positions``, -1 on padding), each row's random stream and ``max_new``; and, static (part of the
+    compiled program's key), each model's empty-cache layout and the output length."""
+
+    tokens: tuple[Int[Array, "rows prompt"], ...]
+    positions: tuple[Int[Array, "rows prompt"], ...]
+    stream: Int[Array, " rows"]
+    max_new: Int[Array, " rows"]
+    layouts: tuple[CacheLayout, ...]
+    out_len: int
+
+
 def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array, " n_ft"]) -> Float[Array, "batch vocab"]:
     """The normalised EFT log-probs [batch, vocab] from each model's next-token logits [batch, padded]."""
     sliced = [x[:, : plan.vocab] for x in plan.rule(logits)]  # drop padded vocab rows before normalising
@@ -148,37 +164,27 @@ def _choose_and_record(plan: Plan, state: DecodeState, logits: tuple[Array, ...]
     return dataclasses.replace(state, token=jnp.where(emitted[:, 0], tok, plan.pad_id))
 
 
-def start_state(
-    plan: Plan,
-    params: tuple[Any, ...],
-    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
-    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
-    layouts: tuple[CacheLayout, ...],
-    weights: Float[Array, " n_ft"],
-    seed: Int[Array, ""],
-    stream: Int[Array, " batch"],
-    max_new: Int[Array, " batch"],
-    out_len: int,
-) -> DecodeState:
+def start_state(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"],
+                seed: Int[Array, ""]) -> DecodeState:
     """Empty caches (``layouts``), every model run over its own left-padded prompt, output token 0
     sampled (traced, not jitted: ``start`` and ``refill`` compile it)."""
-    caches = tuple(layout.zeros() for layout in layouts)
+    caches = tuple(layout.zeros() for layout in rows.layouts)
     logits, new_caches = [], []
-    for cfg, p, toks, pos, cache in zip(plan.configs, params, prompt_tokens, prompt_positions, caches, strict=True):
+    for cfg, p, toks, pos, cache in zip(plan.configs, params, rows.tokens, rows.positions, caches, strict=True):
         # Left padding: the last column is every row's last prompt token; only it needs logits.
         last = jnp.full((toks.shape[0], 1), toks.shape[1] - 1, jnp.int32)
         out, cache = llama.forward(cfg, p, toks, pos, cache, logits_at=last)
         logits.append(out[:, 0])
         new_caches.append(cache)
-    batch = stream.shape[0]
+    batch, out_len = rows.stream.shape[0], rows.out_len
     state = DecodeState(
         caches=tuple(new_caches),
         token=jnp.zeros((batch,), jnp.int32),
-        next_pos=jnp.stack([jnp.max(pos, axis=1) + 1 for pos in prompt_positions]).astype(jnp.int32),
-        done=max_new <= 0,
+        next_pos=jnp.stack([jnp.max(pos, axis=1) + 1 for pos in rows.positions]).astype(jnp.int32),
+        done=rows.max_new <= 0,
         num_tokens=jnp.zeros((batch,), jnp.int32),
-        max_new=max_new.astype(jnp.int32),
-        stream=stream.astype(jnp.int32),
+        max_new=rows.max_new.astype(jnp.int32),
+        stream=rows.stream.astype(jnp.int32),
         tokens=jnp.full((batch, out_len), plan.pad_id, jnp.int32),
         logprobs=jnp.zeros((batch, out_len), jnp.float32),
         components=jnp.zeros((plan.rule_size, batch, out_len) if plan.record_components else (0,), jnp.float32),
@@ -187,25 +193,12 @@ def start_state(
     return _choose_and_record(plan, state, tuple(logits), weights, seed)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 9))
-def start(
-    plan: Plan,
-    params: tuple[Any, ...],
-    prompt_tokens: tuple[Int[Array, "batch prompt"], ...],
-    prompt_positions: tuple[Int[Array, "batch prompt"], ...],
-    layouts: tuple[CacheLayout, ...],
-    weights: Float[Array, " n_ft"],
-    seed: Int[Array, ""],
-    stream: Int[Array, " batch"],
-    max_new: Int[Array, " batch"],
-    out_len: int,
-) -> DecodeState:
-    """What the engine runs: empty caches (``layouts``, static) + prefill + output token 0 in ONE program.
-
-    A separate cache constructor would cost one more compiled program per model and batch shape.
-    """
-    return start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream, max_new,
-                       out_len)
+@functools.partial(jax.jit, static_argnums=0)
+def start(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"],
+          seed: Int[Array, ""]) -> DecodeState:
+    """What the engine runs: empty caches (``rows.layouts``, static) + prefill + output token 0 in ONE
+    program. A separate cache constructor would cost one more compiled program per model and batch shape."""
+    return start_state(plan, params, rows, weights, seed)
 
 
 def set_rows(big: Array, new: Array, slots: Int[Array, " rows"], axis: int = 0) -> Array:
@@ -229,25 +222,12 @@ def put_rows(state: DecodeState, new: DecodeState, slots: Int[Array, " rows"]) -
                        components=set_rows(state.components, new.components, slots, 1), **fields)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 9), donate_argnames=("state",))
-def refill(
-    plan: Plan,
-    params: tuple[Any, ...],
-    prompt_tokens: tuple[Int[Array, "rows prompt"], ...],
-    prompt_positions: tuple[Int[Array, "rows prompt"], ...],
-    layouts: tuple[CacheLayout, ...],
-    weights: Float[Array, " n_ft"],
-    seed: Int[Array, ""],
-    stream: Int[Array, " rows"],
-    max_new: Int[Array, " rows"],
-    out_len: int,
-    slots: Int[Array, " rows"],
-    state: DecodeState,
-) -> DecodeState:
-    """Continuous batching: prefill new prompts (``layouts``: caches of the same slots as ``state``'s, one
-    row each) and put them in place of rows ``slots`` of the donated ``state``, in one program."""
-    new = start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream, max_new, out_len)
-    return put_rows(state, new, slots)
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("state",))
+def refill(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"], seed: Int[Array, ""],
+           slots: Int[Array, " rows"], state: DecodeState) -> DecodeState:
+    """Continuous batching: prefill new prompts (``rows.layouts``: caches of the same slots as ``state``'s,
+    one row each) and put them in place of rows ``slots`` of the donated ``state``, in one program."""
+    return put_rows(state, start_state(plan, params, rows, weights, seed), slots)
 
 
 def window_caches(caches: tuple[KVCache, ...], windows: tuple[int, ...] | None) -> tuple[KVCache, ...]:

@@ -30,11 +30,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from eft_jax.decode import (
-    DecodeState, Plan, eft_distribution, emit, put_rows, run_steps, set_rows, start_state, unwindow_caches,
+    DecodeState, NewRows, Plan, eft_distribution, emit, put_rows, run_steps, set_rows, start_state, unwindow_caches,
     window_caches,
 )
 from eft_jax.models import llama
-from eft_jax.models.kv_cache import CacheLayout
 from eft_jax.sampling import final_logprobs, row_keys, safe_log_softmax, sample
 
 # Randomness tags: a row's draws for drafting, acceptance and the corrected token are independent
@@ -73,23 +72,18 @@ def init_spec_state(state: DecodeState) -> SpecState:
     return SpecState(state, *counters, jnp.zeros((batch, out), jnp.int32), jnp.zeros((batch, out), bool))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 9))
-def start(plan: Plan, params: tuple[Any, ...], prompt_tokens: tuple[Array, ...], prompt_positions: tuple[Array, ...],
-          layouts: tuple[CacheLayout, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""],
-          stream: Int[Array, " batch"], max_new: Int[Array, " batch"], out_len: int) -> SpecState:
+@functools.partial(jax.jit, static_argnums=0)
+def start(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"],
+          seed: Int[Array, ""]) -> SpecState:
     """``decode.start`` (empty caches, prefill, output token 0) and zero speculative counters, in one program."""
-    return init_spec_state(start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream,
-                                       max_new, out_len))
+    return init_spec_state(start_state(plan, params, rows, weights, seed))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 9), donate_argnames=("spec",))
-def refill(plan: Plan, params: tuple[Any, ...], prompt_tokens: tuple[Array, ...], prompt_positions: tuple[Array, ...],
-           layouts: tuple[CacheLayout, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""],
-           stream: Int[Array, " rows"], max_new: Int[Array, " rows"], out_len: int, slots: Int[Array, " rows"],
-           spec: SpecState) -> SpecState:
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("spec",))
+def refill(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"], seed: Int[Array, ""],
+           slots: Int[Array, " rows"], spec: SpecState) -> SpecState:
     """Continuous batching: ``decode.refill`` for a speculative state (the new rows' counters start at 0)."""
-    new = init_spec_state(start_state(plan, params, prompt_tokens, prompt_positions, layouts, weights, seed, stream,
-                                      max_new, out_len))
+    new = init_spec_state(start_state(plan, params, rows, weights, seed))
     return SpecState(decode=put_rows(spec.decode, new.decode, slots),
                      **{f.name: set_rows(getattr(spec, f.name), getattr(new, f.name), slots)
                         for f in dataclasses.fields(SpecState) if f.name != "decode"})
