@@ -60,6 +60,27 @@ def timed(engine: Engine, prompts: list[str], kwargs: dict, batch_size: int, con
     return best, sum(len(r.tokens) for r in results), results
 
 
+def compare(first: list, second: list) -> str:
+    """How many samples two runs share token for token; where they differ, the token at which they part;
+    and over every shared prefix the largest difference between the two runs' log-probs of the same
+    token (0 where the arithmetic is the same; rounding-sized where it differs, e.g. kernels chosen
+    per shape on a GPU, and then a sampled token can flip where its draw falls within that of a boundary)."""
+    same, parts, drift = 0, [], 0.0
+    for x, y in zip(first, second, strict=True):
+        a, b = list(x.tokens), list(y.tokens)
+        shared = next((i for i, (s, t) in enumerate(zip(a, b)) if s != t), min(len(a), len(b)))
+        if a == b:
+            same += 1
+        else:
+            parts.append(shared)
+        if shared:
+            drift = max(drift, float(np.max(np.abs(np.subtract(x.token_logprobs[:shared], y.token_logprobs[:shared])))))
+    text = f"{same}/{len(first)}, max log-prob difference on shared prefixes {drift:.2g}"
+    if parts:
+        text += f"; the others part at token {min(parts)}..{max(parts)} (median {int(np.median(parts))})"
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=512)
@@ -89,8 +110,8 @@ def main() -> None:
             rates[mode] = tokens / seconds
             print(f"{name:<12} {mode:<11} {tokens:>7} {seconds:>8.2f} {rates[mode]:>9.1f}")
         (a, *_), (b, *_) = modes
-        same = [r.tokens for r in outputs[a]] == [r.tokens for r in outputs[b]]
-        print(f"{name:<12} {b} / {a} = {rates[b] / rates[a]:.2f}x (samples identical: {same})")
+        print(f"{name:<12} {b} / {a} = {rates[b] / rates[a]:.2f}x (samples identical: "
+              f"{compare(outputs[a], outputs[b])})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ side in one process:
 - the time per step spent outside the three forwards (combine + filter + sample + record), measured
   directly: the same post-forward work run alone in a scan on fixed logits.
 
-Usage: python bench/bench_eft.py [--preset cpu|gpu] [--batches 1,8,64] [--steps 64]
+``--layers per-layer`` runs the forward over separate per-layer weight buffers (a Python loop over layers)
+instead of ``lax.scan`` over the stacked ones, to see whether the scan copies weights on this backend.
+
+Usage: python bench/bench_eft.py [--preset cpu|gpu] [--batches 1,8,64] [--steps 64] [--layers stacked|per-layer]
 Measures, prints; asserts nothing. Record results in docs/benchmarks.md.
 """
 
@@ -70,14 +73,23 @@ def _combine_sample_chunk(plan: decode.Plan, logits: tuple, weights, state: deco
 combine_sample_chunk = jax.jit(_combine_sample_chunk, static_argnums=0, donate_argnames=("state",))
 
 
-def time_decode(models: list[Model], batch: int, steps: int, prompt: int, chunk_fn) -> float:
+def per_layer(params: dict) -> dict:
+    """``params`` with the stacked layer leaves split into one buffer per layer (copies)."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))}
+
+
+def time_decode(models: list[Model], batch: int, steps: int, prompt: int, chunk_fn, layers: str = "stacked") -> float:
     """Seconds per decode step (median of 3 timed runs of ``steps`` steps, after a warm-up)."""
     vocab = models[0].config.vocab_size
     plan = decode.Plan(
         configs=tuple(m.config for m in models), vocab=vocab, n_ft=len(models) - 2 if len(models) > 1 else 0,
         base_top_p=None, sampling=SamplingParams(temperature=1.0), stop_ids=(), pad_id=0, chunk=steps,
     )
-    params = tuple(m.run_params for m in models)
+    params = tuple(per_layer(m.run_params) if layers == "per-layer" else m.run_params for m in models)
     weights = jnp.ones((max(plan.n_ft, 1),), jnp.float32)
     rng = np.random.RandomState(0)
     toks = [jnp.asarray(rng.randint(0, vocab, size=(batch, prompt)), jnp.int32) for _ in models]
@@ -112,6 +124,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if jax.default_backend() == "gpu" else "cpu")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--layers", choices=("stacked", "per-layer"), default="stacked",
+                        help="weights as held (stacked, scanned; per-layer on one CPU device) or split per layer")
     args = parser.parse_args()
     p = PRESETS[args.preset]
 
@@ -124,13 +138,13 @@ def main() -> None:
     print(f"# bench_eft preset={args.preset} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
           f"host={platform.node()} commit={commit} date={time.strftime('%Y-%m-%d')}")
     print(f"# large {large.config.num_params / 1e6:.0f}M params, small {small_base.config.num_params / 1e6:.0f}M x2, "
-          f"vocab {p['vocab']}, {p['dtype']}, prompt {p['prompt']}, {args.steps} steps per chunk")
+          f"vocab {p['vocab']}, {p['dtype']}, prompt {p['prompt']}, {args.steps} steps per chunk, layers {args.layers}")
     print("| batch | large alone tok/s | EFT tok/s | EFT/large time ratio | ideal (weight bytes) | combine+sample per step "
           "| share of EFT step | EFT weight GB/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batches.split(",")]:
-        alone = time_decode([large], batch, args.steps, p["prompt"], "eft")
-        eft = time_decode(trio, batch, args.steps, p["prompt"], "eft")
+        alone = time_decode([large], batch, args.steps, p["prompt"], "eft", args.layers)
+        eft = time_decode(trio, batch, args.steps, p["prompt"], "eft", args.layers)
         overhead = time_decode(trio, batch, args.steps, p["prompt"], "combine")
         print(f"| {batch} | {batch / alone:,.0f} | {batch / eft:,.0f} | {eft / alone:.2f} | {ideal:.2f} | "
               f"{overhead * 1e3:.2f} ms | {overhead / eft:.1%} | "
