@@ -282,3 +282,35 @@ def test_an_error_during_the_run_keeps_the_finished_batches_and_exits_1(family, 
     assert "error:       RuntimeError: RESOURCE_EXHAUSTED" in captured.out and "re-run the same command" in captured.out
     (record,) = read_jsonl(out)  # the first sample is kept
     assert np.isfinite(record["logprob"]) and record["tokens"] == 3
+
+
+# --- Every family through the job runner ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3", "olmo2", "qwen3_window"])
+def test_generate_runs_an_eft_trio_of_every_family(env, tmp_path, variant):
+    """`eft-jax generate` with an up-scaling trio of each family (greedy; speculative k = 2 for the
+    sliding-window families Gemma 3 and Qwen3, plain decoding for the others) writes every sample, and its answers are the engine's (whose steps are checked against the
+    formula in test_engine_exactness.py)."""
+    import eft_jax
+    from eft_jax.engine import Engine
+    from eft_jax.sampling import SamplingParams
+    from eft_jax.spec import Component, EFTSpec
+    from tiny import write_checkpoint
+
+    trio = {name: (tmp_path / name, None) for name in ("large_base", "small_base", "small_ft")}
+    for seed, (name, layers) in enumerate((("large_base", 3), ("small_base", 2), ("small_ft", 2))):
+        write_checkpoint(trio[name][0], variant, seed=seed, layers=layers, initializer_range=0.25)
+    prompts = tmp_path / "p.jsonl"
+    texts = ["The quick brown fox jumps", "Name three colours."]
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    m = {name: eft_jax.load_model(path) for name, (path, _) in trio.items()}
+    spec = EFTSpec.up_scaling(Component(m["large_base"], "plain"), Component(m["small_base"], "plain"),
+                              Component(m["small_ft"], "chat"), 1.0)
+    want = [r.text for r in Engine(spec).generate(texts, SamplingParams(temperature=0.0), max_new_tokens=5)]
+    k = 2 if variant in ("gemma3", "qwen3_window") else 0  # one CLI run per family keeps the suite's time
+    config = trio_config(trio, tmp_path / "c.yaml", max_new_tokens=5)
+    out = tmp_path / "out.jsonl"
+    proc = run(env, *generate(config, prompts, out, "sampling.temperature=0", f"speculative.k={k}"))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["response"] for r in read_jsonl(out)] == want

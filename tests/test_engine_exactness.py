@@ -111,3 +111,45 @@ def test_score_matches_the_formula(family, loaded, family_logit_tol):
     assert res.logprob == pytest.approx(sum(expected), abs=len(expected) * tol)  # a sum of len(expected) of them
     # Per-model log-probs: ft - ref is the per-token implicit reward.
     assert set(res.component_logprobs) == {"large_base", "small_base", "small_ft"}
+
+
+# --- Other families: the same check with a trio of each (windows of 8 tokens, shorter than the prompts) ---
+
+FAMILY_VARIANTS = ["gemma2", "gemma3", "olmo2", "phi3", "qwen3_window"]
+
+
+@pytest.mark.parametrize("variant", FAMILY_VARIANTS)
+def test_each_step_matches_the_formula_for_every_family(tmp_path, variant):
+    """Up-scaling with a tiny random trio of each family (large 3 layers, small 2); every step's EFT
+    distribution against transformers' forwards combined in numpy, as above."""
+    import torch
+
+    from tiny import hf_config, write_checkpoint
+    from tolerances import logits_tolerance
+
+    roles = {"large_base": (1, 3), "small_base": (2, 2), "small_ft": (3, 2)}
+    torch_of = {name: write_checkpoint(tmp_path / name, variant, seed=seed, layers=layers, initializer_range=0.25)
+                for name, (seed, layers) in roles.items()}
+    m = {name: eft_jax.load_model(tmp_path / name) for name in roles}
+    spec = EFTSpec.up_scaling(m["large_base"], m["small_base"], m["small_ft"], 1.0)
+    # The logits' rounding bound over this trio (as the family_logit_tol fixture computes it).
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, TOKENIZER_SIZE, (4, 64)))
+    with torch.no_grad():
+        scale = max(float(t(tokens).logits.abs().max()) for t in torch_of.values())
+    c = hf_config(variant)
+    tol = eft_logprob_tolerance(
+        logits_tolerance(np.float64(scale), hidden=c.hidden_size, intermediate=c.intermediate_size, layers=3, seq=64),
+        spec.weights)
+
+    results = Engine(spec, chunk_size=4).generate(
+        PROMPTS, SamplingParams(temperature=1.0), max_new_tokens=7, batch_size=2, seed=3, return_distributions=True)
+    for prompt, res in zip(PROMPTS, results):
+        prompt_ids = [render_tokens(c.model.tokenizer, prompt, c.prompt_format) for c in spec.components]
+        assert min(len(p) for p in prompt_ids) > 8  # past the window from the first step
+        for j in range(len(res.tokens)):
+            gen = res.tokens[:j]
+            lps = [next_token_logprobs(torch_of[role], prompt_ids[k] + gen, TOKENIZER_SIZE)
+                   for k, role in enumerate(roles)]
+            expected = eft_reference(lps[0], lps[1], lps[2:], list(spec.weights), spec.base_top_p)
+            assert_within(np.exp(res.distributions[j].astype(np.float64)), np.exp(expected),
+                          probability_tolerance(expected, tol), "probabilities")

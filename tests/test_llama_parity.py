@@ -77,3 +77,33 @@ def test_tokenizer_and_chat_template_come_along(tmp_path):
     text = model.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                add_generation_prompt=True)
     assert text == "<|user|>hi</s><|assistant|>"
+
+
+def test_longrope_generation_follows_transformers_within_the_original_context(tmp_path):
+    """Longrope uses its short factors while a forward's positions stay within the original context (16
+    here) and its long ones beyond (the 40-token parity test above). Greedy generation from a short prompt up
+    to the original context, each step's log-probs against transformers' own generate. (A generation that
+    crosses the original context is not exact yet: transformers' Phi-3 re-encodes the whole sequence with
+    the long factors at the crossing, eft-jax keeps the cached keys; see the README's family notes.)"""
+    import jax
+
+    from eft_jax.engine import Engine
+    from eft_jax.prompts import render_tokens
+    from eft_jax.sampling import SamplingParams
+    from eft_jax.spec import EFTSpec
+
+    torch_model = write_checkpoint(tmp_path, "phi3_longrope")
+    model = eft_jax.load_model(tmp_path)
+    ids = render_tokens(model.tokenizer, "jumps over", "plain")
+    new = 16 - len(ids) + 1  # the last step's input token sits at position 15: still the short factors
+    with torch.no_grad():
+        out = torch_model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True, pad_token_id=256)
+    want_tokens = out.sequences[0, len(ids):].tolist()
+    want = np.stack([jax.nn.log_softmax(s[0, :TOKENIZER_SIZE].numpy().astype(np.float64)) for s in out.scores])
+    [res] = Engine(EFTSpec.single(model)).generate(["jumps over"], SamplingParams(temperature=0.0), max_new_tokens=new,
+                                                   return_distributions=True, ignore_eos=True)
+    assert list(res.tokens) == want_tokens
+    got = res.distributions[:, :TOKENIZER_SIZE].astype(np.float64)
+    # Log-softmax is 2-Lipschitz in the max norm: twice the logits' rounding bound (tests/tolerances.py).
+    np.testing.assert_allclose(got, want, atol=2 * _tol(want, 16), rtol=0)

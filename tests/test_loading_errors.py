@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import eft_jax
-from eft_jax.models.config import config_from_hf
+from eft_jax.models.families import config_from_hf
 from tiny import hf_config, write_checkpoint
 
 
@@ -90,14 +90,48 @@ def test_config_fields_we_do_not_implement_are_refused(change, needle):
         config_from_hf(cfg)
 
 
-def test_active_sliding_window_is_refused_and_mistral_window_caps_context():
-    qwen = hf_config("qwen2_bias").to_dict()
-    qwen.update(use_sliding_window=True, sliding_window=64)
-    with pytest.raises(eft_jax.UnsupportedConfigError, match="use_sliding_window"):
-        config_from_hf(qwen)
+def test_sliding_windows_become_per_layer_windows_not_a_context_limit():
+    qwen = hf_config("qwen2_bias", layers=4).to_dict()
+    qwen.update(use_sliding_window=True, sliding_window=64, max_window_layers=3, layer_types=None)
+    ours = config_from_hf(qwen)
+    assert ours.sliding_window == 64 and ours.sliding_layers == (False, False, False, True)
     mistral = hf_config("mistral").to_dict()
     mistral["sliding_window"] = 64
-    assert config_from_hf(mistral).max_position_embeddings == 64
+    ours = config_from_hf(mistral)
+    assert ours.max_position_embeddings == 256 and ours.sliding_layers == (True, True)
+
+
+def test_gemma3_v4_config_keys():
+    """A config.json as the Hub has it (transformers 4: rope_local_base_freq, sliding_window_pattern)."""
+    hf = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 64, "hidden_size": 16,
+          "intermediate_size": 32, "num_hidden_layers": 7, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "head_dim": 8, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window": 512,
+          "sliding_window_pattern": 6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+          "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh"}
+    ours = config_from_hf(hf)
+    assert ours.sliding_layers == (True,) * 5 + (False, True)
+    assert ours.local_rope_theta == 10_000.0 and ours.rope_theta == 1_000_000.0 and ours.rope_scaling.factor == 8.0
+    assert ours.query_scale == 256**-0.5 and ours.tie_word_embeddings and ours.norm_plus_one
+
+
+@pytest.mark.parametrize(
+    "variant,change,needle",
+    [
+        ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+        ("gemma3", {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
+         "load its text model"),
+        ("gemma2", {"layer_types": ["chunked_attention", "full_attention"]}, "chunked_attention"),
+        ("qwen3", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                        "sliding_attention": {"rope_type": "yarn", "factor": 2.0}}},
+         "rope_parameters.sliding_attention"),
+    ],
+)
+def test_family_fields_we_do_not_implement_are_refused(variant, change, needle):
+    cfg = hf_config(variant).to_dict()
+    cfg.update(change)
+    with pytest.raises(eft_jax.UnsupportedConfigError, match=needle):
+        config_from_hf(cfg)
 
 
 def test_transformers_v4_style_rope_keys():

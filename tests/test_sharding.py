@@ -50,3 +50,17 @@ def test_rules_reject_one_mesh_axis_twice():
 def test_mesh_shape_validation():
     with pytest.raises(ValueError, match="divide"):
         make_mesh(model=3)
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "olmo2"])
+def test_other_families_on_a_2x4_mesh(tmp_path, variant):
+    """Per-head and whole-width q/k norms, sandwich norms and per-layer windows under tensor parallelism
+    (q heads 4 over the 4-way model axis; OLMo 2's q norm then reduces across devices)."""
+    write_checkpoint(tmp_path, variant)
+    single = eft_jax.load_model(tmp_path)
+    sharded = eft_jax.load_model(tmp_path, mesh=make_mesh(data=2, model=4), sharding="tensor_parallel")
+    tokens = np.random.RandomState(1).randint(0, TOKENIZER_SIZE, size=(4, 24))
+    want = np.asarray(single.logits(tokens))
+    tol = logits_tolerance(want, hidden=HF.hidden_size, intermediate=HF.intermediate_size,
+                           layers=HF.num_hidden_layers, seq=tokens.shape[1])
+    np.testing.assert_allclose(np.asarray(sharded.logits(tokens)), want, atol=tol, rtol=0)

@@ -46,6 +46,29 @@ VARIANTS = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
     ),
     "mistral": dict(arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    # Phi-3: fused qkv and gate/up projections. "phi3_longrope" (Phi-3.5 / Phi-4-mini style): partial rotary
+    # (half of each head) and longrope with an original context of 16, shorter than the test sequences, so
+    # whole-sequence forwards use the long factors and short prefixes the short ones; window 8 on every layer.
+    "phi3": dict(arch="phi3", num_attention_heads=4, num_key_value_heads=2),
+    "phi3_longrope": dict(
+        arch="phi3", num_attention_heads=4, num_key_value_heads=2, sliding_window=8, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.1, 2.9, 5.3, 9.7]}),
+    # Sliding windows shorter than the test sequences (40 tokens), so the window really cuts.
+    "mistral_window": dict(arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    "qwen2_window": dict(arch="qwen2", num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=1),
+    "qwen3": dict(arch="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "qwen3_window": dict(arch="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True),
+    "olmo2": dict(arch="olmo2", num_attention_heads=4, num_key_value_heads=2),
+    # Gemma: head_dim and query_pre_attn_scalar set apart from hidden / heads, so each is checked.
+    "gemma2": dict(arch="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+                   sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3": dict(arch="gemma3", num_attention_heads=4, num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=20,
+                   sliding_window=8, sliding_window_pattern=2,  # sliding, full, sliding, ...
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}),
 }
 
 
@@ -53,7 +76,9 @@ def hf_config(variant: str = "gqa", *, hidden_size: int = 64, layers: int = 2, v
     spec = dict(VARIANTS[variant])
     arch = spec.pop("arch")
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "mistral": transformers.MistralConfig}[arch]
+           "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
+           "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
+           "olmo2": transformers.Olmo2Config, "phi3": transformers.Phi3Config}[arch]
     kwargs = dict(
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 16,
         num_hidden_layers=layers, max_position_embeddings=256, rms_norm_eps=1e-5,

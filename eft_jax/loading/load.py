@@ -13,7 +13,8 @@ from eft_jax.loading import hf_dir, orbax_checkpoint
 from eft_jax.loading.source import CheckpointError
 from eft_jax.loading.weights import place_weights
 from eft_jax.model import Model, param_shardings
-from eft_jax.models.config import LlamaConfig, UnsupportedConfigError, config_from_hf
+from eft_jax.models.config import LlamaConfig, UnsupportedConfigError
+from eft_jax.models.families import config_from_hf
 from eft_jax.sharding import ShardingRules, resolve_rules, single_device_mesh
 
 # A dequantized GGUF has no "own" float type; bf16 is what one would run it in on an accelerator.

@@ -20,6 +20,7 @@ import numpy as np
 
 from eft_jax.loading.source import CheckpointError, TensorSource
 from eft_jax.models.config import LlamaConfig
+from eft_jax.models.families import family
 
 # Tensors some checkpoints carry that hold no parameters (buffers saved by old transformers versions).
 _IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -41,7 +42,8 @@ class TensorRule:
 
 
 def weight_rules(cfg: LlamaConfig) -> list[TensorRule]:
-    """The mapping for the Llama family (our leaf path, HF name, HF shape, layout conversion)."""
+    """The mapping for ``cfg``'s family (our leaf path, HF name, HF shape, layout conversion): Llama's
+    names, with the family's own where it has them (``eft_jax.models.families.Family.tensor_names``)."""
     d, f, h, k, hd, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     same = lambda x: x  # noqa: E731
     transpose = lambda x: x.T  # noqa: E731
@@ -52,29 +54,55 @@ def weight_rules(cfg: LlamaConfig) -> list[TensorRule]:
     def bias(n: int) -> Callable[[np.ndarray], np.ndarray]:  # [n*hd] -> [n, hd]
         return lambda x: x.reshape(n, hd)
 
+    # Per layer: our path (under "layers") -> (Llama's name, HF shape, conversion).
+    layer: dict[tuple[str, ...], tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]] = {
+        ("attn_norm", "scale"): ("input_layernorm.weight", (d,), same),
+        ("mlp_norm", "scale"): ("post_attention_layernorm.weight", (d,), same),
+        ("attn", "q"): ("self_attn.q_proj.weight", (h * hd, d), heads_in(h)),
+        ("attn", "k"): ("self_attn.k_proj.weight", (k * hd, d), heads_in(k)),
+        ("attn", "v"): ("self_attn.v_proj.weight", (k * hd, d), heads_in(k)),
+        ("attn", "o"): ("self_attn.o_proj.weight", (d, h * hd), lambda x: x.reshape(d, h, hd).transpose(1, 2, 0)),
+        ("mlp", "gate"): ("mlp.gate_proj.weight", (f, d), transpose),
+        ("mlp", "up"): ("mlp.up_proj.weight", (f, d), transpose),
+        ("mlp", "down"): ("mlp.down_proj.weight", (d, f), transpose),
+    }
+    if cfg.qkv_bias:
+        layer[("attn", "q_bias")] = ("self_attn.q_proj.bias", (h * hd,), bias(h))
+        layer[("attn", "k_bias")] = ("self_attn.k_proj.bias", (k * hd,), bias(k))
+        layer[("attn", "v_bias")] = ("self_attn.v_proj.bias", (k * hd,), bias(k))
+    if cfg.qk_norm == "head":
+        layer[("attn", "q_norm", "scale")] = ("", (hd,), same)
+        layer[("attn", "k_norm", "scale")] = ("", (hd,), same)
+    if cfg.qk_norm == "width":  # [n*hd] -> [n, hd]
+        layer[("attn", "q_norm", "scale")] = ("", (h * hd,), bias(h))
+        layer[("attn", "k_norm", "scale")] = ("", (k * hd,), bias(k))
+    if not cfg.pre_norms:
+        del layer[("attn_norm", "scale")], layer[("mlp_norm", "scale")]
+    if cfg.post_norms:
+        layer[("attn_post_norm", "scale")] = ("", (d,), same)
+        layer[("mlp_post_norm", "scale")] = ("", (d,), same)
+    fam = family(cfg.architecture)
+    if fam.fused_projections:  # row blocks of one fused tensor, read once per leaf
+        def rows(start: int, stop: int, then: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+            return lambda x: then(x[start:stop])
+
+        qkv, gate_up = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
+        layer[("attn", "q")] = (qkv, ((h + 2 * k) * hd, d), rows(0, h * hd, heads_in(h)))
+        layer[("attn", "k")] = (qkv, ((h + 2 * k) * hd, d), rows(h * hd, (h + k) * hd, heads_in(k)))
+        layer[("attn", "v")] = (qkv, ((h + 2 * k) * hd, d), rows((h + k) * hd, (h + 2 * k) * hd, heads_in(k)))
+        layer[("mlp", "gate")] = (gate_up, (2 * f, d), rows(0, f, transpose))
+        layer[("mlp", "up")] = (gate_up, (2 * f, d), rows(f, 2 * f, transpose))
+    names = fam.tensor_names
     L = "model.layers.{layer}."
     rules = [
         TensorRule(("embed",), "model.embed_tokens.weight", (v, d), same, False),
         TensorRule(("final_norm", "scale"), "model.norm.weight", (d,), same, False),
-        TensorRule(("layers", "attn_norm", "scale"), L + "input_layernorm.weight", (d,), same, True),
-        TensorRule(("layers", "mlp_norm", "scale"), L + "post_attention_layernorm.weight", (d,), same, True),
-        TensorRule(("layers", "attn", "q"), L + "self_attn.q_proj.weight", (h * hd, d), heads_in(h), True),
-        TensorRule(("layers", "attn", "k"), L + "self_attn.k_proj.weight", (k * hd, d), heads_in(k), True),
-        TensorRule(("layers", "attn", "v"), L + "self_attn.v_proj.weight", (k * hd, d), heads_in(k), True),
-        TensorRule(
-            ("layers", "attn", "o"), L + "self_attn.o_proj.weight", (d, h * hd),
-            lambda x: x.reshape(d, h, hd).transpose(1, 2, 0), True,
-        ),
-        TensorRule(("layers", "mlp", "gate"), L + "mlp.gate_proj.weight", (f, d), transpose, True),
-        TensorRule(("layers", "mlp", "up"), L + "mlp.up_proj.weight", (f, d), transpose, True),
-        TensorRule(("layers", "mlp", "down"), L + "mlp.down_proj.weight", (d, f), transpose, True),
     ]
-    if cfg.qkv_bias:
-        rules += [
-            TensorRule(("layers", "attn", "q_bias"), L + "self_attn.q_proj.bias", (h * hd,), bias(h), True),
-            TensorRule(("layers", "attn", "k_bias"), L + "self_attn.k_proj.bias", (k * hd,), bias(k), True),
-            TensorRule(("layers", "attn", "v_bias"), L + "self_attn.v_proj.bias", (k * hd,), bias(k), True),
-        ]
+    for path, (name, shape, convert) in layer.items():
+        name = names.get(path, name)
+        if not name:
+            raise ValueError(f"family {cfg.architecture!r} names no checkpoint tensor for layers.{'.'.join(path)}")
+        rules.append(TensorRule(("layers", *path), L + name, shape, convert, True))
     if not cfg.tie_word_embeddings:
         rules.append(TensorRule(("lm_head",), "lm_head.weight", (v, d), transpose, False))
     return rules

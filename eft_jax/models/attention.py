@@ -19,9 +19,14 @@ from ``jax.default_backend()`` at trace time. The choice is made while tracing, 
 compiled program.
 
 Visibility: key slot ``s`` of row ``b`` is visible to query ``t`` iff ``s < kv_length[b]`` (slots past a
-row's fill pointer are stale or empty), ``k_pos[b, s] >= 0`` (-1 marks an empty slot or left padding) and
+row's fill pointer are stale or empty), ``k_pos[b, s] >= 0`` (-1 marks an empty slot or left padding),
 ``k_pos[b, s] <= q_pos[b, t]`` (causal by position, not by slot index, so left-padded rows and rows of
-different lengths need no special case). A query with no visible key (a padding query) gets a zero
+different lengths need no special case) and, in a sliding-window layer, ``q_pos[b, t] - k_pos[b, s] <
+window`` (the query sees itself and the ``window - 1`` positions before it, as in Hugging Face's masks).
+
+Soft-capping (Gemma 2: ``scores -> cap * tanh(scores / cap)`` before masking) is done by the einsum path
+only: ``jax.nn.dot_product_attention`` has no such option, so a soft-capped call runs the einsum whatever
+the implementation asked for. A query with no visible key (a padding query) gets a zero
 output in every implementation, never NaN; its output is never used.
 """
 
@@ -44,12 +49,18 @@ _MASKED = -1e30
 
 
 def visible(
-    q_pos: Int[Array, "batch seq"], k_pos: Int[Array, "batch slots"], kv_length: Int[Array, " batch"] | None = None
+    q_pos: Int[Array, "batch seq"],
+    k_pos: Int[Array, "batch slots"],
+    kv_length: Int[Array, " batch"] | None = None,
+    window: int | Int[Array, ""] | None = None,
 ) -> Bool[Array, "batch seq slots"]:
-    """Which key slots each query may attend to (see the module docstring); ``kv_length`` None: all slots."""
+    """Which key slots each query may attend to (see the module docstring); ``kv_length`` None: all slots;
+    ``window`` None: no sliding window."""
     ok = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
     if kv_length is not None:
         ok &= jnp.arange(k_pos.shape[1])[None, None, :] < kv_length[:, None, None]
+    if window is not None:
+        ok &= q_pos[:, :, None] - k_pos[:, None, :] < window
     return ok
 
 
@@ -70,12 +81,15 @@ def attention(
     kv_length: Int[Array, " batch"] | None = None,
     *,
     scale: float | None = None,
+    window: int | Int[Array, ""] | None = None,
+    softcap: float | None = None,
     impl: Impl | None = None,
     platform_implementation: Literal["xla", "cudnn"] | None = None,
 ) -> Float[Array, "batch seq heads head_dim"]:
     """softmax(q k^T * scale, over the visible slots) v, per query head; ``heads`` a multiple of ``kv_heads``
     (query head ``h`` reads kv head ``h // (heads // kv_heads)``). Scores and softmax in float32; the output
-    has ``q``'s dtype. ``scale`` defaults to ``head_dim ** -0.5``. ``impl``: see the module docstring;
+    has ``q``'s dtype. ``scale`` defaults to ``head_dim ** -0.5``; ``window`` (a sliding window in positions)
+    and ``softcap``: see the module docstring. ``impl``: see the module docstring;
     ``platform_implementation`` overrides the ``jax.nn.dot_product_attention`` backend that ``"platform"``
     (``"xla"``) or ``"cudnn"`` would pick.
     """
@@ -84,13 +98,15 @@ def attention(
     if h % kv_heads:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv_heads})")
     scale = hd**-0.5 if scale is None else scale
-    mask = visible(q_pos, k_pos, kv_length)  # [b, t, s]
+    mask = visible(q_pos, k_pos, kv_length, window)  # [b, t, s]
     any_visible = jnp.any(mask, axis=-1)[:, :, None, None]  # [b, t, 1, 1]
 
-    impl = resolve_impl(impl)
+    impl = "einsum" if softcap is not None else resolve_impl(impl)
     if impl == "einsum":
         qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            scores = softcap * jnp.tanh(scores / softcap)
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         # A float32-output dot: XLA:CPU's bf16-output dots take a slow path (see ``llama._dense``).

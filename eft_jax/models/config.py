@@ -1,9 +1,10 @@
-"""Architecture configuration of the Llama family, read from a Hugging Face ``config.json``.
+"""The decoder configuration: shapes, constants and the architectural switches of every supported family.
 
-The reader works from an allow-list: every field is either implemented, known to be irrelevant at
-inference time, or refused with a message that names it. A field we do not implement is never
-silently ignored, because a silently ignored field (an active sliding window, a new rope-scaling type)
-gives a model that loads and produces wrong logits.
+``LlamaConfig`` describes one decoder of the Llama lineage (pre-norm residual blocks of grouped-query
+attention with rotary positions and a gated MLP). Its defaults are Llama's; the switches after them
+(norm form, q/k norms, sandwich norms, MLP activation, embedding scale, soft-capping, sliding windows,
+per-layer-type rope) are what other families change. Which values a family sets, and how they are read
+from its ``config.json``, lives in one place per family: :mod:`eft_jax.models.families`.
 """
 
 from __future__ import annotations
@@ -13,24 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-
-# Fields that change nothing in an inference forward pass (training knobs, token ids, bookkeeping).
-_IRRELEVANT_FIELDS = frozenset(
-    {
-        "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-        "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
-        "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
-        "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-        "tokenizer_class", "prefix", "task_specific_params", "quantization_config_ignored",
-        "tie_encoder_decoder", "torchscript", "use_return_dict", "auto_map", "decoder_start_token_id",
-        "max_window_layers", "layer_types", "embd_pdrop", "resid_pdrop", "unsloth_version",
-    }
-)
+SLIDING, FULL = "sliding_attention", "full_attention"  # per-layer attention types (HF's ``layer_types``)
 
 
 class UnsupportedConfigError(ValueError):
@@ -39,13 +23,21 @@ class UnsupportedConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Rotary-embedding frequency scaling. ``kind`` is "llama3" or "linear"."""
+    """Rotary-embedding frequency scaling. ``kind`` is "llama3", "linear" or "longrope".
+
+    longrope (Phi-3.5, Phi-4-mini): per-frequency divisors, ``short_factor`` while a row's positions stay
+    within ``original_max_position_embeddings`` and ``long_factor`` beyond (chosen per forward call, as
+    transformers does), and cos/sin scaled by ``attention_factor``.
+    """
 
     kind: str
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +58,23 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     architecture: str = "llama"
+    # --- switches other families set (see eft_jax.models.families) ---
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), in float32 before the cast (Gemma)
+    norm_float32_scale: bool = False  # RMSNorm scales in float32, then casts (OLMo 2; Gemma does so too)
+    qk_norm: str | None = None  # RMSNorm of queries and keys before rope: "head" (over head_dim, one weight
+    #   shared by the heads: Qwen3, Gemma 3) or "width" (over all heads together: OLMo 2); None: none
+    pre_norms: bool = True  # each block's input is normalised (all but OLMo 2)
+    post_norms: bool = False  # each block's output is normalised before the residual add (Gemma, OLMo 2)
+    mlp_activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size), in the weights' dtype (Gemma)
+    query_scale: float | None = None  # attention score scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before masking (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    sliding_window: int | None = None  # a sliding layer's query at position p sees keys at p - window + 1 .. p
+    layer_types: tuple[str, ...] | None = None  # per layer SLIDING or FULL; None: every layer FULL
+    local_rope_theta: float | None = None  # rope base of SLIDING layers, unscaled (Gemma 3); None: as FULL ones
+    rotary_dim: int | None = None  # rope rotates only the first rotary_dim dims of each head (partial rotary:
+    #   GPT-NeoX, Phi-4-mini); None: all of head_dim
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -76,15 +85,40 @@ class LlamaConfig:
             raise UnsupportedConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
             )
-        if self.head_dim % 2:
-            raise UnsupportedConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
+            raise UnsupportedConfigError(
+                f"the rotary dimension must be even and within head_dim ({self.head_dim}), got {self.rope_dim}")
+        if self.qk_norm not in (None, "head", "width"):
+            raise UnsupportedConfigError(f"qk_norm must be None, 'head' or 'width', got {self.qk_norm!r}")
+        if not (self.pre_norms or self.post_norms):
+            raise UnsupportedConfigError("a decoder needs pre_norms, post_norms or both")
+        if self.mlp_activation not in ("silu", "gelu_tanh"):
+            raise UnsupportedConfigError(f"mlp_activation must be 'silu' or 'gelu_tanh', got {self.mlp_activation!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
+                raise UnsupportedConfigError(
+                    f"layer_types must list {self.num_layers} entries, each {SLIDING!r} or {FULL!r}; "
+                    f"got {list(self.layer_types)}")
+            if SLIDING in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+                raise UnsupportedConfigError(f"sliding layers need a positive sliding_window, got {self.sliding_window}")
+
+    @property
+    def rope_dim(self) -> int:
+        """How many leading dims of each head rope rotates."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend over a sliding window?"""
+        return tuple(t == SLIDING for t in self.layer_types) if self.layer_types else (False,) * self.num_layers
 
     @property
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
         d, f, h, k, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        attn = d * hd * (2 * h + 2 * k) + (hd * (h + 2 * k) if self.qkv_bias else 0)
-        per_layer = attn + 3 * d * f + 2 * d
+        qk_norm = {"head": 2 * hd, "width": (h + k) * hd}.get(self.qk_norm or "", 0)
+        attn = d * hd * (2 * h + 2 * k) + (hd * (h + 2 * k) if self.qkv_bias else 0) + qk_norm
+        per_layer = attn + 3 * d * f + (2 * self.pre_norms + 2 * self.post_norms) * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.num_layers * per_layer + self.vocab_size * d + head + d
 
@@ -96,11 +130,17 @@ class LlamaConfig:
         """Inverse of ``to_dict`` (our own serialisation, e.g. inside an orbax checkpoint)."""
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            scaling = dict(d["rope_scaling"])
+            for key in ("short_factor", "long_factor"):
+                if scaling.get(key) is not None:
+                    scaling[key] = tuple(scaling[key])
+            d["rope_scaling"] = RopeScaling(**scaling)
+        if d.get("layer_types") is not None:
+            d["layer_types"] = tuple(d["layer_types"])
         return cls(**d)
 
 
-def _rope_settings(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+def rope_settings(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     """Rope theta and scaling from either the transformers-v4 keys (rope_theta, rope_scaling) or v5's
     rope_parameters."""
     params = dict(hf.get("rope_parameters") or {})
@@ -124,94 +164,37 @@ def _rope_settings(hf: Mapping[str, Any], where: str) -> tuple[float, RopeScalin
             )
         except KeyError as e:
             raise UnsupportedConfigError(f"{where}: llama3 rope scaling lacks the field {e.args[0]!r}") from None
+    if kind in ("longrope", "su"):  # "su": the name of older Phi-3 configs
+        original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+        try:
+            short, long = tuple(map(float, params["short_factor"])), tuple(map(float, params["long_factor"]))
+        except KeyError as e:
+            raise UnsupportedConfigError(f"{where}: longrope scaling lacks the field {e.args[0]!r}") from None
+        if original is None:
+            raise UnsupportedConfigError(f"{where}: longrope scaling needs original_max_position_embeddings")
+        factor = params.get("factor") or int(hf.get("max_position_embeddings", original)) / int(original)
+        attention = params.get("attention_factor")
+        if attention is None:  # the LongRoPE paper's choice, as transformers computes it
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(int(original)))
+        return theta, RopeScaling(kind="longrope", factor=float(factor), original_max_position_embeddings=int(original),
+                                  short_factor=short, long_factor=long, attention_factor=float(attention))
     raise UnsupportedConfigError(
-        f"{where}: rope scaling type {kind!r} is not implemented (supported: default, linear, llama3)"
+        f"{where}: rope scaling type {kind!r} is not implemented (supported: default, linear, llama3, longrope)"
     )
 
 
-def config_from_hf(hf: Mapping[str, Any], *, where: str = "config.json") -> LlamaConfig:
-    """Build a ``LlamaConfig`` from a Hugging Face config dict, refusing anything not implemented.
-
-    ``where`` names the file in error messages.
-    """
-    archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
-    arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
-        arch = model_type
-    if arch is None:
-        raise UnsupportedConfigError(
-            f"{where}: architecture {archs or model_type!r} is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
-
-    handled = {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-        "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
-        "pretraining_tp", "sliding_window", "use_sliding_window",
-    }
-    unknown = sorted(k for k in hf if k not in handled and k not in _IRRELEVANT_FIELDS)
-    if unknown:
-        raise UnsupportedConfigError(
-            f"{where}: field(s) {unknown} are not implemented by eft_jax's Llama-family model; refusing to "
-            "load rather than silently ignoring them"
-        )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UnsupportedConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not implemented (only silu)")
-    if hf.get("mlp_bias"):
-        raise UnsupportedConfigError(f"{where}: mlp_bias=true is not implemented")
-    if hf.get("pretraining_tp", 1) != 1:
-        raise UnsupportedConfigError(f"{where}: pretraining_tp={hf['pretraining_tp']} is not implemented (only 1)")
-
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    # A sliding window is exact as long as no sequence is longer than it, so an active window becomes
-    # our context limit instead of a silently wrong attention pattern.
-    window = hf.get("sliding_window")
-    if hf.get("use_sliding_window", False) and window is not None:
-        # Qwen2's window applies to only some layers (max_window_layers): not implemented.
-        raise UnsupportedConfigError(
-            f"{where}: use_sliding_window=true (sliding_window={window}) is not implemented; "
-            "set use_sliding_window to false if your sequences never exceed the window"
-        )
-    if arch == "mistral" and window is not None:
-        # Mistral's window is exact as long as no sequence is longer than it, so it becomes our
-        # context limit (longer prompts are refused) rather than a silently wrong attention pattern.
-        max_pos = min(max_pos, int(window))
-
-    # Qwen2 always has q/k/v biases; Llama/Mistral have them when attention_bias is set.
-    qkv_bias = arch == "qwen2" or bool(hf.get("attention_bias", False))
-    theta, scaling = _rope_settings(hf, where)
-    try:
-        return LlamaConfig(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            architecture=arch,
-        )
-    except KeyError as e:
-        raise UnsupportedConfigError(f"{where}: required field {e.args[0]!r} is missing") from None
-
-
-def rope_inverse_frequencies(config: LlamaConfig) -> list[float]:
-    """Per-pair rotary inverse frequencies (length head_dim // 2), with the configured scaling applied."""
-    dim = config.head_dim
+def rope_inverse_frequencies(config: LlamaConfig, *, local: bool = False) -> list[float]:
+    """Per-pair rotary inverse frequencies (length rope_dim // 2), with the configured scaling applied;
+    ``local``: those of sliding layers (``local_rope_theta``, unscaled, where the config sets one)."""
+    dim = config.rope_dim
+    if local and config.local_rope_theta is not None:
+        return [1.0 / (config.local_rope_theta ** (2 * i / dim)) for i in range(dim // 2)]
     inv = [1.0 / (config.rope_theta ** (2 * i / dim)) for i in range(dim // 2)]
     s = config.rope_scaling
     if s is None:
         return inv
+    if s.kind == "longrope":  # the short factors; see llama._rope_for_rows for the long ones
+        return [f / div for f, div in zip(inv, _longrope_factors(config, s.short_factor), strict=True)]
     if s.kind == "linear":
         return [f / s.factor for f in inv]
     # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth blend in between.
@@ -230,3 +213,20 @@ def rope_inverse_frequencies(config: LlamaConfig) -> list[float]:
             )
             out.append((1 - smooth) * f / s.factor + smooth * f)
     return out
+
+
+def _longrope_factors(config: LlamaConfig, factors: tuple[float, ...] | None) -> tuple[float, ...]:
+    if factors is None or len(factors) != config.rope_dim // 2:
+        raise UnsupportedConfigError(f"longrope factors must number rope_dim / 2 = {config.rope_dim // 2}, "
+                                     f"got {None if factors is None else len(factors)}")
+    return factors
+
+
+def longrope_long_frequencies(config: LlamaConfig) -> list[float]:
+    """The long-context inverse frequencies of a longrope config (used once a row passes
+    ``original_max_position_embeddings``)."""
+    s = config.rope_scaling
+    assert s is not None and s.kind == "longrope"
+    dim = config.rope_dim
+    inv = [1.0 / (config.rope_theta ** (2 * i / dim)) for i in range(dim // 2)]
+    return [f / div for f, div in zip(inv, _longrope_factors(config, s.long_factor), strict=True)]

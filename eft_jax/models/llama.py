@@ -1,4 +1,7 @@
-"""The Llama-family decoder (Llama 1/2/3, Mistral, Qwen2, SmolLM2, TinyLlama) as Flax NNX modules.
+"""The decoder of the Llama lineage (Llama 1/2/3, Mistral, Qwen2/3, Gemma 2/3, SmolLM2, TinyLlama) as Flax
+NNX modules. What a family changes (norm form, q/k norms, sandwich norms, GeGLU, embedding scale,
+soft-capping, sliding-window layers, per-layer-type rope) is a switch of its config
+(:mod:`eft_jax.models.config`), set in one place per family (:mod:`eft_jax.models.families`).
 
 The modules only declare parameters (shape, initialiser and logical axes in one place) and hold the
 math. Everything outside works on plain pytrees: ``init_params`` / ``abstract_params`` give a nested
@@ -38,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
 from eft_jax.models.attention import attention
-from eft_jax.models.config import LlamaConfig, rope_inverse_frequencies
+from eft_jax.models.config import LlamaConfig, longrope_long_frequencies, rope_inverse_frequencies
 from eft_jax.models.kv_cache import KVCache
 
 Params = dict[str, Any]  # nested dict of arrays, as produced by nnx.State.to_pure_dict()
@@ -59,26 +62,44 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype: Any, rngs: nnx.Rngs):
-        self.scale = _param(rngs, (dim,), ("embed",), dtype, None)
-        self.eps = eps
+    """RMS normalisation over the last axis, scaled by ``w`` or, with ``plus_one`` (Gemma), by ``1 + w``."""
 
-    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
-        # Normalise in float32, cast back, then scale: the order Hugging Face uses.
+    def __init__(self, shape: tuple[int, ...], eps: float, *, dtype: Any, rngs: nnx.Rngs, plus_one: bool = False,
+                 float32_scale: bool = False, axes: tuple[str, ...] = ("embed",)):
+        self.scale = _param(rngs, shape, axes, dtype, 0.0 if plus_one else None)
+        self.eps = eps
+        self.plus_one = plus_one
+        self.float32_scale = float32_scale or plus_one
+
+    def __call__(self, x: Float[Array, "... *dims"]) -> Float[Array, "... *dims"]:
+        """Normalised over the trailing axes that ``scale`` covers (one axis, or heads x head_dim)."""
+        axes = tuple(range(-self.scale.ndim, 0))
         h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=axes, keepdims=True) + self.eps)
+        if self.float32_scale:  # Gemma and OLMo 2 scale in float32, then cast
+            w = self.scale[...].astype(jnp.float32)
+            return (h * (1.0 + w if self.plus_one else w)).astype(x.dtype)
+        # Llama casts back, then scales: the order Hugging Face uses.
         return self.scale[...] * h.astype(x.dtype)
 
 
 def apply_rope(
-    x: Float[Array, "batch seq heads head_dim"], positions: Int[Array, "batch seq"], inv_freq: Float[Array, " half"]
+    x: Float[Array, "batch seq heads head_dim"],
+    positions: Int[Array, "batch seq"],
+    inv_freq: Float[Array, "*rows half"],
+    scale: float = 1.0,
 ) -> Float[Array, "batch seq heads head_dim"]:
-    """Rotary embedding in the rotate-half layout of Hugging Face checkpoints (pairs (i, i + d/2))."""
-    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [b, t, d/2]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    """Rotary embedding in the rotate-half layout of Hugging Face checkpoints (pairs (i, i + r/2)) over the
+    first r = 2 * half dims of each head; the rest pass unchanged (partial rotary). ``inv_freq`` is shared
+    ``[half]`` or per row ``[batch, half]``; cos and sin are multiplied by ``scale`` (longrope)."""
+    freqs = inv_freq[None, None, :] if inv_freq.ndim == 1 else inv_freq[:, None, :]
+    angles = positions.astype(jnp.float32)[:, :, None] * freqs  # [b, t, r/2]
+    cos = (jnp.cos(angles) * scale)[:, :, None, :].astype(x.dtype)
+    sin = (jnp.sin(angles) * scale)[:, :, None, :].astype(x.dtype)
+    half = inv_freq.shape[-1]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half:]
+    x1, x2 = jnp.split(rot, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -93,8 +114,21 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), dtype, 0.0)
             self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dtype, 0.0)
             self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dtype, 0.0)
+        if cfg.qk_norm:
+            norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs, plus_one=cfg.norm_plus_one,
+                                     float32_scale=cfg.norm_float32_scale)
+            if cfg.qk_norm == "head":  # over head_dim, one weight shared by all heads
+                self.q_norm = norm((hd,), axes=("head_dim",))
+                self.k_norm = norm((hd,), axes=("head_dim",))
+            else:  # "width": over all heads of the projection together
+                self.q_norm = norm((h, hd), axes=("heads", "head_dim"))
+                self.k_norm = norm((k, hd), axes=("kv_heads", "head_dim"))
         self.qkv_bias = cfg.qkv_bias
-        self.scale = hd**-0.5
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.query_scale if cfg.query_scale is not None else hd**-0.5
+        self.softcap = cfg.attn_softcap
+        longrope = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope"
+        self.rope_scale = cfg.rope_scaling.attention_factor if longrope else 1.0
 
     def project(
         self,
@@ -115,7 +149,10 @@ class Attention(nnx.Module):
             q, k, v = (_dense("btd,dhk->bthk", x, w[...]) for w in (self.q, self.k, self.v))
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rope = functools.partial(apply_rope, positions=positions, inv_freq=inv_freq, scale=self.rope_scale)
+        return rope(q), rope(k), v
 
     def attend(
         self,
@@ -126,10 +163,13 @@ class Attention(nnx.Module):
         k_pos: Int[Array, "batch slots"],
         kv_length: Int[Array, " batch"] | None,
         minor: bool = False,
+        window: Int[Array, ""] | None = None,
     ) -> Float[Array, "batch seq embed"]:
         """Grouped-query attention of ``q`` over ``keys``/``values`` (``attention.attention``: visibility
-        from positions, scores in float32), then the output projection."""
-        out = attention(q, keys, values, q_pos, k_pos, kv_length, scale=self.scale)
+        from positions, scores in float32; ``window``: this layer's sliding window, None: none), then the
+        output projection."""
+        out = attention(q, keys, values, q_pos, k_pos, kv_length, scale=self.scale, window=window,
+                        softcap=self.softcap)
         if minor:  # [embed, heads, hd] as 2-D [embed, heads * hd], as in ``project``
             b, t, h, hd = out.shape
             return _dense("btn,dn->btd", out.reshape(b, t, h * hd), self.o[...].reshape(self.o.shape[0], h * hd))
@@ -142,26 +182,42 @@ class MLP(nnx.Module):
         self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5)
+        self.activation = cfg.mlp_activation
 
     def __call__(self, x: Float[Array, "batch seq embed"], minor: bool = False) -> Float[Array, "batch seq embed"]:
-        """SwiGLU; ``minor``: weights in the contraction-minor run layout (gate/up ``[mlp, embed]``)."""
+        """Gated MLP, ``down(act(gate x) * up x)``: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma);
+        ``minor``: weights in the contraction-minor run layout (gate/up ``[mlp, embed]``)."""
         into, out_of = ("btd,fd->btf", "btf,df->btd") if minor else ("btd,df->btf", "btf,fd->btd")
-        h = jax.nn.silu(_dense(into, x, self.gate[...])) * _dense(into, x, self.up[...])
+        act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+        h = act(_dense(into, x, self.gate[...])) * _dense(into, x, self.up[...])
         return _dense(out_of, h, self.down[...])
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        norm = functools.partial(RMSNorm, (cfg.hidden_size,), cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
+                                 plus_one=cfg.norm_plus_one, float32_scale=cfg.norm_float32_scale)
+        if cfg.pre_norms:
+            self.attn_norm = norm()
+            self.mlp_norm = norm()
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        if cfg.post_norms:  # Gemma, OLMo 2: each block's output is normalised before the residual add
+            self.attn_post_norm = norm()
+            self.mlp_post_norm = norm()
+        self.pre, self.post = cfg.pre_norms, cfg.post_norms
+
+    def attn_input(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
+        return self.attn_norm(x) if self.pre else x
 
     def finish(self, x: Float[Array, "batch seq embed"], attn_out: Float[Array, "batch seq embed"],
                minor: bool = False) -> Array:
         """Residual add of the attention output, then the MLP block."""
+        if self.post:
+            attn_out = self.attn_post_norm(attn_out)
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x), minor)
+        out = self.mlp(self.mlp_norm(x) if self.pre else x, minor)
+        return x + (self.mlp_post_norm(out) if self.post else out)
 
 
 class Llama(nnx.Module):
@@ -177,7 +233,8 @@ class Llama(nnx.Module):
             return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.final_norm = RMSNorm((cfg.hidden_size,), cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
+                                  plus_one=cfg.norm_plus_one, float32_scale=cfg.norm_float32_scale)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, cfg.hidden_size**-0.5)
 
@@ -194,15 +251,19 @@ class Llama(nnx.Module):
         structure."""
         cfg = self.config
         minor = isinstance(layers, MinorLayers)
-        inv_freq = jnp.asarray(np.asarray(rope_inverse_frequencies(cfg), np.float32))
         x = jnp.take(self.embed[...], tokens, axis=0)
-        over_layers = functools.partial(_over_layers, nnx.graphdef(self.layers), layers)
+        if cfg.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype first
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+        over_layers = functools.partial(_over_layers, nnx.graphdef(self.layers), layers,
+                                        _layer_kinds(cfg, layers, positions))
 
         if cache is None:
             # Tokens attend causally to each other (by position; -1 marks padding).
-            def body(h, layer):
-                q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq, minor)
-                return layer.finish(h, layer.attn.attend(q, k, v, positions, positions, None, minor), minor)
+            def body(h, layer, kind):
+                inv_freq, window = kind
+                q, k, v = layer.attn.project(layer.attn_input(h), positions, inv_freq, minor)
+                out = layer.attn.attend(q, k, v, positions, positions, None, minor, window)
+                return layer.finish(h, out, minor)
 
             x = over_layers(body, x)
             new_cache = None
@@ -214,13 +275,14 @@ class Llama(nnx.Module):
             pos = cache.pos.at[rows, slots].set(positions, mode="drop")
             length = cache.length + tokens.shape[1]
 
-            def body(carry, layer):
+            def body(carry, layer, kind):
                 h, k_all, v_all, i = carry
-                q, k, v = layer.attn.project(layer.attn_norm(h), positions, inv_freq, minor)
+                inv_freq, window = kind
+                q, k, v = layer.attn.project(layer.attn_input(h), positions, inv_freq, minor)
                 k_all = k_all.at[i, rows, slots].set(k.astype(k_all.dtype), mode="drop")
                 v_all = v_all.at[i, rows, slots].set(v.astype(v_all.dtype), mode="drop")
-                h = layer.finish(h, layer.attn.attend(q, k_all[i], v_all[i], positions, pos, length, minor), minor)
-                return h, k_all, v_all, i + 1
+                out = layer.attn.attend(q, k_all[i], v_all[i], positions, pos, length, minor, window)
+                return layer.finish(h, out, minor), k_all, v_all, i + 1
 
             x, k_all, v_all, _ = over_layers(body, (x, cache.k, cache.v, 0))
             new_cache = KVCache(k=k_all, v=v_all, pos=pos, length=length)
@@ -236,6 +298,8 @@ class Llama(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return logits, new_cache
 
 
@@ -270,15 +334,43 @@ class MinorLayers(tuple):
         return cls(children)
 
 
-def _over_layers(layer_def: nnx.GraphDef, layers: Params | tuple[Params, ...], body: Any, carry: Any) -> Any:
-    """``carry = body(carry, layer)`` for each decoder layer in turn: a Python loop over per-layer
-    buffers (``layers`` a tuple), or ``lax.scan`` over stacked ones (the layer index in ``carry`` is then
-    traced; in the loop it stays a Python int, so cache writes are static-index updates in place)."""
+def _over_layers(layer_def: nnx.GraphDef, layers: Params | tuple[Params, ...], kinds: Any, body: Any,
+                 carry: Any) -> Any:
+    """``carry = body(carry, layer, kind)`` for each decoder layer in turn: a Python loop over per-layer
+    buffers (``layers`` a tuple; ``kinds`` a list of per-layer values), or ``lax.scan`` over stacked ones
+    (``kinds`` then a pytree of arrays with a leading layers axis, scanned alongside; the layer index in
+    ``carry`` is traced; in the loop it stays a Python int, so cache writes are static-index updates in
+    place)."""
     if isinstance(layers, tuple):
-        for p in layers:
-            carry = body(carry, nnx.merge(layer_def, p))
+        for p, kind in zip(layers, kinds, strict=True):
+            carry = body(carry, nnx.merge(layer_def, p), kind)
         return carry
-    return jax.lax.scan(lambda c, p: (body(c, nnx.merge(layer_def, p)), None), carry, layers)[0]
+    return jax.lax.scan(lambda c, xs: (body(c, nnx.merge(layer_def, xs[0]), xs[1]), None), carry, (layers, kinds))[0]
+
+
+def _layer_kinds(cfg: LlamaConfig, layers: Params | tuple[Params, ...], positions: Int[Array, "batch seq"]) -> Any:
+    """What distinguishes one layer's attention from another's: its rope inverse frequencies and its
+    sliding window (None for a model without sliding layers). Per layer for the Python loop; stacked
+    arrays, traced inside the layer scan, so compile time stays flat in depth, for the scan."""
+    full = np.asarray(rope_inverse_frequencies(cfg), np.float32)
+    sliding = cfg.sliding_layers
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
+        # Per row: the long factors once the row's positions in this call pass the original context
+        # (transformers decides per call, on the largest position id + 1; per row is the same for one row).
+        long = np.asarray(longrope_long_frequencies(cfg), np.float32)
+        beyond = jnp.max(positions, axis=1) + 1 > cfg.rope_scaling.original_max_position_embeddings
+        full = jnp.where(beyond[:, None], long[None, :], full[None, :])  # [batch, half]
+    if not any(sliding):
+        kinds = [(jnp.asarray(full), None)] * cfg.num_layers
+    else:
+        local = full if cfg.local_rope_theta is None else jnp.broadcast_to(
+            np.asarray(rope_inverse_frequencies(cfg, local=True), np.float32), jnp.shape(full))
+        # A full layer's "window" is larger than any position difference.
+        kinds = [(jnp.asarray(local if s else full), jnp.int32(cfg.sliding_window if s else np.iinfo(np.int32).max))
+                 for s in sliding]
+    if isinstance(layers, tuple):
+        return kinds
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *kinds)
 
 
 @functools.lru_cache(maxsize=None)

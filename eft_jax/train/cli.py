@@ -4,6 +4,7 @@ The YAML file::
 
     init_from: checkpoints/toy/small-base   # fine-tune this checkpoint (its config and tokenizer) ...
     model:                                  # ... or pretrain a new model of this shape (needs `tokenizer`)
+      architecture: llama                   # any family (qwen3, gemma3_text, ...): its switches by default
       hidden_size: 128
       num_layers: 4
       num_heads: 4
@@ -99,18 +100,45 @@ def _train_config(d: dict[str, Any]):
         raise TrainConfigError(f"train: {e}") from None
 
 
+# Our shape fields -> their config.json names (what a family's reader needs to give its defaults).
+_SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+                 "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                 "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+
+
 def _model_config(d: dict[str, Any], vocab: int):
-    from eft_jax.models.config import LlamaConfig
+    """The model to train from scratch: ``LlamaConfig`` fields, with ``architecture`` (a family of
+    ``eft_jax.models.families``, default llama) giving every switch not set what that family's
+    ``config.json`` reader gives for these shapes (Gemma: its norms, GeGLU, embedding scale, query scale
+    256 ** -0.5, sliding pattern over ``sliding_window``; Qwen3: q/k norms; ...)."""
+    from eft_jax.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError
+    from eft_jax.models.families import config_from_hf, family
 
     d = {**_MODEL_DEFAULTS, **d}
     d.setdefault("vocab_size", vocab)
     d.setdefault("num_kv_heads", d.get("num_heads"))
     if "head_dim" not in d and "hidden_size" in d and "num_heads" in d:
         d["head_dim"] = d["hidden_size"] // d["num_heads"]
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise TrainConfigError(f"model: unknown field(s) {unknown}; known: {sorted(known)}")
+    missing = sorted(k for k in _SHAPE_FIELDS if d.get(k) is None)
+    if missing:
+        raise TrainConfigError(f"model: missing field(s) {missing}")
+    if d.get("layer_types") is not None:  # YAML gives lists and mappings; the config is hashable
+        d["layer_types"] = tuple(d["layer_types"])
+    if isinstance(d.get("rope_scaling"), dict):
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     try:
-        return LlamaConfig(**d)
-    except TypeError as e:
-        raise TrainConfigError(f"model: {e}") from None
+        fam = family(str(d.get("architecture", "llama")))
+        hf = {"architectures": [fam.architectures[0]], **{theirs: d[ours] for ours, theirs in _SHAPE_FIELDS.items()}}
+        if d.get("sliding_window") is not None:  # the window a family's default sliding pattern uses
+            hf["sliding_window"] = d["sliding_window"]
+        base = config_from_hf(hf, where=f"model: architecture {fam.name}")
+        return dataclasses.replace(base, **d)
+    except (TypeError, UnsupportedConfigError) as e:
+        raise TrainConfigError(f"model: {e}" if not str(e).startswith("model:") else str(e)) from None
 
 
 def run(config: dict[str, Any], log: Any = print) -> Path:

@@ -1,0 +1,413 @@
+"""One description per model family: how its ``config.json`` maps onto :class:`LlamaConfig`, and how its
+checkpoint names its tensors.
+
+Every family here runs the same decoder (:mod:`eft_jax.models.llama`); what differs is a handful of
+switches and constants in the config, and a few tensor names. A :class:`Family` holds both, so a
+family's differences are visible in one place:
+
+- ``architectures`` / ``model_types``: how a ``config.json`` (or a GGUF file's reconstructed config)
+  names it;
+- ``fields``: the config fields it reads on top of the shared ones, and ``read`` turning them into
+  :class:`LlamaConfig` keyword arguments;
+- ``tensor_names``: our leaf path -> the checkpoint's per-layer tensor name, where it differs from
+  Llama's (``eft_jax.loading.weights`` builds the whole key map from it);
+- ``write``: the inverse of ``read``, the family's own ``config.json`` keys for a :class:`LlamaConfig`
+  (``Family.hf_keys`` adds its ``architectures`` / ``model_type``; ``eft_jax.train.export`` adds the
+  shared keys and checks that ``config_from_hf`` reads the result back as the same model).
+
+Reading works from an allow-list: a field is read by the shared reader or the family, known to be
+irrelevant at inference time, or refused with a message naming it. A silently ignored field (an
+active sliding window, a new rope type, bidirectional attention) would give a model that loads and
+produces wrong logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from eft_jax.models.config import FULL, SLIDING, LlamaConfig, UnsupportedConfigError, rope_settings
+
+# Fields that change nothing in an inference forward pass (training knobs, token ids, bookkeeping).
+IRRELEVANT_FIELDS = frozenset(
+    {
+        "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+        "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+        "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
+        "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+        "tokenizer_class", "prefix", "task_specific_params", "quantization_config_ignored",
+        "tie_encoder_decoder", "torchscript", "use_return_dict", "auto_map", "decoder_start_token_id",
+        "embd_pdrop", "resid_pdrop", "unsloth_version", "cache_implementation",
+    }
+)
+
+# Fields every family reads (the shared part of ``read_config``).
+SHARED_FIELDS = frozenset(
+    {
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+        "max_position_embeddings", "tie_word_embeddings",
+    }
+)
+
+Reader = Callable[[Mapping[str, Any], str], dict[str, Any]]
+Writer = Callable[[LlamaConfig], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one model family is read and written (see the module docstring)."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    fields: frozenset[str]
+    read: Reader
+    tensor_names: Mapping[tuple[str, ...], str] = dataclasses.field(default_factory=dict)
+    write: Writer | None = None  # every family in FAMILIES has one
+    # Fused projections (Phi-3): q/k/v are row blocks of one ``self_attn.qkv_proj``, gate/up of ``mlp.gate_up_proj``.
+    fused_projections: bool = False
+    # Values a config.json of this family may omit, as transformers' config class defaults them.
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def hf_keys(self, cfg: LlamaConfig) -> dict[str, Any]:
+        """The family's part of ``cfg``'s ``config.json``: its class names and ``write``'s keys (the shared
+        shape, norm and rope keys are the exporter's). Raises ``ValueError`` for a config the family's
+        ``config.json`` cannot say."""
+        if self.write is None:
+            raise ValueError(f"family {self.name!r} has no config.json writer")
+        return {"architectures": [self.architectures[0]], "model_type": self.model_types[0], **self.write(cfg)}
+
+
+def _activation(hf: Mapping[str, Any], where: str, key: str, default: str) -> str:
+    act = hf.get(key) or default
+    ours = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+    if ours is None:
+        raise UnsupportedConfigError(f"{where}: {key} {act!r} is not implemented (silu, gelu_pytorch_tanh)")
+    return ours
+
+
+def _require_silu(hf: Mapping[str, Any], where: str) -> None:
+    if _activation(hf, where, "hidden_act", "silu") != "silu":
+        raise UnsupportedConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not implemented for this family (silu)")
+
+
+def _layer_types(hf: Mapping[str, Any], where: str, default: list[str]) -> tuple[str, ...] | None:
+    """``layer_types`` as written, else ``default``; None when no layer slides."""
+    types = hf.get("layer_types") or default
+    if set(types) - {SLIDING, FULL}:
+        raise UnsupportedConfigError(f"{where}: layer_types {sorted(set(types) - {SLIDING, FULL})} are not implemented")
+    return tuple(types) if SLIDING in types else None
+
+
+def _window(hf: Mapping[str, Any], where: str, types: tuple[str, ...] | None) -> dict[str, Any]:
+    if types is None:
+        return {}
+    window = hf.get("sliding_window")
+    if not window:
+        raise UnsupportedConfigError(f"{where}: sliding layers without a sliding_window")
+    return {"layer_types": types, "sliding_window": int(window)}
+
+
+def _refuse(hf: Mapping[str, Any], where: str, **bad: Callable[[Any], bool]) -> None:
+    """Refuse, naming the field, any ``field=predicate`` whose value the predicate flags."""
+    for key, is_bad in bad.items():
+        if key in hf and is_bad(hf[key]):
+            raise UnsupportedConfigError(f"{where}: {key}={hf[key]!r} is not implemented")
+
+
+def _read_llama(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _refuse(hf, where, mlp_bias=bool, pretraining_tp=lambda v: v != 1)
+    _require_silu(hf, where)
+    return {"qkv_bias": bool(hf.get("attention_bias", False))}
+
+
+def _read_mistral(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    # Mistral's window (v0.1: 4096) applies to every layer; layer_types belongs to other classes;
+    # transformers' Mistral has no q/k/v biases, whatever attention_bias says.
+    _refuse(hf, where, layer_types=lambda v: v is not None, attention_bias=bool)
+    kwargs = _read_llama(hf, where)
+    n = int(hf["num_hidden_layers"])
+    return {**kwargs, **_window(hf, where, (SLIDING,) * n if hf.get("sliding_window") else None)}
+
+
+def _qwen_windows(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Qwen2/Qwen3: with ``use_sliding_window``, layers from ``max_window_layers`` on slide."""
+    n = int(hf["num_hidden_layers"])
+    on = bool(hf.get("use_sliding_window", False)) and hf.get("sliding_window") is not None
+    start = int(hf.get("max_window_layers", n))
+    default = [SLIDING if on and i >= start else FULL for i in range(n)]
+    types = _layer_types(hf, where, default) if on else None
+    return _window(hf, where, types)
+
+
+def _read_qwen2(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _require_silu(hf, where)
+    return {"qkv_bias": True, **_qwen_windows(hf, where)}
+
+
+def _read_qwen3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _require_silu(hf, where)
+    # attention_bias in Qwen3 would add an o_proj bias too, which the checkpoint check would report.
+    return {"qkv_bias": bool(hf.get("attention_bias", False)), "qk_norm": "head", **_qwen_windows(hf, where)}
+
+
+def _read_gemma(hf: Mapping[str, Any], where: str, *, pattern: int, qk_norm: bool) -> dict[str, Any]:
+    """Gemma 2 (``pattern`` 2: every other layer slides, from the first) and Gemma 3 text (6: five sliding
+    layers, then a global one; ``sliding_window_pattern`` in older configs)."""
+    _refuse(hf, where, attention_bias=bool, use_bidirectional_attention=bool)
+    n = int(hf["num_hidden_layers"])
+    pattern = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or pattern)
+    default = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    kwargs: dict[str, Any] = dict(
+        norm_plus_one=True, post_norms=True, embed_scale=True, qk_norm="head" if qk_norm else None,
+        mlp_activation=_activation(hf, where, "hidden_activation", "gelu_pytorch_tanh"),
+        query_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        attn_softcap=float(hf["attn_logit_softcapping"]) if hf.get("attn_logit_softcapping") else None,
+        final_softcap=float(hf["final_logit_softcapping"]) if hf.get("final_logit_softcapping") else None,
+        **_window(hf, where, _layer_types(hf, where, default)),
+    )
+    if hf.get("hidden_act") not in (None, "gelu_pytorch_tanh"):  # Gemma 2 configs carry both names
+        raise UnsupportedConfigError(f"{where}: hidden_act {hf['hidden_act']!r} is not implemented")
+    return kwargs
+
+
+def _read_gemma3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    kwargs = _read_gemma(hf, where, pattern=6, qk_norm=True)
+    params = hf.get("rope_parameters") or {}
+    if SLIDING in params:  # transformers 5: rope parameters per layer type
+        local = dict(params[SLIDING])
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedConfigError(f"{where}: rope_parameters.{SLIDING} of type {local['rope_type']!r} "
+                                         "is not implemented (only default)")
+        kwargs["local_rope_theta"] = float(local.get("rope_theta", 10000.0))
+    else:
+        kwargs["local_rope_theta"] = float(hf.get("rope_local_base_freq", 10000.0))
+    return kwargs
+
+
+def _read_olmo2(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """OLMo 2: no input norms; the attention and MLP outputs are normalised before the residual add; q/k
+    normalised over the whole projection; norms scale in float32."""
+    _require_silu(hf, where)
+    _refuse(hf, where, attention_bias=bool)  # would add an o_proj bias too
+    return {"qk_norm": "width", "pre_norms": False, "post_norms": True, "norm_float32_scale": True}
+
+
+def _read_phi3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Phi-3 / Phi-3.5 / Phi-4-mini: Llama's blocks with fused projections (the key map), partial rotary
+    (``partial_rotary_factor``, top level or in ``rope_parameters``), longrope scaling (read with the shared
+    rope keys) and one sliding window on every layer when ``sliding_window`` is set."""
+    _require_silu(hf, where)
+    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))
+    factor = float((hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    rotary = int(head_dim * factor)
+    n = int(hf["num_hidden_layers"])
+    return {"rotary_dim": None if rotary == head_dim else rotary,
+            **_window(hf, where, (SLIDING,) * n if hf.get("sliding_window") else None)}
+
+
+_GEMMA_NORMS = {
+    # Gemma's post_attention_layernorm normalises the attention *output*; the MLP's input norm is the
+    # pre_feedforward one (in Llama, post_attention_layernorm is the MLP's input norm).
+    ("mlp_norm", "scale"): "pre_feedforward_layernorm.weight",
+    ("attn_post_norm", "scale"): "post_attention_layernorm.weight",
+    ("mlp_post_norm", "scale"): "post_feedforward_layernorm.weight",
+}
+_QK_NORMS = {
+    ("attn", "q_norm", "scale"): "self_attn.q_norm.weight",
+    ("attn", "k_norm", "scale"): "self_attn.k_norm.weight",
+}
+_GEMMA_FIELDS = frozenset({"hidden_activation", "hidden_act", "query_pre_attn_scalar", "attn_logit_softcapping",
+                           "final_logit_softcapping", "sliding_window", "layer_types", "attention_bias",
+                           "use_bidirectional_attention", "sliding_window_pattern",
+                           "_sliding_window_pattern"})
+_QWEN_FIELDS = frozenset({"hidden_act", "attention_bias", "use_sliding_window", "sliding_window",
+                          "max_window_layers", "layer_types"})
+
+
+# --- writing: the inverse of each reader (see Family.hf_keys) ---------------------------------------------
+# A writer states what its family's config.json holds for ``cfg``; it refuses only what that config.json
+# cannot say at all. A switch the family does not have (a Llama with q/k norms, a Qwen3 with q/k/v biases
+# but no o_proj bias) is written as the family's value and caught by the exporter's read-back check.
+
+
+def _write_llama(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"hidden_act": "silu", "attention_bias": cfg.qkv_bias, "mlp_bias": False}
+
+
+def _write_mistral(cfg: LlamaConfig) -> dict[str, Any]:
+    # transformers' Mistral has no q/k/v biases (it ignores attention_bias): none are written, so a config
+    # with them reads back without them and the exporter refuses it.
+    sliding = cfg.sliding_layers
+    if any(sliding) and not all(sliding):
+        raise ValueError(f"mistral: one sliding window for every layer or none; layer_types {list(cfg.layer_types)} "
+                         "mixes sliding and full layers (a Qwen2/Qwen3 config can say that)")
+    return {"hidden_act": "silu", "sliding_window": cfg.sliding_window if any(sliding) else None}
+
+
+def _write_qwen_windows(cfg: LlamaConfig) -> dict[str, Any]:
+    sliding = cfg.sliding_layers
+    if not any(sliding):
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers}
+    # layer_types says which layers slide; max_window_layers (the first sliding layer) for readers without it.
+    return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": sliding.index(True),
+            "layer_types": list(cfg.layer_types)}
+
+
+def _write_qwen2(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"hidden_act": "silu", **_write_qwen_windows(cfg)}  # q/k/v biases are implied
+
+
+def _write_qwen3(cfg: LlamaConfig) -> dict[str, Any]:
+    # Qwen3's attention_bias would add an o_proj bias too, which we do not have: always False.
+    return {"hidden_act": "silu", "attention_bias": False, **_write_qwen_windows(cfg)}
+
+
+def _write_olmo2(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"hidden_act": "silu", "attention_bias": False}
+
+
+def _write_phi3(cfg: LlamaConfig) -> dict[str, Any]:
+    sliding = cfg.sliding_layers
+    if any(sliding) and not all(sliding):
+        raise ValueError("phi3: one sliding window for every layer or none")
+    s = cfg.rope_scaling
+    return {"hidden_act": "silu", "sliding_window": cfg.sliding_window if any(sliding) else None,
+            "partial_rotary_factor": cfg.rope_dim / cfg.head_dim,
+            "original_max_position_embeddings": s.original_max_position_embeddings if s is not None and
+            s.kind == "longrope" else cfg.max_position_embeddings}
+
+
+def _query_pre_attn_scalar(cfg: LlamaConfig) -> int:
+    """Gemma's ``query_pre_attn_scalar`` (the score scale is its inverse square root): an integer in
+    transformers' config classes."""
+    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5
+    scalar = round(scale**-2)
+    if scalar <= 0 or float(scalar) ** -0.5 != scale:
+        raise ValueError(f"{cfg.architecture}: query_scale {scale!r} is not 1 / sqrt(an integer); a Gemma config.json "
+                         "stores the integer query_pre_attn_scalar = query_scale ** -2")
+    return scalar
+
+
+def _write_gemma(cfg: LlamaConfig) -> dict[str, Any]:
+    sliding = any(cfg.sliding_layers)
+    return {
+        "hidden_activation": {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}[cfg.mlp_activation],
+        "query_pre_attn_scalar": _query_pre_attn_scalar(cfg),
+        "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap,
+        # Always written: a Gemma config.json without layer_types gets the family's default pattern.
+        "layer_types": list(cfg.layer_types) if cfg.layer_types else [FULL] * cfg.num_layers,
+        # Unused when no layer slides, but transformers' Gemma models build a sliding mask whatever the
+        # layer types, and refuse a null window.
+        "sliding_window": cfg.sliding_window if sliding else cfg.sliding_window or cfg.max_position_embeddings,
+        "attention_bias": False,
+    }
+
+
+def _write_gemma3(cfg: LlamaConfig) -> dict[str, Any]:
+    # The shared rope_theta / rope_scaling are the full layers'; sliding ones take rope_local_base_freq
+    # (the transformers-v4 key, which v5 converts to rope_parameters.sliding_attention), unscaled.
+    local = cfg.local_rope_theta
+    if local is None:  # sliding layers rope like full ones: only expressible without scaling
+        if cfg.rope_scaling is not None and any(cfg.sliding_layers):
+            raise ValueError("gemma3_text: sliding layers with the full layers' scaled rope (local_rope_theta None) "
+                             "cannot be written; Gemma 3's sliding layers use unscaled rope_local_base_freq")
+        local = cfg.rope_theta
+    return {**_write_gemma(cfg), "rope_local_base_freq": local}
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("LlamaForCausalLM",), ("llama",),
+           frozenset({"attention_bias", "mlp_bias", "hidden_act", "pretraining_tp"}), _read_llama,
+           write=_write_llama),
+    Family("mistral", ("MistralForCausalLM",), ("mistral",),
+           frozenset({"attention_bias", "mlp_bias", "hidden_act", "pretraining_tp", "sliding_window",
+                      "layer_types"}), _read_mistral, write=_write_mistral),
+    Family("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), _QWEN_FIELDS, _read_qwen2, write=_write_qwen2),
+    Family("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), _QWEN_FIELDS, _read_qwen3, _QK_NORMS, write=_write_qwen3),
+    Family("olmo2", ("Olmo2ForCausalLM",), ("olmo2",), frozenset({"hidden_act", "attention_bias"}), _read_olmo2,
+           {("attn_post_norm", "scale"): "post_attention_layernorm.weight",
+            ("mlp_post_norm", "scale"): "post_feedforward_layernorm.weight", **_QK_NORMS}, write=_write_olmo2),
+    Family("phi3", ("Phi3ForCausalLM",), ("phi3",),
+           frozenset({"hidden_act", "sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}),
+           _read_phi3, write=_write_phi3, fused_projections=True),
+    Family("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), _GEMMA_FIELDS,
+           lambda hf, where: _read_gemma(hf, where, pattern=2, qk_norm=False), _GEMMA_NORMS, write=_write_gemma,
+           defaults={"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    Family("gemma3_text", ("Gemma3ForCausalLM",), ("gemma3_text",), _GEMMA_FIELDS | {"rope_local_base_freq"},
+           _read_gemma3, {**_GEMMA_NORMS, **_QK_NORMS}, write=_write_gemma3, defaults={"rope_theta": 1_000_000.0}),
+)
+SUPPORTED_ARCHITECTURES = {arch: f.name for f in FAMILIES for arch in f.architectures}
+_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def family(name: str) -> Family:
+    """The family called ``name`` (``LlamaConfig.architecture``)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise UnsupportedConfigError(f"unknown model family {name!r}; supported: {sorted(_BY_NAME)}") from None
+
+
+def family_of(hf: Mapping[str, Any], where: str) -> Family:
+    """The family a ``config.json`` declares (its ``architectures``, else its ``model_type``)."""
+    archs = hf.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return _BY_NAME[SUPPORTED_ARCHITECTURES[arch]]
+    for f in FAMILIES:
+        if hf.get("model_type") in f.model_types:
+            return f
+    hint = (" (a multimodal Gemma 3 checkpoint: load its text model, Gemma3ForCausalLM)"
+            if "Gemma3ForConditionalGeneration" in archs else "")
+    raise UnsupportedConfigError(
+        f"{where}: architecture {archs or hf.get('model_type')!r} is not supported{hint}; "
+        f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+
+
+def config_from_hf(hf: Mapping[str, Any], *, where: str = "config.json") -> LlamaConfig:
+    """Build a ``LlamaConfig`` from a Hugging Face config dict, refusing anything not implemented.
+
+    ``where`` names the file in error messages.
+    """
+    fam = family_of(hf, where)
+    hf = {**fam.defaults, **hf}
+    unknown = sorted(k for k in hf if k not in SHARED_FIELDS | fam.fields and k not in IRRELEVANT_FIELDS)
+    if unknown:
+        raise UnsupportedConfigError(
+            f"{where}: field(s) {unknown} are not implemented by eft_jax's {fam.name} model; refusing to "
+            "load rather than silently ignoring them")
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    theta, scaling = rope_settings(_global_rope(hf), where)
+    try:
+        return LlamaConfig(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", fam.name.startswith("gemma"))),
+            architecture=fam.name,
+            **fam.read(hf, where),
+        )
+    except KeyError as e:
+        raise UnsupportedConfigError(f"{where}: required field {e.args[0]!r} is missing") from None
+
+
+def _global_rope(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config as ``rope_settings`` reads it: transformers 5 writes per-layer-type rope parameters
+    for Gemma 3 (``{"full_attention": {...}, "sliding_attention": {...}}``); the full layers' are the
+    model's main ones."""
+    params = hf.get("rope_parameters") or {}
+    if FULL in params:
+        return {**hf, "rope_parameters": params[FULL]}
+    return hf
