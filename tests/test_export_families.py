@@ -109,6 +109,7 @@ EXPORTED = {
     "mistral_window": ("mistral_window", {}),
     "qwen2_window": ("qwen2_window", {}),
     "olmo2": ("olmo2", {}),
+    "phi3_longrope": ("phi3_longrope", {}),  # fused qkv / gate_up tensors, partial rotary, longrope
 }
 
 
@@ -145,7 +146,7 @@ def test_config_round_trip(name):
 
     theirs = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
     assert theirs.num_hidden_layers == cfg.num_layers
-    if cfg.architecture == "mistral":  # one window for every layer, no layer_types
+    if cfg.architecture in ("mistral", "phi3"):  # one window for every layer, no layer_types
         assert theirs.sliding_window == cfg.sliding_window
     else:
         assert list(getattr(theirs, "layer_types", None) or [FULL] * cfg.num_layers) == list(

@@ -86,6 +86,11 @@ def hf_config(variant: str = "gqa", *, hidden_size: int = 64, layers: int = 2, v
     )
     kwargs.update(spec)
     kwargs.update(overrides)
+    rope = kwargs.get("rope_parameters")
+    if rope and rope.get("rope_type") == "longrope":  # one factor per rotated pair, at any hidden size
+        half = int(kwargs["hidden_size"] // kwargs["num_attention_heads"] * rope["partial_rotary_factor"]) // 2
+        kwargs["rope_parameters"] = {**rope, "short_factor": rope["short_factor"][:half],
+                                     "long_factor": rope["long_factor"][:half]}
     return cls(**kwargs)
 
 

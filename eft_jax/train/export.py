@@ -54,7 +54,9 @@ def hf_config_dict(cfg: LlamaConfig, tokenizer: Any = None, dtype: Any = jnp.bfl
         elif s.kind == "longrope":
             out["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor, "attention_factor": s.attention_factor,
                                    "short_factor": list(s.short_factor), "long_factor": list(s.long_factor),
-                                   "original_max_position_embeddings": s.original_max_position_embeddings}
+                                   "original_max_position_embeddings": s.original_max_position_embeddings,
+                                   # transformers 5 reads the rotary fraction from here (Phi-3's validation)
+                                   "partial_rotary_factor": cfg.rope_dim / cfg.head_dim}
         else:
             out["rope_scaling"] = {
                 "rope_type": s.kind, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
