@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from eft_jax.loading.hub import looks_like_hub_id, resolve_hub_id
+from eft_jax.loading.source import CheckpointError
 from eft_jax.sampling import SamplingParams
 
 __all__ = [
@@ -714,7 +716,8 @@ REPO_PREFIX = "repo:"
 
 def resolve_model_path(path: str) -> Path:
     """A model path as a filesystem path: ``pkg:<package>/<file>`` is looked up in the installed package,
-    ``repo:<path>`` relative to the eft-jax source checkout (where ``checkpoints/`` lives)."""
+    ``repo:<path>`` relative to the eft-jax source checkout (where ``checkpoints/`` lives), and a Hugging Face
+    Hub id (``org/name[@revision]``) that is no local path in the local Hugging Face cache."""
     if path.startswith(REPO_PREFIX):
         root = Path(__file__).resolve().parents[1]
         candidate = root / path[len(REPO_PREFIX):]
@@ -723,7 +726,13 @@ def resolve_model_path(path: str) -> Path:
                                     "repository: install it from a clone (`pip install -e .`)")
         return candidate
     if not path.startswith(PKG_PREFIX):
-        return Path(path).expanduser()
+        local = Path(path).expanduser()
+        if not local.exists() and looks_like_hub_id(path):
+            try:
+                return resolve_hub_id(path)
+            except CheckpointError as e:
+                raise FileNotFoundError(str(e)) from None
+        return local
     package, _, inner = path[len(PKG_PREFIX):].partition("/")
     try:
         spec = importlib.util.find_spec(package)  # finds without importing the package itself

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from eft_jax.loading import hf_dir, orbax_checkpoint
+from eft_jax.loading.hub import looks_like_hub_id, resolve_hub_id
 from eft_jax.loading.source import CheckpointError
 from eft_jax.loading.weights import place_weights
 from eft_jax.model import Model, param_shardings
@@ -33,7 +34,8 @@ def load_model(
 
     Args:
       source: a Hugging Face checkpoint directory (config.json + safetensors, sharded or not), a
-        ``.gguf`` file, or a directory written by ``eft-jax convert``.
+        ``.gguf`` file, a directory written by ``eft-jax convert``, or a Hub id (``org/name[@revision]``)
+        found in the local Hugging Face cache (nothing is downloaded unless ``EFT_JAX_ALLOW_DOWNLOAD=1``).
       dtype: parameter dtype (e.g. ``jnp.bfloat16``); None keeps the checkpoint's own (bf16 for GGUF).
       mesh: device mesh with axes ("data", "model"); None uses one device.
       sharding: "tensor_parallel" (weights split over the ``model`` axis), "replicated", or a
@@ -87,8 +89,12 @@ def load_tokenizer(source: str | os.PathLike) -> Any:
 
 
 def checked_path(source: str | os.PathLike) -> Path:
-    """``source`` as a path, or CheckpointError if it does not exist or is a file that is no .gguf."""
+    """``source`` as a path, or CheckpointError if it does not exist or is a file that is no .gguf. A
+    ``source`` that is no local path but has the shape of a Hugging Face Hub id (``org/name[@revision]``)
+    is looked up in the local Hugging Face cache (``eft_jax.loading.hub``)."""
     path = Path(source).expanduser()
+    if not path.exists() and looks_like_hub_id(str(source)):
+        path = resolve_hub_id(str(source))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if path.is_file() and path.suffix != ".gguf":
