@@ -39,6 +39,7 @@ import yaml
 from eft_jax.loading.hub import looks_like_hub_id, resolve_hub_id
 from eft_jax.loading.source import CheckpointError
 from eft_jax.sampling import SamplingParams
+from eft_jax.spec import DEFAULT_DRAFTER_ROLE
 
 __all__ = [
     "DEFAULT_CONFIG_YAML", "Config", "ConfigError", "EFTConfig", "JobConfig", "MeshConfig", "ModelEntry",
@@ -268,7 +269,7 @@ class Config:
         """The drafting model's name when speculative decoding is on."""
         if not self.speculative.k:
             return None
-        return self.speculative.drafter or (self.eft.fine_tuned[0] if self.eft.fine_tuned else None)
+        return self.speculative.drafter or dict(self.roles()).get(DEFAULT_DRAFTER_ROLE)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON-ready), in the file layout."""

@@ -51,8 +51,8 @@ class Engine:
 
     chunk_size: decode steps per jitted chunk (the host checks for "all done" between chunks).
     speculative_k: draft length for speculative EFT (0: off). drafter: the drafting model - an index
-      into ``spec.components`` (default: the first fine-tune, i.e. the small fine-tuned model of an
-      up-scaling spec) or a separate model (e.g. to speed up plain decoding).
+      into ``spec.components`` (default: ``spec.default_drafter``, the first fine-tune, i.e. the small
+      fine-tuned model of an up-scaling spec) or a separate model (e.g. to speed up plain decoding).
     """
 
     def __init__(self, spec: EFTSpec, *, chunk_size: int = 16, speculative_k: int = 0,
@@ -69,9 +69,9 @@ class Engine:
         self.drafter_index = -1
         if speculative_k:
             if drafter is None:
-                if spec.is_plain:
+                drafter = spec.default_drafter
+                if drafter is None:
                     raise ValueError("speculative decoding of a single model needs a drafter model (drafter=...)")
-                drafter = 2
             if isinstance(drafter, int):
                 if not 0 <= drafter < len(spec.components):
                     raise ValueError(f"drafter index {drafter} is not one of the spec's {len(spec.components)} models")

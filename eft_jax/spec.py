@@ -14,6 +14,11 @@ from collections.abc import Sequence
 
 from eft_jax.model import Model
 
+# Which model drafts in speculative EFT when none is named: the first fine-tune (role "ft0", engine index
+# 2: the small fine-tuned model of an up-scaling spec, the cheapest model whose distribution is closest to
+# the EFT one). The one statement of this default: the engine and job configs both read it from here.
+DEFAULT_DRAFTER_ROLE = "ft0"
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Component:
@@ -88,6 +93,12 @@ class EFTSpec:
     @property
     def is_plain(self) -> bool:
         return self.ref is None
+
+    @property
+    def default_drafter(self) -> int | None:
+        """The index in ``components`` of the model that drafts when none is named (``DEFAULT_DRAFTER_ROLE``);
+        None for plain decoding, which has no fine-tune."""
+        return None if self.is_plain else 2 + int(DEFAULT_DRAFTER_ROLE[2:])
 
     # --- The configurations of the paper, by name -------------------------------------------------
 
