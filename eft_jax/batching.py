@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,14 +58,21 @@ class RowOutput:
     components: np.ndarray | None = None  # [rule members, tokens]
     distributions: np.ndarray | None = None  # [tokens, vocab]
     speculative: dict[str, Any] | None = None  # rounds, drafted, accepted, rejected, round_of, from_draft
+    stop_string: str | None = None  # the stop string that ended the row (its tokens end where it completes)
+
+
+# Given a live row's tokens so far and how many of them were already checked, the number of tokens to keep
+# and the stop string found (the row then ends there), or None.
+StopCheck = Callable[[np.ndarray, int], "tuple[int, str] | None"]
 
 
 class SlotLoop:
     """Decode ``rows`` (sorted longest prompt first) in ``batch_size`` slots; see the module docstring."""
 
     def __init__(self, engine: Engine, plan: decode.Plan, rows: Sequence[Row], batch_size: int, weights: Any,
-                 seed: int, continuous: bool = True):
+                 seed: int, continuous: bool = True, stop_check: StopCheck | None = None):
         self.engine, self.plan, self.weights, self.continuous = engine, plan, weights, continuous
+        self.stop_check = stop_check
         self.k = engine.speculative_k
         # No slot for a row that does not exist: a small call runs a small batch.
         self.num_slots = min(batch_size, _round_up(len(rows), engine.place.data_size))
@@ -87,6 +94,7 @@ class SlotLoop:
         the tokens decoded since the last yield over every row; until every row is done."""
         state = self._start()
         counted = np.zeros(self.num_slots, np.int64)  # each slot's tokens already reported
+        checked = np.zeros(self.num_slots, np.int64)  # each slot's tokens already searched for stop strings
         while True:
             st = self._decode_state(state)
             done, num_tokens = to_host(st.done), to_host(st.num_tokens)
@@ -94,11 +102,12 @@ class SlotLoop:
             live = np.array([row is not None for row in self.occupant])
             tokens = int(np.sum(np.where(live, num_tokens - counted, 0)))
             counted = np.where(live, num_tokens, 0)
-            finished = [s for s, row in enumerate(self.occupant) if row is not None and done[s]]
-            yield (self._outputs(state, finished) if finished else []), tokens
+            stops = self._stop_strings(state, live, num_tokens, checked) if self.stop_check else {}
+            finished = [s for s, row in enumerate(self.occupant) if row is not None and (done[s] or s in stops)]
+            yield (self._outputs(state, finished, stops) if finished else []), tokens
             for s in finished:
                 self.occupant[s] = None
-                counted[s] = 0
+                counted[s] = checked[s] = 0
             free = [s for s, row in enumerate(self.occupant) if row is None]
             if self.queue and len(free) == self.num_slots:
                 state = self._start()  # a whole new batch: the start program, no refill needed
@@ -195,7 +204,22 @@ class SlotLoop:
     def _decode_state(self, state: Any) -> decode.DecodeState:
         return state.decode if self.k else state
 
-    def _outputs(self, state: Any, slots: list[int]) -> list[tuple[Row, RowOutput]]:
+    def _stop_strings(self, state: Any, live: np.ndarray, num_tokens: np.ndarray,
+                      checked: np.ndarray) -> dict[int, tuple[int, str]]:
+        """Live rows whose new tokens complete a stop string: slot -> (tokens to keep, the string). Updates
+        ``checked``. A row the device also finished in this chunk is cut too, where the string came first."""
+        tokens = to_host(self._decode_state(state).tokens)
+        found = {}
+        for s in np.flatnonzero(live & (num_tokens > checked)):
+            hit = self.stop_check(tokens[s, : num_tokens[s]], int(checked[s]))
+            checked[s] = num_tokens[s]
+            if hit is not None:
+                found[int(s)] = hit
+        return found
+
+    def _outputs(self, state: Any, slots: list[int],
+                 stops: dict[int, tuple[int, str]] | None = None) -> list[tuple[Row, RowOutput]]:
+        stops = stops or {}
         st = self._decode_state(state)
         tokens, logprobs, counts = (to_host(x) for x in (st.tokens, st.logprobs, st.num_tokens))
         comps = to_host(st.components) if self.plan.record_components else None
@@ -204,15 +228,29 @@ class SlotLoop:
                  ("rounds", "drafted", "accepted", "rejected", "round_of", "from_draft")} if self.k else None)
         out = []
         for s in slots:
-            n = int(counts[s])
+            n, stop = (int(counts[s]), None) if s not in stops else stops[s]
             out.append((self.occupant[s], RowOutput(
                 tokens=tokens[s, :n], logprobs=logprobs[s, :n],
                 components=None if comps is None else comps[:, s, :n],
                 distributions=None if dists is None else dists[s, :n],
-                speculative=None if spec is None else {name: v[s, :n] if v.ndim == 2 else v[s]
-                                                       for name, v in spec.items()},
+                speculative=None if spec is None else _speculative_stats(spec, s, n, self.k, cut=stop is not None),
+                stop_string=stop,
             )))
         return out
+
+
+def _speculative_stats(spec: dict[str, np.ndarray], slot: int, n: int, k: int, cut: bool) -> dict[str, Any]:
+    """One row's speculative accounting over its first ``n`` emitted tokens. A row cut short by a stop
+    string recounts its rounds from the tokens it keeps: a round counts as rejected when its
+    non-draft token was kept after fewer than ``k`` accepted drafts."""
+    out = {name: v[slot, :n] if v.ndim == 2 else v[slot] for name, v in spec.items()}
+    if cut:
+        round_of, from_draft = out["round_of"], out["from_draft"]
+        rounds = int(round_of[-1]) if n else 0
+        closing = [r for r in range(1, rounds + 1) if np.any((round_of == r) & ~from_draft)]
+        out.update(rounds=rounds, drafted=rounds * k, accepted=int(np.sum(from_draft)),
+                   rejected=sum(int(np.sum((round_of == r) & from_draft)) < k for r in closing))
+    return out
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -138,6 +138,7 @@ class Engine:
         seed: int = 0,
         weights: Sequence[float] | None = None,
         stop_token_ids: Sequence[int] = (),
+        stop: Sequence[str] = (),
         ignore_eos: bool = False,
         end_tokens: Literal["all", "declared"] = "all",
         return_component_logprobs: bool = False,
@@ -153,6 +154,9 @@ class Engine:
         tokens - in EFT the models disagree on which one ends an answer, so one model's EOS alone can let
         an answer run on -, "declared" only those each model's tokenizer and checkpoint declare
         (``vocab.end_token_ids``). ignore_eos: stop only at ``stop_token_ids``, e.g. to benchmark fixed lengths.
+        stop: stop strings (vLLM's ``stop``): a sample ends with the token that completes one (searched in
+        its decoded text after every chunk), its ``text`` ends before it, ``stop_reason`` names it; the tokens
+        kept are those the sample would have had anyway (a sample depends on its position only).
         continuous: refill a finished row with the next request at once (continuous batching); False waits
         until every row of the batch is done (static batching). Samples are the same either way.
         """
@@ -171,7 +175,11 @@ class Engine:
         rows = [Row(i, r.tokens, r.max_new, r.stream) for i, r in enumerate(requests)]
         # Longest prompts first: they set the cache size, and later (shorter) ones fit in it.
         rows.sort(key=lambda r: (-max(len(t) for t in r.tokens), r.index))
-        slots = SlotLoop(self, plan, rows, self._batch_size(batch_size), self._weights(weights), seed, continuous)
+        stop = tuple(stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        slots = SlotLoop(self, plan, rows, self._batch_size(batch_size), self._weights(weights), seed, continuous,
+                         self._stop_check(stop) if stop else None)
         for finished, tokens in slots.run():
             yield Update([self._result(plan, requests[row.index], row, out) for row, out in finished], tokens)
 
@@ -279,16 +287,39 @@ class Engine:
             raise ValueError(f"{len(w)} weights for {len(self.spec.fine_tuned)} fine-tuned model(s)")
         return self.place.replicated(np.asarray(w if w else (0.0,), np.float32))
 
+    def _stop_check(self, stop: tuple[str, ...]) -> Any:
+        """For ``SlotLoop``: the first prefix of a row's tokens, beyond those already checked, whose decoded
+        text contains a stop string: (its length, the string that appears first in it), or None."""
+
+        def text(tokens: np.ndarray) -> str:
+            return self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+
+        def check(tokens: np.ndarray, checked: int) -> tuple[int, str] | None:
+            if not any(s in text(tokens) for s in stop):
+                return None
+            for n in range(checked + 1, len(tokens) + 1):
+                prefix = text(tokens[:n])
+                hits = sorted((prefix.find(s), s) for s in stop if s in prefix)
+                if hits:
+                    return n, hits[0][1]
+            return None  # the string spans tokens checked earlier only in a decoding that merges them
+
+        return check
+
     def _result(self, plan: decode.Plan, request: Rendered, row: Row, out: RowOutput) -> GenerationResult:
-        """A finished row's ``GenerationResult`` (text decoded without the stop token)."""
+        """A finished row's ``GenerationResult`` (text decoded without the stop token or stop string)."""
         toks = out.tokens.tolist()
-        stopped = bool(toks) and toks[-1] in plan.stop_ids
+        stopped = bool(toks) and toks[-1] in plan.stop_ids and out.stop_string is None
+        text = self.tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True)
+        if out.stop_string is not None:
+            text = text[: text.find(out.stop_string)]
         lps = out.logprobs.astype(float).tolist()
         spec = out.speculative
         return GenerationResult(
-            index=row.index, prompt=request.prompt, tokens=toks,
-            text=self.tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True),
-            finish_reason="stop" if stopped else "length", logprob=float(sum(lps)), token_logprobs=lps,
+            index=row.index, prompt=request.prompt, tokens=toks, text=text,
+            finish_reason="stop" if stopped or out.stop_string is not None else "length",
+            stop_reason=out.stop_string if out.stop_string is not None else (toks[-1] if stopped else None),
+            logprob=float(sum(lps)), token_logprobs=lps,
             component_logprobs=None if out.components is None else {
                 label: out.components[m].astype(float).tolist() for m, label in enumerate(self.labels)},
             distributions=out.distributions,

@@ -11,7 +11,8 @@ import numpy as np
 
 @dataclasses.dataclass
 class GenerationResult:
-    """One sample. ``tokens`` include the stop token when ``finish_reason == "stop"``; ``text`` does not.
+    """One sample. ``tokens`` include the stop token when ``finish_reason == "stop"``; ``text`` does not (nor
+    a stop string: ``tokens`` then end with the token that completed it).
 
     ``logprob`` is the sum of ``token_logprobs``: each sampled token's log-prob under the EFT
     distribution (temperature 1, before top-k/top-p/min-p, after the conservative base nucleus).
@@ -25,6 +26,7 @@ class GenerationResult:
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: Literal["stop", "length", "error"] = "length"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's name)
     logprob: float = 0.0
     token_logprobs: list[float] = dataclasses.field(default_factory=list)
     component_logprobs: dict[str, list[float]] | None = None
