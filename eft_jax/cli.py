@@ -1,4 +1,4 @@
-"""The ``eft-jax`` command: ``generate``, ``score``, ``config``, ``convert``, ``train`` and ``toy``.
+"""The ``eft-jax`` command: ``generate``, ``score``, ``merge``, ``config``, ``convert``, ``train`` and ``toy``.
 
 Exit status: 0 done; 1 a job stopped on an error after it started, or wrote nothing because every
 input line failed; 2 it could not start (bad config, input, model files, devices...: the message says
@@ -63,26 +63,42 @@ def _finish(summary) -> int:
     return summary.exit_status
 
 
+def _shard(args: argparse.Namespace):
+    from eft_jax.jobs import Shard
+
+    return Shard.parse(args.shard) if args.shard is not None else None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from eft_jax.jobs import run_generate
 
+    shard = _shard(args)
     config = _load(args)
     prompts = _input(args.prompts, EXAMPLE_PROMPTS, "--prompts")
     out = Path(args.out) if args.out else Path("outputs") / f"generate-{config.fingerprint('generate')[:8]}.jsonl"
     return _finish(run_generate(config, prompts, out, overwrite=args.overwrite,
                                 ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress,
-                                interrupts=args.interrupts))
+                                interrupts=args.interrupts, shard=shard))
 
 
 def _score(args: argparse.Namespace) -> int:
     from eft_jax.jobs import run_score
 
+    shard = _shard(args)
     config = _load(args)
     pairs = _input(args.pairs, EXAMPLE_PAIRS, "--pairs")
     out = Path(args.out) if args.out else Path("outputs") / f"score-{config.fingerprint('score')[:8]}.jsonl"
     return _finish(run_score(config, pairs, out, rewards=args.rewards, overwrite=args.overwrite,
                              ignore_fingerprint=args.ignore_fingerprint, progress=not args.no_progress,
-                             interrupts=args.interrupts))
+                             interrupts=args.interrupts, shard=shard))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from eft_jax.jobs.merge import run_merge
+
+    summary = run_merge(Path(args.prompts), Path(args.out), [Path(p) for p in args.shard_outputs])
+    print(summary.render(), flush=True)
+    return 0
 
 
 def _show_config(args: argparse.Namespace) -> int:
@@ -138,6 +154,10 @@ def _job_arguments(p: argparse.ArgumentParser, input_flag: str, input_help: str)
     p.add_argument("--ignore-fingerprint", action="store_true",
                    help="append to an output made with a different config")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="run only the i-th of N slices of the input (0 <= i < N; a line's slice is a hash of its "
+                   "id) into OUT.shard-i-of-N.jsonl; combine the N outputs with `eft-jax merge` "
+                   "(docs/scale-out.md)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. job.batch_size=16")
 
 
@@ -165,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewards", action="store_true",
                    help="also write per-token EFT log-probs and per-token implicit rewards (log p_ft - log p_ref)")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("merge", help="combine the outputs of `generate/score --shard i/N` into the file one "
+                       "unsharded job writes (input order, errors files too)")
+    p.add_argument("--prompts", "--pairs", dest="prompts", required=True,
+                   help="the input JSONL the shards ran on")
+    p.add_argument("--out", required=True, help="the merged output (its errors go to OUT.errors.jsonl); the "
+                   "shards' --out, without the .shard-i-of-N part")
+    p.add_argument("shard_outputs", nargs="*", metavar="SHARD_OUTPUT",
+                   help="shard output files (default: every OUT.shard-i-of-N.jsonl beside OUT)")
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("config", help="validate a config and print it resolved, with its fingerprints and "
                        "memory plan")

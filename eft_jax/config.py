@@ -4,7 +4,7 @@ A config is a YAML file with five sections (see ``configs/`` and the README's co
 
     models:   {name: {path, prompt_format, dtype, sharding}}   any number of named model entries
     eft:      {base, ref, fine_tuned, weights, base_top_p}     roles, by model name
-    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, end_tokens}
+    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, stop, end_tokens}
     mesh:     {data, model, distributed, device_memory_gb}
     job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt, compile_cache}
     speculative: {k, drafter}                                 optional: speculative EFT (k = 0: off)
@@ -112,6 +112,7 @@ sampling:
   top_p: 0.9
   min_p: 0.0
   stop_token_ids: []
+  stop: []  # stop strings, e.g. ["Question"]: a sample ends with the token that completes one
   end_tokens: all  # every model's end-of-text and end-of-turn tokens stop a sample (or: declared)
 mesh:
   data: 1
@@ -175,9 +176,9 @@ class EFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling filters (see ``eft_jax.sampling``) and what ends a sample: ``stop_token_ids`` always, and
-    ``end_tokens``: "all" (every model's end-of-text and end-of-turn tokens) or "declared" (only what each
-    model's tokenizer and checkpoint declare as EOS); see ``Engine.run``."""
+    """Sampling filters (see ``eft_jax.sampling``) and what ends a sample: ``stop_token_ids`` and ``stop``
+    strings always, and ``end_tokens``: "all" (every model's end-of-text and end-of-turn tokens) or
+    "declared" (only what each model's tokenizer and checkpoint declare as EOS); see ``Engine.run``."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -185,6 +186,7 @@ class SamplingConfig:
     min_p: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
     end_tokens: str = "all"
+    stop: tuple[str, ...] = ()  # stop strings: a sample ends with the token that completes one
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
@@ -278,7 +280,8 @@ class Config:
             "models": {k: dataclasses.asdict(v) for k, v in self.models.items()},
             "eft": {**dataclasses.asdict(self.eft), "fine_tuned": list(self.eft.fine_tuned),
                     "weights": list(self.eft.weights)},
-            "sampling": {**dataclasses.asdict(self.sampling), "stop_token_ids": list(self.sampling.stop_token_ids)},
+            "sampling": {**dataclasses.asdict(self.sampling), "stop_token_ids": list(self.sampling.stop_token_ids),
+                         "stop": list(self.sampling.stop)},
             "mesh": dataclasses.asdict(self.mesh),
             "job": dataclasses.asdict(self.job),
             "speculative": dataclasses.asdict(self.speculative),
@@ -304,6 +307,10 @@ class Config:
         if command == "generate":
             payload["sampling"] = {**dataclasses.asdict(self.sampling),
                                    "stop_token_ids": sorted(set(self.sampling.stop_token_ids))}
+            # Only when set, so that outputs written before stop strings existed keep their fingerprint.
+            payload["sampling"].pop("stop")
+            if self.sampling.stop:
+                payload["sampling"]["stop"] = sorted(set(self.sampling.stop))
             payload["seed"] = self.job.seed
             payload["max_new_tokens"] = self.job.max_new_tokens
             if self.speculative.k:  # same distribution, but other random draws: other samples
@@ -597,7 +604,8 @@ def _parse_eft(ctx: _Ctx, raw: Any, models: Mapping[str, ModelEntry]) -> EFTConf
 
 
 def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
-    raw = ctx.section(raw, "sampling", ("temperature", "top_k", "top_p", "min_p", "stop_token_ids", "end_tokens"))
+    raw = ctx.section(raw, "sampling", ("temperature", "top_k", "top_p", "min_p", "stop_token_ids", "end_tokens",
+                                        "stop"))
     g = lambda name, conv, default: ctx.get(raw, "sampling", name, conv, default)  # noqa: E731
 
     def stops(v: Any) -> tuple[int, ...]:
@@ -607,6 +615,15 @@ def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
             raise _Bad("must be a list of token ids (integers >= 0)")
         return tuple(v)
 
+    def strings(v: Any) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or any(not isinstance(x, str) or not x for x in v):
+            raise _Bad("must be a list of non-empty strings")
+        return tuple(v)
+
     return SamplingConfig(
         temperature=g("temperature", _float(lambda x: x >= 0, "a number >= 0 (0 = greedy)"), 1.0),
         top_k=g("top_k", _int(0, what="an integer >= 0 (0 = off)"), 0),
@@ -614,6 +631,7 @@ def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
         min_p=g("min_p", _float(lambda x: 0 <= x < 1, "a number in [0, 1) (0 = off)"), 0.0),
         stop_token_ids=g("stop_token_ids", stops, ()),
         end_tokens=g("end_tokens", _choice(END_TOKEN_POLICIES), "all"),
+        stop=g("stop", strings, ()),
     )
 
 

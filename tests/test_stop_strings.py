@@ -52,3 +52,32 @@ def test_a_sample_ends_where_its_stop_string_completes(spec, k, family_logit_tol
 def test_an_empty_stop_string_is_refused(spec):
     with pytest.raises(ValueError, match="non-empty strings"):
         Engine(spec).generate(PROMPTS[:1], stop=["ok", ""], max_new_tokens=2)
+
+
+def test_a_job_with_stop_strings_cuts_its_responses(family, tmp_path):
+    """`sampling.stop` in a job: each response that held a stop string ends before it, the record names it,
+    and the other responses are unchanged."""
+    import json
+
+    from eft_jax import cli
+    from job_helpers import read_jsonl, trio_config
+
+    config = trio_config(family, tmp_path / "c.yaml", max_new_tokens=16)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+
+    def job(out, *overrides):
+        assert cli.main(["generate", "--config", str(config), "--prompts", str(prompts), "--out", str(out),
+                         "--no-progress", *overrides]) == 0
+        return {r["id"]: r for r in read_jsonl(out)}
+
+    free = job(tmp_path / "free.jsonl")
+    stop = next(r["response"][5:7] for r in free.values() if len(r["response"]) > 8)
+    cut = job(tmp_path / "cut.jsonl", f"sampling.stop={json.dumps([stop])}")
+    assert any(stop in r["response"] for r in free.values())
+    for i, r in free.items():
+        if stop in r["response"]:
+            assert cut[i]["response"] == r["response"][: r["response"].find(stop)]
+            assert (cut[i]["finish_reason"], cut[i]["stop"]) == ("stop", stop) and cut[i]["tokens"] <= r["tokens"]
+        else:
+            assert cut[i]["response"] == r["response"] and "stop" not in cut[i]

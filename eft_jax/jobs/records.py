@@ -9,13 +9,20 @@ resume, a partial last line (from a write cut short) is cut off, and the (id, sa
 present are skipped. When a job finishes, the file is rewritten in input order (a temporary file,
 fsynced, then renamed over it), so an interruption during the rewrite leaves the old file whole.
 With ``--overwrite`` the old output stays until the new job writes its first batch.
+
+Shards (``--shard i/N``): a line belongs to shard ``shard_of(id, N)`` (sha256 of the id's JSON form, mod
+N), so its shard never changes when the input grows; a line with no usable id is reported by shard 0.
+Shard ``i/N`` of ``out.jsonl`` writes ``out.shard-i-of-N.jsonl`` (and ``out.shard-i-of-N.errors.jsonl``),
+each line ending with ``"shard": "i/N"``; ``eft-jax merge`` (``jobs.merge``) strips it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -66,6 +73,58 @@ class Request:
 def id_key(value: Any) -> str:
     """A hashable key for a JSON id (1 and "1" are different ids)."""
     return json.dumps(value, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the input lines whose id hashes to ``index`` (see :func:`shard_of`)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/N"`` with 0 <= i < N; JobError otherwise."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not m:
+            raise JobError(f"--shard {text}: expected i/N, e.g. --shard 0/4 for the first of 4 shards")
+        index, count = int(m.group(1)), int(m.group(2))
+        if count < 1:
+            raise JobError(f"--shard {text}: the number of shards N must be at least 1")
+        if index >= count:
+            raise JobError(f"--shard {text}: the shard index i must be in 0..{count - 1} (0 <= i < N)")
+        return cls(index, count)
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, ident: Any) -> bool:
+        """Whether a line with this id (None: no usable id, reported by shard 0) belongs to this shard."""
+        return (0 if ident is None else shard_of(ident, self.count)) == self.index
+
+    def path(self, out: Path) -> Path:
+        """``out.jsonl`` -> ``out.shard-i-of-N.jsonl``."""
+        name = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+        return out.with_name(f"{name}.shard-{self.index}-of-{self.count}.jsonl")
+
+
+def shard_of(ident: Any, count: int) -> int:
+    """The shard (0..count-1) of an input line's id: sha256 of the id's JSON form (``id_key``), mod count.
+
+    Depends on the id alone, so a line keeps its shard when lines are added to or removed from the input
+    (1 and "1" are different ids and may fall in different shards)."""
+    digest = hashlib.sha256(id_key(ident).encode("utf-8", "backslashreplace")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def select_shard(requests: list[Request], issues: list[Issue], shard: Shard | None
+                 ) -> tuple[list[Request], list[Issue], int]:
+    """The requests and issues of one shard (all of them for None), and how many input lines that is."""
+    if shard is not None:
+        requests = [r for r in requests if shard.owns(r.id)]
+        issues = [i for i in issues if shard.owns(i.id)]
+    return requests, issues, len(requests) + len({i.line for i in issues})
 
 
 def errors_path(out: Path) -> Path:
@@ -195,14 +254,17 @@ class OutputFile:
     overwrite: start over - nothing is read, and the old file is replaced only by the first batch
     written (so a job that cannot start leaves it as it was). ignore_fingerprint: append even if earlier
     lines were made by a config with another fingerprint. writer: False on processes that only compute
-    (multi-host), which neither check nor touch the file.
+    (multi-host), which neither check nor touch the file. shard: ``"i/N"`` for a shard's output: every
+    line gets a last field ``"shard": "i/N"``, and an output of another shard (or an unsharded one) is
+    refused, as is a shard's output for an unsharded job.
     """
 
     def __init__(self, path: Path, fingerprint: str, *, overwrite: bool = False, ignore_fingerprint: bool = False,
-                 writer: bool = True, log: Any = sys.stderr):
+                 writer: bool = True, log: Any = sys.stderr, shard: str | None = None):
         self.path = path
         self.fingerprint = fingerprint
         self.writer = writer
+        self.shard = shard
         self.done: dict[tuple[str, int], Any] = {}  # (id key, sample) -> the prompt recorded for it
         self.lines = 0
         if path.is_dir():
@@ -222,6 +284,7 @@ class OutputFile:
             print(f"eft-jax: {self.path}: dropped a partial last line ({len(data) - end} bytes) left by an "
                   "interrupted run; it will be regenerated", file=log)
         others: dict[str, int] = {}
+        shards: dict[str | None, int] = {}
         for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
             try:
                 rec = json.loads(raw)
@@ -236,6 +299,18 @@ class OutputFile:
             self.lines += 1
             if fp != self.fingerprint:
                 others[fp] = others.get(fp, 0) + 1
+            shard = rec.get("shard")
+            if shard != self.shard:
+                shards[shard] = shards.get(shard, 0) + 1
+        if shards:
+            found = ", ".join(f"{'no shard (an unsharded job)' if s is None else 'shard ' + str(s)} "
+                              f"({n} line{'s' * (n != 1)})" for s, n in shards.items())
+            this = f"shard {self.shard}" if self.shard is not None else "an unsharded job (no --shard)"
+            raise JobError(
+                f"{self.path} holds output of {found}; this is {this}. A shard resumes only its own output "
+                "(same i and N); combine shard outputs with `eft-jax merge`. Choose another --out, or pass "
+                "--overwrite to start over."
+            )
         if others and not ignore_fingerprint:
             found = ", ".join(f"{fp} ({n} line{'s' * (n != 1)})" for fp, n in others.items())
             raise JobError(
@@ -250,6 +325,8 @@ class OutputFile:
         """Append whole lines in one write, then flush to disk (fsync)."""
         if not self.writer:
             return
+        if self.shard is not None:
+            records = ({**r, "shard": self.shard} for r in records)
         payload = b"".join(_line(r) for r in records)
         if not payload:
             return
@@ -331,23 +408,29 @@ def _append_durably(path: Path, payload: bytes) -> None:
 
 
 class ErrorsFile:
-    """``OUT.errors.jsonl``: the issues found by this run (rewritten at the start of each run)."""
+    """``OUT.errors.jsonl``: the issues found by this run (rewritten at the start of each run), in input-line
+    order (the issues of one line in the order they were found). shard: ``"i/N"`` added to each line."""
 
-    def __init__(self, path: Path, *, writer: bool = True):
+    def __init__(self, path: Path, *, writer: bool = True, shard: str | None = None):
         self.path = path
         self.writer = writer
+        self.shard = shard
         self.count = 0
 
+    def _payload(self, issues: list[Issue]) -> bytes:
+        extra = {"shard": self.shard} if self.shard is not None else {}
+        return b"".join(_line({**i.to_json(), **extra}) for i in issues)
+
     def start(self, issues: Iterable[Issue]) -> None:
-        issues = list(issues)
+        issues = sorted(issues, key=lambda i: i.line if i.line is not None else 0)  # stable: a line's own order
         self.count = len(issues)
         if not self.writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.path, b"".join(_line(i.to_json()) for i in issues))
+        _write_atomically(self.path, self._payload(issues))
 
     def add(self, issues: Iterable[Issue]) -> None:
         issues = list(issues)
         self.count += len(issues)
         if self.writer and issues:
-            _append_durably(self.path, b"".join(_line(i.to_json()) for i in issues))
+            _append_durably(self.path, self._payload(issues))

@@ -15,6 +15,10 @@ Randomness: a sample's stream is ``requests.stream_id(["id", id], k)`` for sampl
 ``stream_id(["seed", seed], k)`` when the line gives its own ``seed``, combined with ``job.seed``. So a
 sample depends on neither the batch nor the order of the input nor on what was done before a resume;
 with a per-line seed it does not depend on the id either (same prompt + same seed = same sample).
+
+Shards (``shard=Shard(i, N)``, ``--shard i/N``): the job runs only the input lines of shard i (by a hash of
+the id, ``records.shard_of``) into ``out.shard-i-of-N.jsonl``, otherwise exactly as an unsharded job
+(resume, fingerprint, errors file, input order); ``eft-jax merge`` (``jobs.merge``) combines the shards.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from eft_jax.jobs.interrupt import Interrupts
 from eft_jax.jobs.preflight import check_memory, check_tokenizers, make_job_mesh
 from eft_jax.jobs.progress import Progress, format_duration
 from eft_jax.jobs.records import (
-    STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, errors_path, read_requests,
+    STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, Shard, errors_path, read_requests, select_shard,
 )
 from eft_jax.prompts import PromptError
 
@@ -61,6 +65,7 @@ class Summary:
     accepted: int = 0
     rejected: int = 0
     rounds: int = 0
+    shard: str | None = None  # "i/N" for a sharded job
 
     @property
     def exit_status(self) -> int:
@@ -76,8 +81,9 @@ class Summary:
         state = "interrupted" if self.interrupted else "stopped" if self.stopped is not None else "done"
         rate = self.tokens / self.run_s if self.run_s > 0 else 0.0
         verb = "generated" if self.command == "generate" else "scored"
+        of_shard = f" (shard {self.shard})" if self.shard is not None else ""
         lines = [
-            f"eft-jax {self.command}: {state}: {self.written} {unit} written to {self.out}",
+            f"eft-jax {self.command}{of_shard}: {state}: {self.written} {unit} written to {self.out}",
             f"  prompts:     {self.lines} input lines: {self.prompts_run} run, {self.already_done} already done, "
             f"{self.skipped} skipped, {self.truncated} truncated"
             + (f" (see {self.errors})" if self.skipped or self.truncated or self.warnings else ""),
@@ -201,27 +207,31 @@ class _Job:
     mesh: Any
     interrupts: Interrupts
     start: float
+    shard: Shard | None = None
 
 
 def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite: bool, ignore_fingerprint: bool,
-             interrupts: Interrupts, log: TextIO) -> _Job:
+             interrupts: Interrupts, log: TextIO, shard: Shard | None = None) -> _Job:
     """Checks that need no models: model files, the input, the output (writable, resumable), the mesh, and
     the memory plan (from config.json / GGUF headers: refuses a job that does not fit before any loading)."""
     start = time.perf_counter()
     interrupts.check()
     fingerprint = config.fingerprint(command)
-    summary = Summary(command, out, errors_path(out), fingerprint)
+    if shard is not None:
+        out = shard.path(out)
+    summary = Summary(command, out, errors_path(out), fingerprint, shard=shard.label if shard else None)
     missing = missing_model_files(config)
     if missing:
         raise JobError(f"{config.source}: model file(s) not found:\n  " + "\n  ".join(missing))
     output = OutputFile(out, fingerprint, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
-                        writer=_is_writer(), log=log)
-    requests, issues, summary.lines = read_requests(inputs, score=command == "score")
+                        writer=_is_writer(), log=log, shard=summary.shard)
+    requests, issues, _ = read_requests(inputs, score=command == "score")
+    requests, issues, summary.lines = select_shard(requests, issues, shard)
     mesh = make_job_mesh(config.mesh)
     if requests:
         check_memory(config, command, requests, mesh)
     interrupts.check()
-    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start)
+    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start, shard)
 
 
 def _load(job: _Job, first: Request, log: TextIO) -> JobEngine:
@@ -277,16 +287,17 @@ def _changed(output: OutputFile, req: Request, sample: int) -> Issue | None:
 
 def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = False,
                  ignore_fingerprint: bool = False, progress: bool = True, log: TextIO | None = None,
-                 interrupts: Interrupts | None = None) -> Summary:
+                 interrupts: Interrupts | None = None, shard: Shard | None = None) -> Summary:
     """Generate ``n`` samples per input prompt into ``out`` (resumable); see the module docstring.
 
     ``prompts`` may be ``Path("-")`` (standard input). Raises JobError if the job cannot start.
     interrupts: the caller's SIGINT recorder, if it installed one earlier (the CLI does, at start-up).
+    shard: run only that shard's lines, into ``shard.path(out)``.
     """
     log = log or sys.stderr  # looked up now: a caller (a notebook, a test) may have redirected it
     with interrupts or Interrupts() as interrupts:
         job = _prepare(config, "generate", prompts, out, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
-                       interrupts=interrupts, log=log)
+                       interrupts=interrupts, log=log, shard=shard)
         return _generate(job, overwrite=overwrite, progress=progress, log=log)
 
 
@@ -333,6 +344,7 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
         # samples are written after every decode chunk, and progress is reported after every chunk.
         for update in engine.run(requests, config.sampling.params(), batch_size=config.job.batch_size,
                                  seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
+                                 stop=config.sampling.stop,
                                  end_tokens=config.sampling.end_tokens):
             records = [_sample_record(*origin[r.index], requests[r.index], r, summary) for r in update.finished]
             output.append(records)
@@ -356,6 +368,8 @@ def _sample_record(req: Request, sample: int, rendered: Any, result: Any, summar
         "tokens": len(result.tokens), "finish_reason": result.finish_reason, "logprob": result.logprob,
         "prompt_truncated": rendered.cut > 0, "fingerprint": summary.fingerprint,
     }
+    if isinstance(result.stop_reason, str):  # which stop string ended it (stop tokens: finish_reason alone)
+        record["stop"] = result.stop_reason
     spec = result.speculative
     if spec is not None:
         record["speculative"] = {"rounds": spec.rounds, "drafted": spec.drafted, "accepted": spec.accepted,
@@ -374,7 +388,7 @@ def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextI
     error stops the job with a message (batches already written are kept, and a re-run resumes).
     """
     summary = job.summary
-    errors = ErrorsFile(summary.errors, writer=_is_writer())
+    errors = ErrorsFile(summary.errors, writer=_is_writer(), shard=summary.shard)
     errors.start(job.issues)
     summary.setup_s = time.perf_counter() - job.start
     bar = Progress(total, unit=unit, stream=log, enabled=progress and _is_writer())
@@ -416,10 +430,12 @@ def _prompt_issue(req: Request, error: Exception) -> Issue:
 def _nothing_to_do(job: _Job, log: TextIO) -> Summary:
     """No line left to run: say why (no lines, none valid, all done), write the errors file, sort the output."""
     summary = job.summary
-    ErrorsFile(summary.errors, writer=_is_writer()).start(job.issues)
+    ErrorsFile(summary.errors, writer=_is_writer(), shard=summary.shard).start(job.issues)
     summary.skipped = sum(1 for i in job.issues if i.action == "skipped")
     if summary.lines == 0:
-        why = f"{'standard input' if job.inputs == STDIN else job.inputs} has no input lines"
+        source = "standard input" if job.inputs == STDIN else str(job.inputs)
+        why = (f"{source} has no input lines" if job.shard is None else
+               f"{source} has no input lines in shard {summary.shard}")
     elif not job.requests:
         why = f"none of the {summary.lines} input lines is valid (see {summary.errors})"
     else:
@@ -433,12 +449,12 @@ def _nothing_to_do(job: _Job, log: TextIO) -> Summary:
 
 def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, overwrite: bool = False,
               ignore_fingerprint: bool = False, progress: bool = True, log: TextIO | None = None,
-              interrupts: Interrupts | None = None) -> Summary:
+              interrupts: Interrupts | None = None, shard: Shard | None = None) -> Summary:
     """EFT log-likelihood of each (prompt, response) pair into ``out`` (resumable).
 
     Each output line has the summed EFT log-prob and, for an EFT config, the summed implicit reward
     ``log p_ft - log p_ref`` per fine-tune; with ``rewards`` also per-token log-probs and rewards.
-    ``pairs`` may be ``Path("-")``; ``interrupts`` as for :func:`run_generate`.
+    ``pairs`` may be ``Path("-")``; ``interrupts`` and ``shard`` as for :func:`run_generate`.
     """
     if rewards and config.eft.ref is None:
         raise JobError(f"{config.source}: --rewards needs an EFT config (eft.ref and eft.fine_tuned); "
@@ -446,7 +462,7 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
     log = log or sys.stderr
     with interrupts or Interrupts() as interrupts:
         job = _prepare(config, "score", pairs, out, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
-                       interrupts=interrupts, log=log)
+                       interrupts=interrupts, log=log, shard=shard)
         return _score(job, rewards=rewards, overwrite=overwrite, progress=progress, log=log)
 
 
