@@ -154,7 +154,7 @@ def read_model_spec(entry: ModelEntry) -> ModelSpec:
     try:
         from eft_jax.loading.safetensors_source import SafetensorsSource
 
-        dtype = own_dtype(SafetensorsSource(hf_dir.safetensors_files(path))).name
+        dtype = own_dtype(SafetensorsSource(hf_dir.safetensors_files(path)), cfg).name
     except CheckpointError:  # no weight files: loading will say so; plan from config.json
         dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     return ModelSpec(cfg, dtype)

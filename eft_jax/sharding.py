@@ -18,7 +18,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA, MODEL = "data", "model"
 
-LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "cache_seq", "seq")
+LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "cache_seq", "seq",
+                "positions")  # positions: the rows of a learned position table (GPT-2), replicated by every preset
 
 
 @dataclasses.dataclass(frozen=True)

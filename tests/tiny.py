@@ -62,6 +62,20 @@ VARIANTS = {
     "qwen3_window": dict(arch="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True),
     "olmo2": dict(arch="olmo2", num_attention_heads=4, num_key_value_heads=2),
+    # GPT-NeoX / Pythia: LayerNorms with biases, fused per-head q/k/v, partial rotary, non-gated exact-GELU MLP;
+    # parallel residual (the default) and sequential, without attention biases and with half the head rotated.
+    # (initializer_range 0.25: pre-activations large enough that exact and tanh GELU differ beyond rounding.)
+    "gpt_neox": dict(arch="gpt_neox", num_attention_heads=4, rotary_pct=0.25, initializer_range=0.25),
+    "gpt_neox_sequential": dict(arch="gpt_neox", num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=False,
+                                attention_bias=False, tie_word_embeddings=True),
+    # GPT-2: learned positions, Conv1D [in, out] weights, tanh GELU, tied head.
+    "gpt2": dict(arch="gpt2", num_attention_heads=4, initializer_range=0.25),
+    # Falcon 7B style (multi-query, one shared input norm, parallel attention) and 40B style (grouped kv,
+    # ln_attn / ln_mlp, here with biases), and the sequential form (per-head fused q/k/v, untied head).
+    "falcon": dict(arch="falcon", num_attention_heads=4),
+    "falcon_new": dict(arch="falcon", num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2, bias=True),
+    "falcon_sequential": dict(arch="falcon", num_attention_heads=4, multi_query=False, parallel_attn=False,
+                              activation="gelu_pytorch_tanh", tie_word_embeddings=False, initializer_range=0.25),
     # Gemma: head_dim and query_pre_attn_scalar set apart from hidden / heads, so each is checked.
     "gemma2": dict(arch="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
                    sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
@@ -78,7 +92,9 @@ def hf_config(variant: str = "gqa", *, hidden_size: int = 64, layers: int = 2, v
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
            "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config,
            "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
-           "olmo2": transformers.Olmo2Config, "phi3": transformers.Phi3Config}[arch]
+           "olmo2": transformers.Olmo2Config, "gpt_neox": transformers.GPTNeoXConfig,
+           "gpt2": transformers.GPT2Config, "falcon": transformers.FalconConfig,
+           "phi3": transformers.Phi3Config}[arch]
     kwargs = dict(
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 16,
         num_hidden_layers=layers, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -86,6 +102,13 @@ def hf_config(variant: str = "gqa", *, hidden_size: int = 64, layers: int = 2, v
     )
     kwargs.update(spec)
     kwargs.update(overrides)
+    # The families that spell the shared fields their own way.
+    renames = {"gpt_neox": {"rms_norm_eps": "layer_norm_eps"},
+               "gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                        "max_position_embeddings": "n_positions", "intermediate_size": "n_inner",
+                        "rms_norm_eps": "layer_norm_epsilon"},
+               "falcon": {"intermediate_size": "ffn_hidden_size", "rms_norm_eps": "layer_norm_epsilon"}}.get(arch, {})
+    kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
     rope = kwargs.get("rope_parameters")
     if rope and rope.get("rope_type") == "longrope":  # one factor per rotated pair, at any hidden size
         half = int(kwargs["hidden_size"] // kwargs["num_attention_heads"] * rope["partial_rotary_factor"]) // 2

@@ -1,15 +1,28 @@
-"""Read a Llama-family GGUF file (llama.cpp's format) as if it were a Hugging Face checkpoint.
+"""Read a GGUF file (llama.cpp's format) of a supported family as if it were a Hugging Face checkpoint.
 
 ``open_gguf`` parses the header only; tensors are memory-mapped by ``gguf.GGUFReader`` and dequantized
 one at a time when ``read`` asks for them. Everything is presented in Hugging Face terms: parameter names
 (``model.layers.3.self_attn.q_proj.weight``), ``[out, in]`` orientation, a ``config.json``-style dict
 (transformers-v4 keys) and a ``transformers`` tokenizer.
 
-Two things llama.cpp's converter changes on the way in are undone here:
+llama.cpp architectures read here (one ``_Architecture`` entry each, in ``ARCHITECTURES``): ``llama``
+(Llama, Mistral), ``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` (text). What llama.cpp's converter
+changes on the way in is undone here, and what its loader assumes without writing it down is restored:
 
 * For ``llama``-architecture files it reorders the rows of q_proj/k_proj (weights and biases) from HF's
   rotate-half rope layout to interleaved pairs, head by head. ``undo_llama_cpp_qk_permutation`` inverts
-  that exactly. ``qwen2`` files use the rotate-half (NEOX) rope in llama.cpp and are stored unpermuted.
+  that exactly. The other architectures use the rotate-half (NEOX) rope in llama.cpp and are stored
+  unpermuted.
+* Gemma's RMSNorm scales by ``1 + w``; the converter stores ``w + 1`` (llama.cpp multiplies by the stored
+  weight) for every tensor whose name ends in ``norm.weight``, q/k norms and the final norm included.
+  We subtract the 1 again, in float32 as transformers' GGUF loader does.
+* Gemma's sliding-window layer pattern and attention scale are not in the metadata of most files:
+  llama.cpp assumes every 2nd (Gemma 2) / 6th (Gemma 3) layer global unless
+  ``{arch}.attention.sliding_window_pattern`` says otherwise, a score scale of ``head_dim ** -0.5``
+  except for the 27B models (``(hidden / heads) ** -0.5``), Gemma 2 soft-caps of 50 / 30 when the keys
+  are missing, and a rope base of 10000 for Gemma 3's sliding layers unless ``rope.freq_base_swa`` is
+  set. We write those assumptions into the config explicitly (``layer_types``, ``query_pre_attn_scalar``,
+  ...), so the model means what llama.cpp runs.
 * For Llama 3.x rope scaling it writes no metadata but a ``rope_freqs.weight`` tensor of per-frequency
   divisors; we recover the HF ``rope_scaling = {"rope_type": "llama3", ...}`` dict from it.
 
@@ -21,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,22 +44,21 @@ import numpy as np
 from gguf.quants import dequantize
 
 from eft_jax.loading.source import CheckpointError, TensorSource
+from eft_jax.models.config import FULL, SLIDING
 
 if TYPE_CHECKING:
     import transformers
 
 __all__ = ["GGUFCheckpoint", "GGUFTensorSource", "open_gguf", "undo_llama_cpp_qk_permutation"]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-
-# GGUF tensor name -> HF name, for the tensors outside the decoder blocks.
+# GGUF tensor name -> HF name, for the tensors outside the decoder blocks (every architecture here).
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-# ``blk.{i}.<suffix>`` -> ``model.layers.{i}.<HF suffix>``.
-_BLOCK_TENSORS = {
+# ``blk.{i}.<suffix>`` -> ``model.layers.{i}.<HF suffix>``, per block layout. Llama's (also Qwen2's):
+_LLAMA_BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias",
@@ -60,10 +73,21 @@ _BLOCK_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_REQUIRED_BLOCK_TENSORS = (
+_LLAMA_REQUIRED = (
     "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
 )
+_QK_NORMS = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}
+# Gemma's sandwich norms. llama.cpp's ``ffn_norm`` is the MLP's input norm in both layouts, which Gemma's
+# transformers classes call pre_feedforward_layernorm (Llama's post_attention_layernorm); Gemma's
+# post_attention_layernorm normalises the attention output (llama.cpp's post_attention_norm).
+_GEMMA_BLOCK = {
+    **{k: v for k, v in _LLAMA_BLOCK.items() if not k.endswith(".bias")},
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_GEMMA_REQUIRED = (*_LLAMA_REQUIRED, "post_attention_norm.weight", "post_ffw_norm.weight")
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 # Llama 3.x rope scaling lives in this tensor, not in metadata; it is consumed into hf_config.
 _ROPE_FREQS = "rope_freqs.weight"
@@ -73,6 +97,9 @@ _ROPE_FREQS = "rope_freqs.weight"
 _LLAMA3_DEFAULT_LOW_FREQ_FACTOR = 1.0
 _LLAMA3_DEFAULT_HIGH_FREQ_FACTOR = 4.0
 _LLAMA3_DEFAULT_ORIGINAL_CONTEXT = 8192
+# The rope base of Gemma 3's sliding layers when the file has no rope.freq_base_swa (llama.cpp's and
+# transformers' default; every released Gemma 3 uses it).
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 def undo_llama_cpp_qk_permutation(array: np.ndarray, n_heads: int) -> np.ndarray:
@@ -95,6 +122,7 @@ class _TensorEntry:
     gguf_name: str
     hf_shape: tuple[int, ...]
     qk_heads: int | None  # heads to un-permute over (llama q/k), else None
+    norm_offset: float = 0.0  # subtracted from the stored values (Gemma norms: the converter added 1)
 
 
 class GGUFTensorSource:
@@ -139,10 +167,17 @@ class GGUFTensorSource:
                 f"{self._path}: tensor {entry.gguf_name} is stored as {tensor.tensor_type.name}, which the "
                 f"installed gguf package cannot dequantize ({e}); upgrade gguf or use another quantization"
             ) from None
-        # F32 comes back as a read-only view of the memory map; copy so callers own the result.
-        values = np.array(values, dtype=np.float32, copy=True).reshape(entry.hf_shape)
+        # F32 comes back as a read-only view of the (read-only) memory map: copy it so callers own the
+        # result. Dequantized blocks are already a fresh array; a second copy would double the peak memory
+        # of the largest tensor (Gemma 3's 262144-row embedding: 671 MB in float32).
+        values = np.asarray(values, dtype=np.float32)
+        if not values.flags.writeable:
+            values = values.copy()
+        values = values.reshape(entry.hf_shape)
         if entry.qk_heads is not None:
             values = undo_llama_cpp_qk_permutation(values, entry.qk_heads)
+        if entry.norm_offset:
+            values -= np.float32(entry.norm_offset)  # float32, as transformers' GGUF loader does it
         return values
 
     def _entry(self, name: str) -> _TensorEntry:
@@ -174,25 +209,26 @@ class GGUFCheckpoint:
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """Open a Llama-family (``llama`` / ``qwen2``) GGUF file. Reads the header only; no tensor is
+    """Open a GGUF file of one of ``SUPPORTED_ARCHITECTURES``. Reads the header only; no tensor is
     dequantized (the tiny F32 ``rope_freqs.weight`` of Llama 3.x files is read to build the config)."""
     path = Path(path).expanduser()
     reader = _open_reader(path)
     meta = _Metadata(path, reader)
 
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    spec = ARCHITECTURES.get(arch)
+    if spec is None:
         raise CheckpointError(
-            f"{path}: GGUF architecture {arch!r} is not supported; only Llama-family files "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)}) can be loaded"
+            f"{path}: GGUF architecture {arch!r} (general.architecture) is not supported; files of the "
+            f"llama.cpp architectures {', '.join(SUPPORTED_ARCHITECTURES)} can be loaded"
         )
     if meta.get(f"{arch}.expert_count", 0):
-        raise CheckpointError(f"{path}: mixture-of-experts GGUF files (expert_count > 0) are not supported")
+        raise CheckpointError(f"{path}: mixture-of-experts GGUF files ({arch}.expert_count > 0) are not supported")
 
     tensors = {t.name: t for t in reader.tensors}
-    _check_tensor_names(path, tensors, meta.require(f"{arch}.block_count"))
-    hf_config = _hf_config(path, meta, arch, tensors)
-    entries = _tensor_entries(path, arch, tensors, hf_config)
+    _check_tensor_names(path, arch, spec, tensors, meta.require(f"{arch}.block_count"))
+    hf_config = _hf_config(path, meta, arch, spec, tensors)
+    entries = _tensor_entries(spec, tensors, hf_config)
     return GGUFCheckpoint(path, hf_config, GGUFTensorSource(path, reader, entries), reader)
 
 
@@ -250,7 +286,7 @@ def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
-def _check_tensor_names(path: Path, tensors: dict[str, Any], n_layers: int) -> None:
+def _check_tensor_names(path: Path, arch: str, spec: _Architecture, tensors: dict[str, Any], n_layers: int) -> None:
     """Every tensor in the file must be one we map (or consume); every required one must be there."""
     unknown = []
     present: dict[int, set[str]] = {i: set() for i in range(n_layers)}
@@ -258,21 +294,22 @@ def _check_tensor_names(path: Path, tensors: dict[str, Any], n_layers: int) -> N
         if name in _GLOBAL_TENSORS or name == _ROPE_FREQS:
             continue
         m = _BLOCK_NAME.fullmatch(name)
-        if m and m.group(2) in _BLOCK_TENSORS and int(m.group(1)) < n_layers:
+        if m and m.group(2) in spec.block_tensors and int(m.group(1)) < n_layers:
             present[int(m.group(1))].add(m.group(2))
         else:
             unknown.append(name)
     if unknown:
         raise CheckpointError(
-            f"{path}: GGUF tensors {sorted(unknown)} have no Hugging Face Llama/Qwen2 counterpart; "
-            "this file is not a plain Llama-family model (or has more blocks than block_count says)"
+            f"{path}: GGUF tensors {sorted(unknown)} have no Hugging Face counterpart in a {arch} model "
+            f"({spec.hf_architecture}); the file is not a plain {arch} model (or has more blocks than "
+            f"{arch}.block_count = {n_layers} says)"
         )
     missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in tensors]
     for i, names in present.items():
-        missing += [f"blk.{i}.{s}" for s in _REQUIRED_BLOCK_TENSORS if s not in names]
+        missing += [f"blk.{i}.{s}" for s in spec.required if s not in names]
     if missing:
         shown = ", ".join(missing[:8]) + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise CheckpointError(f"{path}: GGUF file lacks required tensors: {shown}")
+        raise CheckpointError(f"{path}: this {arch} GGUF file lacks the required tensors {shown}")
 
 
 def _single_int(path: Path, key: str, value: Any) -> int:
@@ -284,8 +321,11 @@ def _single_int(path: Path, key: str, value: Any) -> int:
     return int(value)
 
 
-def _hf_config(path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any]) -> dict[str, Any]:
-    """The transformers-v4 style config.json dict the metadata describes."""
+def _hf_config(
+    path: Path, meta: _Metadata, arch: str, spec: _Architecture, tensors: dict[str, Any]
+) -> dict[str, Any]:
+    """The transformers-v4 style config.json dict the metadata describes: the keys every architecture
+    shares, then the architecture's own (``spec.config``)."""
     hidden = int(meta.require(f"{arch}.embedding_length"))
     n_layers = int(meta.require(f"{arch}.block_count"))
     n_heads = _single_int(path, "head_count", meta.require(f"{arch}.attention.head_count"))
@@ -318,18 +358,9 @@ def _hf_config(path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any]) 
             f"{path}: the tokenizer has {n_tokens} tokens but token_embd.weight only {vocab_size} rows"
         )
 
-    model_type, architectures = {
-        "llama": ("llama", ["LlamaForCausalLM"]),
-        "qwen2": ("qwen2", ["Qwen2ForCausalLM"]),
-    }[arch]
-    # llama.cpp converts Mistral models to the llama architecture; only their name tells them apart.
-    names = f"{meta.get('general.name', '')} {meta.get('general.basename', '')}".lower()
-    if arch == "llama" and "mistral" in names:
-        model_type, architectures = "mistral", ["MistralForCausalLM"]
-
     config: dict[str, Any] = {
-        "architectures": architectures,
-        "model_type": model_type,
+        "architectures": [spec.hf_architecture],
+        "model_type": spec.model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": ffn,
@@ -337,7 +368,6 @@ def _hf_config(path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any]) 
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "hidden_act": "silu",
         "rms_norm_eps": float(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
         "rope_scaling": _rope_scaling(path, meta, arch, tensors, rope_theta, head_dim),
@@ -348,14 +378,133 @@ def _hf_config(path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any]) 
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    if model_type in ("llama", "mistral"):
-        config["mlp_bias"] = False
-    if model_type == "mistral":
+    return {**config, **spec.config(_ConfigContext(path, meta, arch, config))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures: each one's tensors, what its converter changed, and its own config keys
+
+
+@dataclass(frozen=True)
+class _ConfigContext:
+    """What an architecture's config function reads: the file, its metadata, and the shared keys."""
+
+    path: Path
+    meta: _Metadata
+    arch: str
+    shared: dict[str, Any]
+
+    def key(self, name: str) -> str:
+        return f"{self.arch}.{name}"
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.meta.get(self.key(name), default)
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """One llama.cpp architecture, as a Hugging Face family."""
+
+    hf_architecture: str  # the config's ``architectures`` entry (the config function may change it)
+    model_type: str
+    block_tensors: dict[str, str]  # ``blk.N.<suffix>`` -> ``model.layers.N.<HF suffix>``
+    required: tuple[str, ...]  # block suffixes every layer must have
+    config: Callable[[_ConfigContext], dict[str, Any]]  # the architecture's own config keys
+    qk_permuted: bool = False  # the converter reordered q/k rows for llama.cpp's interleaved rope
+    norm_offset: float = 0.0  # the converter stored every ``*norm.weight`` as w + norm_offset
+
+
+def _llama_config(c: _ConfigContext) -> dict[str, Any]:
+    # llama.cpp converts Mistral models to the llama architecture; only their name tells them apart.
+    names = f"{c.meta.get('general.name', '')} {c.meta.get('general.basename', '')}".lower()
+    if "mistral" in names:
         # GGUF records no sliding window; Mistral models since v0.2 have none.
-        config["sliding_window"] = None
-    if model_type == "qwen2":
-        config["use_sliding_window"] = False
-    return config
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
+                "mlp_bias": False, "sliding_window": None}
+    return {"hidden_act": "silu", "mlp_bias": False}
+
+
+def _qwen_config(c: _ConfigContext) -> dict[str, Any]:
+    # llama.cpp's qwen2 / qwen3 graphs have no sliding window: every layer attends to the whole context.
+    n = c.shared["num_hidden_layers"]
+    return {"hidden_act": "silu", "use_sliding_window": False, "sliding_window": None, "max_window_layers": n,
+            "layer_types": [FULL] * n}
+
+
+def _gemma_layer_types(c: _ConfigContext, default_period: int) -> list[str]:
+    """Which layers slide: ``attention.sliding_window_pattern`` as a per-layer flag array (true: sliding) or
+    a period, else llama.cpp's default period; ``set_swa_pattern(period)`` makes the last layer of every
+    period global (period 0: every layer slides)."""
+    n = c.shared["num_hidden_layers"]
+    pattern = c.get("attention.sliding_window_pattern", default_period)
+    if isinstance(pattern, list):
+        if len(pattern) != n:
+            raise CheckpointError(f"{c.path}: {c.key('attention.sliding_window_pattern')} has {len(pattern)} "
+                                  f"entries for {n} layers ({c.key('block_count')})")
+        sliding = [bool(x) for x in pattern]
+    else:
+        period = int(pattern)
+        sliding = [period == 0 or i % period < period - 1 for i in range(n)]
+    return [SLIDING if s else FULL for s in sliding]
+
+
+def _gemma_query_pre_attn_scalar(c: _ConfigContext, layers_27b: int) -> int:
+    """llama.cpp scales scores by ``head_dim ** -0.5``, except for the 27B model (told apart by its layer
+    count), which uses ``(hidden / heads) ** -0.5``: Gemma's ``query_pre_attn_scalar`` (144 / 168 there)."""
+    s = c.shared
+    if s["num_hidden_layers"] == layers_27b:
+        return s["hidden_size"] // s["num_attention_heads"]
+    return s["head_dim"]
+
+
+def _gemma2_config(c: _ConfigContext) -> dict[str, Any]:
+    # Gemma 2 has one rope base for every layer; llama.cpp would honour a different sliding-layer one.
+    local = c.get("rope.freq_base_swa")
+    if local is not None and float(local) != c.shared["rope_theta"]:
+        raise CheckpointError(f"{c.path}: {c.key('rope.freq_base_swa')} = {local} differs from "
+                              f"{c.key('rope.freq_base')} = {c.shared['rope_theta']}; a Gemma 2 model has one "
+                              "rope base for all layers")
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(c, layers_27b=46),
+        # llama.cpp's defaults when the keys are missing (Gemma 2's own values).
+        "attn_logit_softcapping": float(c.get("attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(c.get("final_logit_softcapping", 30.0)),
+        "sliding_window": int(c.get("attention.sliding_window", 4096)),
+        "layer_types": _gemma_layer_types(c, default_period=2),
+        "attention_bias": False,
+    }
+
+
+def _gemma3_config(c: _ConfigContext) -> dict[str, Any]:
+    # No (or a zero) sliding window: llama.cpp runs every layer as a global one.
+    window = int(c.get("attention.sliding_window", 0))
+    final_softcap = c.get("final_logit_softcapping")
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": _gemma_query_pre_attn_scalar(c, layers_27b=62),
+        "final_logit_softcapping": float(final_softcap) if final_softcap else None,
+        "attn_logit_softcapping": None,  # Gemma 3 has none; llama.cpp's gemma3 graph applies none
+        "sliding_window": window or None,
+        "layer_types": _gemma_layer_types(c, default_period=6) if window else [FULL] * c.shared["num_hidden_layers"],
+        # Sliding layers rope with their own, unscaled base (rope.scaling.* applies to global layers only).
+        "rope_local_base_freq": float(c.get("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_THETA)),
+        "attention_bias": False,
+    }
+
+
+ARCHITECTURES: dict[str, _Architecture] = {
+    "llama": _Architecture("LlamaForCausalLM", "llama", _LLAMA_BLOCK, _LLAMA_REQUIRED, _llama_config,
+                           qk_permuted=True),
+    "qwen2": _Architecture("Qwen2ForCausalLM", "qwen2", _LLAMA_BLOCK, _LLAMA_REQUIRED, _qwen_config),
+    "qwen3": _Architecture("Qwen3ForCausalLM", "qwen3", {**_LLAMA_BLOCK, **_QK_NORMS},
+                           (*_LLAMA_REQUIRED, *_QK_NORMS), _qwen_config),
+    "gemma2": _Architecture("Gemma2ForCausalLM", "gemma2", _GEMMA_BLOCK, _GEMMA_REQUIRED, _gemma2_config,
+                            norm_offset=1.0),
+    "gemma3": _Architecture("Gemma3ForCausalLM", "gemma3_text", {**_GEMMA_BLOCK, **_QK_NORMS},
+                            (*_GEMMA_REQUIRED, *_QK_NORMS), _gemma3_config, norm_offset=1.0),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def _rope_scaling(
@@ -431,26 +580,24 @@ def _llama3_rope_scaling(
     )
 
 
-def _tensor_entries(
-    path: Path, arch: str, tensors: dict[str, Any], hf_config: dict[str, Any]
-) -> dict[str, _TensorEntry]:
-    """HF name -> where to find it and how to undo llama.cpp's layout, in the file's tensor order."""
-    permuted = arch == "llama"  # qwen2 uses NEOX rope in llama.cpp and is stored unpermuted
+def _tensor_entries(spec: _Architecture, tensors: dict[str, Any], hf_config: dict[str, Any]) -> dict[str, _TensorEntry]:
+    """HF name -> where to find it and how to undo llama.cpp's changes, in the file's tensor order."""
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
     entries: dict[str, _TensorEntry] = {}
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:
             continue
+        offset = spec.norm_offset if name.endswith("norm.weight") else 0.0
         shape = _hf_shape(tensor)
         if name in _GLOBAL_TENSORS:
-            entries[_GLOBAL_TENSORS[name]] = _TensorEntry(name, shape, None)
+            entries[_GLOBAL_TENSORS[name]] = _TensorEntry(name, shape, None, offset)
             continue
         m = _BLOCK_NAME.fullmatch(name)
         assert m is not None  # _check_tensor_names accepted it
         layer, suffix = m.groups()
         kind = suffix.split(".")[0]
-        qk_heads = heads[kind] if permuted and kind in heads else None
-        entries[f"model.layers.{layer}.{_BLOCK_TENSORS[suffix]}"] = _TensorEntry(name, shape, qk_heads)
+        qk_heads = heads[kind] if spec.qk_permuted and kind in heads else None
+        entries[f"model.layers.{layer}.{spec.block_tensors[suffix]}"] = _TensorEntry(name, shape, qk_heads, offset)
     return entries
 
 

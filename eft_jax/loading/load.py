@@ -15,7 +15,7 @@ from eft_jax.loading.source import CheckpointError
 from eft_jax.loading.weights import place_weights
 from eft_jax.model import Model, param_shardings
 from eft_jax.models.config import LlamaConfig, UnsupportedConfigError
-from eft_jax.models.families import config_from_hf
+from eft_jax.models.families import config_from_hf, family
 from eft_jax.sharding import ShardingRules, resolve_rules, single_device_mesh
 
 # A dequantized GGUF has no "own" float type; bf16 is what one would run it in on an accelerator.
@@ -66,7 +66,7 @@ def load_model(
     hf_config, tensors = hf_dir.open_hf_dir(path)
     cfg = model_config(hf_config, str(path / "config.json"))
     if dtype is None:
-        dtype = own_dtype(tensors)
+        dtype = own_dtype(tensors, cfg)
     params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules), dtype)
     return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path),
                  hf_dir.declared_end_ids(path, hf_config))
@@ -114,11 +114,20 @@ def model_config(hf_config: dict, where: str) -> LlamaConfig:
         raise CheckpointError(f"{where}: malformed config ({e})") from None
 
 
-def own_dtype(tensors: Any) -> Any:
-    """An HF checkpoint's own dtype (what ``load_model`` keeps when given none): its embedding's, float32
-    if it has no embedding tensor. Reads the safetensors header only."""
-    name = "model.embed_tokens.weight"
-    return jnp.dtype(tensors.dtype(name)) if name in tensors.keys() else jnp.dtype(jnp.float32)
+def own_dtype(tensors: Any, cfg: LlamaConfig | None = None) -> Any:
+    """An HF checkpoint's own dtype (what ``load_model`` keeps when given none): its embedding's (under the
+    name ``cfg``'s family gives it; Llama's without a config), float32 if it has no embedding tensor. Reads
+    the safetensors header only."""
+    names = ["model.embed_tokens.weight"]
+    if cfg is not None:
+        fam = family(cfg.architecture)
+        embed = fam.top_names.get(("embed",), names[0])
+        names = [embed, embed.removeprefix(fam.base_prefix)]  # (a checkpoint saved without its base prefix)
+    keys = set(tensors.keys())
+    for name in names:
+        if name in keys:
+            return jnp.dtype(tensors.dtype(name))
+    return jnp.dtype(jnp.float32)
 
 
 def convert(source: str | os.PathLike, dest: str | os.PathLike, *, dtype: Any = None) -> Model:

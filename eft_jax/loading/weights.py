@@ -23,7 +23,11 @@ from eft_jax.models.config import LlamaConfig
 from eft_jax.models.families import family
 
 # Tensors some checkpoints carry that hold no parameters (buffers saved by old transformers versions).
-_IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
+_IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias",  # GPT-2's causal mask buffers
+                       ".attention.bias", ".attention.masked_bias")  # GPT-NeoX's
+
+Convert = Callable[[np.ndarray], np.ndarray]
+LayerMap = dict[tuple[str, ...], tuple[str, tuple[int, ...], Convert]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,16 @@ def weight_rules(cfg: LlamaConfig) -> list[TensorRule]:
     if cfg.post_norms:
         layer[("attn_post_norm", "scale")] = ("", (d,), same)
         layer[("mlp_post_norm", "scale")] = ("", (d,), same)
+    if cfg.shared_input_norm:
+        del layer[("mlp_norm", "scale")]
+    if cfg.o_bias:
+        layer[("attn", "o_bias")] = ("self_attn.o_proj.bias", (d,), same)
+    if not cfg.mlp_gated:
+        del layer[("mlp", "gate")]
+    if cfg.mlp_bias:
+        for proj, size in (("gate", f), ("up", f), ("down", d)):
+            if (("mlp", proj)) in layer:
+                layer[("mlp", f"{proj}_bias")] = (f"mlp.{proj}_proj.bias", (size,), same)
     fam = family(cfg.architecture)
     if fam.fused_projections:  # row blocks of one fused tensor, read once per leaf
         def rows(start: int, stop: int, then: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -92,20 +106,103 @@ def weight_rules(cfg: LlamaConfig) -> list[TensorRule]:
         layer[("attn", "v")] = (qkv, ((h + 2 * k) * hd, d), rows((h + k) * hd, (h + 2 * k) * hd, heads_in(k)))
         layer[("mlp", "gate")] = (gate_up, (2 * f, d), rows(0, f, transpose))
         layer[("mlp", "up")] = (gate_up, (2 * f, d), rows(f, 2 * f, transpose))
-    names = fam.tensor_names
-    L = "model.layers.{layer}."
+    if fam.name in _LAYOUTS:  # the family's own names and fused layouts
+        _LAYOUTS[fam.name](cfg, layer)
+    _rename(layer, dict(fam.tensor_names))
+    if cfg.norm_type == "layernorm":  # each norm's bias sits beside its weight
+        for path in [p for p in layer if p[-1] == "scale"]:
+            name, shape, convert = layer[path]
+            layer[(*path[:-1], "bias")] = (name.removesuffix(".weight") + ".bias" if name else "", shape, convert)
+    top = fam.top_names
     rules = [
-        TensorRule(("embed",), "model.embed_tokens.weight", (v, d), same, False),
-        TensorRule(("final_norm", "scale"), "model.norm.weight", (d,), same, False),
+        TensorRule(("embed",), top.get(("embed",), "model.embed_tokens.weight"), (v, d), same, False),
+        TensorRule(("final_norm", "scale"), top.get(("final_norm", "scale"), "model.norm.weight"), (d,), same, False),
     ]
+    if cfg.norm_type == "layernorm":
+        rules.append(TensorRule(("final_norm", "bias"), top.get(("final_norm", "bias"), "model.norm.bias"), (d,), same,
+                                False))
+    if cfg.position_embedding == "learned":
+        rules.append(TensorRule(("pos_embed",), top.get(("pos_embed",), "model.embed_positions.weight"),
+                                (cfg.max_position_embeddings, d), same, False))
     for path, (name, shape, convert) in layer.items():
-        name = names.get(path, name)
         if not name:
             raise ValueError(f"family {cfg.architecture!r} names no checkpoint tensor for layers.{'.'.join(path)}")
-        rules.append(TensorRule(("layers", *path), L + name, shape, convert, True))
+        rules.append(TensorRule(("layers", *path), fam.layer_prefix + name, shape, convert, True))
     if not cfg.tie_word_embeddings:
-        rules.append(TensorRule(("lm_head",), "lm_head.weight", (v, d), transpose, False))
+        rules.append(TensorRule(("lm_head",), top.get(("lm_head",), "lm_head.weight"), (v, d), transpose, False))
     return rules
+
+
+# --- the families whose checkpoints fuse q/k/v per head or store [in, out] (GPT-NeoX, Falcon, GPT-2) --------
+# Each rewrites the per-layer map in place; every conversion is a reshape, slice or transpose, so the
+# exporter inverts it (eft_jax.train.export._to_hf).
+
+
+def _grouped_qkv(cfg: LlamaConfig, layer: LayerMap, name: str, groups: int, per_group: int) -> None:
+    """q/k/v from one fused ``[out, in]`` tensor whose rows are ``[groups, per_group + 2, head_dim]``: each
+    group's ``per_group`` query heads, then its key head, then its value head (Falcon; GPT-NeoX is
+    ``per_group`` 1: ``[heads, 3, head_dim]``). Biases, where the config has them, alike."""
+    d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    rows = groups * (per_group + 2) * hd
+    blocks = {"q": (slice(0, per_group), h), "k": (slice(per_group, per_group + 1), k),
+              "v": (slice(per_group + 1, per_group + 2), k)}
+    for proj, (block, n) in blocks.items():
+        layer[("attn", proj)] = (name + ".weight", (rows, d), lambda x, b=block, n=n: x.reshape(
+            groups, per_group + 2, hd, d)[:, b].reshape(n, hd, d).transpose(2, 0, 1))
+        if cfg.qkv_bias:
+            layer[("attn", f"{proj}_bias")] = (name + ".bias", (rows,), lambda x, b=block, n=n: x.reshape(
+                groups, per_group + 2, hd)[:, b].reshape(n, hd))
+
+
+def _rename(layer: LayerMap, names: dict[tuple[str, ...], str]) -> None:
+    for path, name in names.items():
+        if path in layer:
+            _, shape, convert = layer[path]
+            layer[path] = (name, shape, convert)
+
+
+def _layout_gpt_neox(cfg: LlamaConfig, layer: LayerMap) -> None:
+    if cfg.num_kv_heads != cfg.num_heads:
+        raise ValueError(f"gpt_neox: grouped kv heads ({cfg.num_kv_heads} for {cfg.num_heads}) are not expressible")
+    _grouped_qkv(cfg, layer, "attention.query_key_value", cfg.num_heads, 1)
+    _rename(layer, {("attn", "o"): "attention.dense.weight", ("attn", "o_bias"): "attention.dense.bias",
+                    ("mlp", "up"): "mlp.dense_h_to_4h.weight", ("mlp", "up_bias"): "mlp.dense_h_to_4h.bias",
+                    ("mlp", "down"): "mlp.dense_4h_to_h.weight", ("mlp", "down_bias"): "mlp.dense_4h_to_h.bias"})
+
+
+def _layout_falcon(cfg: LlamaConfig, layer: LayerMap) -> None:
+    # One layout covers all of Falcon's: new_decoder_architecture's [kv, heads / kv + 2, hd]; the 7B
+    # multi-query [heads + 2, hd] is its kv = 1 case and the per-head [heads, 3, hd] its kv = heads one.
+    _grouped_qkv(cfg, layer, "self_attention.query_key_value", cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
+    _rename(layer, {("attn", "o"): "self_attention.dense.weight", ("attn", "o_bias"): "self_attention.dense.bias",
+                    ("mlp", "up"): "mlp.dense_h_to_4h.weight", ("mlp", "up_bias"): "mlp.dense_h_to_4h.bias",
+                    ("mlp", "down"): "mlp.dense_4h_to_h.weight", ("mlp", "down_bias"): "mlp.dense_4h_to_h.bias"})
+    if cfg.parallel_residual and not cfg.shared_input_norm:  # 40B/180B: one norm per branch
+        _rename(layer, {("attn_norm", "scale"): "ln_attn.weight", ("mlp_norm", "scale"): "ln_mlp.weight"})
+
+
+def _layout_gpt2(cfg: LlamaConfig, layer: LayerMap) -> None:
+    """GPT-2's Conv1D stores weights ``[in, out]``; ``c_attn`` holds q, k and v side by side along ``out``."""
+    d, f, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    if cfg.num_kv_heads != h:
+        raise ValueError(f"gpt2: grouped kv heads ({cfg.num_kv_heads} for {h}) are not expressible")
+    same = lambda x: x  # noqa: E731
+    width = h * hd
+    for i, proj in enumerate("qkv"):
+        cols = slice(i * width, (i + 1) * width)
+        layer[("attn", proj)] = ("attn.c_attn.weight", (d, 3 * width), lambda x, c=cols: x[:, c].reshape(d, h, hd))
+        layer[("attn", f"{proj}_bias")] = ("attn.c_attn.bias", (3 * width,), lambda x, c=cols: x[c].reshape(h, hd))
+    layer[("attn", "o")] = ("attn.c_proj.weight", (width, d), lambda x: x.reshape(h, hd, d))
+    layer[("attn", "o_bias")] = ("attn.c_proj.bias", (d,), same)
+    layer[("mlp", "up")] = ("mlp.c_fc.weight", (d, f), same)
+    layer[("mlp", "up_bias")] = ("mlp.c_fc.bias", (f,), same)
+    layer[("mlp", "down")] = ("mlp.c_proj.weight", (f, d), same)
+    layer[("mlp", "down_bias")] = ("mlp.c_proj.bias", (d,), same)
+    _rename(layer, {("attn_norm", "scale"): "ln_1.weight", ("mlp_norm", "scale"): "ln_2.weight"})
+
+
+_LAYOUTS: dict[str, Callable[[LlamaConfig, LayerMap], None]] = {
+    "gpt_neox": _layout_gpt_neox, "falcon": _layout_falcon, "gpt2": _layout_gpt2}
 
 
 def _names(rule: TensorRule, num_layers: int) -> list[str]:
@@ -136,6 +233,43 @@ def check_keys(cfg: LlamaConfig, source: TensorSource, rules: list[TensorRule]) 
         raise CheckpointError(f"checkpoint does not match its config ({len(problems)} problem(s)):\n  {shown}")
 
 
+class _Prefixed:
+    """A checkpoint saved without its base model's prefix (the Hub's ``gpt2`` holds ``h.0.attn.c_attn.weight``,
+    not ``transformer.h.0...``), seen with it, as transformers loads it; the head's own names (outside the
+    base model) stay as they are."""
+
+    def __init__(self, source: TensorSource, prefix: str, heads: frozenset[str]):
+        self.source, self.prefix, self.heads = source, prefix, heads
+
+    def _raw(self, name: str) -> str:
+        return name.removeprefix(self.prefix)
+
+    def keys(self) -> list[str]:
+        return [k if k in self.heads else self.prefix + k for k in self.source.keys()]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self._raw(name))
+
+    def read(self, name: str) -> np.ndarray:
+        return self.source.read(self._raw(name))
+
+    def location(self, name: str) -> str:
+        return self.source.location(self._raw(name))
+
+
+def _with_base_prefix(cfg: LlamaConfig, source: TensorSource) -> TensorSource:
+    """``source``, or, when no tensor carries the family's base-model prefix but its embedding does without
+    it, ``source`` seen with the prefix."""
+    fam = family(cfg.architecture)
+    if not fam.base_prefix:
+        return source
+    keys = source.keys()
+    if any(k.startswith(fam.base_prefix) for k in keys) or \
+            fam.top_names.get(("embed",), "").removeprefix(fam.base_prefix) not in keys:
+        return source
+    return _Prefixed(source, fam.base_prefix, frozenset({"lm_head.weight", fam.top_names.get(("lm_head",), "")}))
+
+
 def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
@@ -150,6 +284,7 @@ def place_weights(
 ) -> dict[str, Any]:
     """Build the params pytree on device, each leaf assembled shard by shard from ``source``."""
     rules = weight_rules(cfg)
+    source = _with_base_prefix(cfg, source)
     check_keys(cfg, source, rules)
     params: dict[str, Any] = {}
     for rule in rules:

@@ -42,7 +42,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shapes and constants of one Llama-family decoder (Llama 1/2/3, Mistral, Qwen2, SmolLM2, ...)."""
+    """Shapes and constants of one decoder (Llama 1/2/3, Mistral, Qwen2/3, Gemma 2/3, OLMo 2, Phi-3, GPT-2,
+    GPT-NeoX / Pythia, Falcon, ...)."""
 
     vocab_size: int
     hidden_size: int
@@ -75,6 +76,16 @@ class LlamaConfig:
     local_rope_theta: float | None = None  # rope base of SLIDING layers, unscaled (Gemma 3); None: as FULL ones
     rotary_dim: int | None = None  # rope rotates only the first rotary_dim dims of each head (partial rotary:
     #   GPT-NeoX, Phi-4-mini); None: all of head_dim
+    norm_type: str = "rms"  # "rms" (RMSNorm, a scale) or "layernorm" (mean-centred, a scale and a bias: GPT-2,
+    #   GPT-NeoX, Falcon); rms_norm_eps is its epsilon either way. q/k norms are always RMS.
+    parallel_residual: bool = False  # x + attn(norm1 x) + mlp(norm2 x) instead of the sequential block (GPT-NeoX,
+    #   Falcon)
+    shared_input_norm: bool = False  # parallel blocks: one input norm feeds attention and MLP (Falcon-7B)
+    mlp_gated: bool = True  # False: down(act(up x)), no gate (GPT-2, GPT-NeoX, Falcon)
+    o_bias: bool = False  # a bias on the attention output projection
+    mlp_bias: bool = False  # biases on the MLP projections
+    position_embedding: str = "rope"  # "rope" or "learned" (an absolute position table added to the
+    #   embeddings, max_position_embeddings rows, no rope: GPT-2)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -92,8 +103,18 @@ class LlamaConfig:
             raise UnsupportedConfigError(f"qk_norm must be None, 'head' or 'width', got {self.qk_norm!r}")
         if not (self.pre_norms or self.post_norms):
             raise UnsupportedConfigError("a decoder needs pre_norms, post_norms or both")
-        if self.mlp_activation not in ("silu", "gelu_tanh"):
-            raise UnsupportedConfigError(f"mlp_activation must be 'silu' or 'gelu_tanh', got {self.mlp_activation!r}")
+        if self.mlp_activation not in ("silu", "gelu_tanh", "gelu"):
+            raise UnsupportedConfigError(
+                f"mlp_activation must be 'silu', 'gelu_tanh' or 'gelu', got {self.mlp_activation!r}")
+        if self.norm_type not in ("rms", "layernorm"):
+            raise UnsupportedConfigError(f"norm_type must be 'rms' or 'layernorm', got {self.norm_type!r}")
+        if self.position_embedding not in ("rope", "learned"):
+            raise UnsupportedConfigError(
+                f"position_embedding must be 'rope' or 'learned', got {self.position_embedding!r}")
+        if self.parallel_residual and not (self.pre_norms and not self.post_norms):
+            raise UnsupportedConfigError("parallel_residual needs pre_norms and no post_norms")
+        if self.shared_input_norm and not self.parallel_residual:
+            raise UnsupportedConfigError("shared_input_norm needs parallel_residual")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
                 raise UnsupportedConfigError(
@@ -117,10 +138,16 @@ class LlamaConfig:
         """Parameter count (embeddings counted once when tied)."""
         d, f, h, k, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         qk_norm = {"head": 2 * hd, "width": (h + k) * hd}.get(self.qk_norm or "", 0)
-        attn = d * hd * (2 * h + 2 * k) + (hd * (h + 2 * k) if self.qkv_bias else 0) + qk_norm
-        per_layer = attn + 3 * d * f + (2 * self.pre_norms + 2 * self.post_norms) * d
+        attn = (d * hd * (2 * h + 2 * k) + (hd * (h + 2 * k) if self.qkv_bias else 0) + qk_norm
+                + (d if self.o_bias else 0))
+        projections = 3 if self.mlp_gated else 2
+        mlp = projections * d * f + ((projections - 1) * f + d if self.mlp_bias else 0)
+        norm = 2 * d if self.norm_type == "layernorm" else d  # a layer norm has a bias too
+        input_norms = 1 if self.shared_input_norm else 2
+        per_layer = attn + mlp + (input_norms * self.pre_norms + 2 * self.post_norms) * norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.num_layers * per_layer + self.vocab_size * d + head + d
+        positions = self.max_position_embeddings * d if self.position_embedding == "learned" else 0
+        return self.num_layers * per_layer + self.vocab_size * d + head + norm + positions
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,7 +10,9 @@ family's differences are visible in one place:
 - ``fields``: the config fields it reads on top of the shared ones, and ``read`` turning them into
   :class:`LlamaConfig` keyword arguments;
 - ``tensor_names``: our leaf path -> the checkpoint's per-layer tensor name, where it differs from
-  Llama's (``eft_jax.loading.weights`` builds the whole key map from it);
+  Llama's (``eft_jax.loading.weights`` builds the whole key map from it; the fused layouts of GPT-NeoX,
+  GPT-2 and Falcon are hooks there), ``top_names`` / ``layer_prefix`` / ``base_prefix`` for the rest;
+- ``aliases`` / ``prepare``: a family's own spelling of the shared fields (GPT-2's ``n_embd``);
 - ``write``: the inverse of ``read``, the family's own ``config.json`` keys for a :class:`LlamaConfig`
   (``Family.hf_keys`` adds its ``architectures`` / ``model_type``; ``eft_jax.train.export`` adds the
   shared keys and checks that ``config_from_hf`` reads the result back as the same model).
@@ -70,6 +72,21 @@ class Family:
     fused_projections: bool = False
     # Values a config.json of this family may omit, as transformers' config class defaults them.
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The family's own spelling of shared config.json fields: its name -> the shared name (GPT-2's n_embd ->
+    # hidden_size), read as the shared field and written under the family's name.
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Shared fields its config.json does not have (GPT-2 has no rope_theta): not written on export.
+    unwritten: frozenset[str] = frozenset()
+    # Where its checkpoint differs from Llama's outside the layers: ("embed",), ("final_norm", "scale"),
+    # ("final_norm", "bias"), ("lm_head",), ("pos_embed",) -> tensor name; and the layers' name prefix.
+    top_names: Mapping[tuple[str, ...], str] = dataclasses.field(default_factory=dict)
+    layer_prefix: str = "model.layers.{layer}."
+    # transformers' base_model_prefix where a checkpoint may lack it (one saved from the base model; the Hub's
+    # gpt2): such tensors are read as if prefixed. "" for the families whose checkpoints always carry it.
+    base_prefix: str = ""
+    # Normalises a config.json before it is read (the aliases applied; computed defaults such as GPT-2's
+    # n_inner = 4 x n_embd); None: the aliases only.
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def hf_keys(self, cfg: LlamaConfig) -> dict[str, Any]:
         """The family's part of ``cfg``'s ``config.json``: its class names and ``write``'s keys (the shared
@@ -86,6 +103,18 @@ def _activation(hf: Mapping[str, Any], where: str, key: str, default: str) -> st
     if ours is None:
         raise UnsupportedConfigError(f"{where}: {key} {act!r} is not implemented (silu, gelu_pytorch_tanh)")
     return ours
+
+
+# The GELUs of the non-gated families: exact (erf) "gelu", and the tanh approximations under their names
+# (one formula: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), written differently).
+_GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _gelu(hf: Mapping[str, Any], where: str, key: str, default: str) -> str:
+    act = hf.get(key) or default
+    if act not in _GELUS:
+        raise UnsupportedConfigError(f"{where}: {key} {act!r} is not implemented ({', '.join(sorted(_GELUS))})")
+    return _GELUS[act]
 
 
 def _require_silu(hf: Mapping[str, Any], where: str) -> None:
@@ -208,6 +237,83 @@ def _read_phi3(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
             **_window(hf, where, (SLIDING,) * n if hf.get("sliding_window") else None)}
 
 
+def _rotary(hf: Mapping[str, Any], factor: float) -> int | None:
+    """``rotary_dim`` for a rotary fraction of each head (None: the whole head)."""
+    head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))
+    rotary = int(head_dim * factor)
+    return None if rotary == head_dim else rotary
+
+
+_NON_GATED_LAYERNORM = {"norm_type": "layernorm", "mlp_gated": False}
+
+
+def _read_gpt_neox(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """GPT-NeoX / Pythia: LayerNorms, parallel (or sequential) residual, partial rotary (``rotary_pct``, or
+    ``partial_rotary_factor`` in rope_parameters), fused per-head q/k/v, non-gated GELU MLP with biases;
+    ``attention_bias`` puts biases on q/k/v and the output projection."""
+    params = hf.get("rope_parameters") or {}
+    factor = float(params.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
+    bias = bool(hf.get("attention_bias", True))
+    return {**_NON_GATED_LAYERNORM, "qkv_bias": bias, "o_bias": bias, "mlp_bias": True,
+            "parallel_residual": bool(hf.get("use_parallel_residual", True)), "rotary_dim": _rotary(hf, factor),
+            "mlp_activation": _gelu(hf, where, "hidden_act", "gelu")}
+
+
+def _prepare_gpt_neox(hf: dict[str, Any]) -> dict[str, Any]:
+    # Older configs (Pythia) name the rope base rotary_emb_base.
+    if "rotary_emb_base" in hf and "rope_theta" not in hf and not (hf.get("rope_parameters") or {}).get("rope_theta"):
+        hf["rope_theta"] = hf["rotary_emb_base"]
+    return hf
+
+
+def _read_gpt2(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """GPT-2: learned absolute positions, LayerNorms, non-gated tanh-GELU MLP, biases everywhere, tied head."""
+    _refuse(hf, where, scale_attn_by_inverse_layer_idx=bool, reorder_and_upcast_attn=bool, add_cross_attention=bool,
+            scale_attn_weights=lambda v: not v)
+    return {**_NON_GATED_LAYERNORM, "position_embedding": "learned", "qkv_bias": True, "o_bias": True,
+            "mlp_bias": True, "mlp_activation": _gelu(hf, where, "activation_function", "gelu_new")}
+
+
+def _prepare_gpt2(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("intermediate_size") is None:  # n_inner null: 4 x n_embd
+        hf["intermediate_size"] = 4 * int(hf["hidden_size"])
+    return hf
+
+
+def _read_falcon(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Falcon: 7B style (``new_decoder_architecture`` false: multi-query or per-head fused q/k/v, parallel
+    attention with one shared input norm, or sequential blocks) and 40B/180B style (grouped kv, ``ln_attn``
+    and ``ln_mlp``); LayerNorms, rotary, non-gated GELU MLP, ``bias`` on every projection."""
+    if hf.get("alibi"):
+        raise UnsupportedConfigError(f"{where}: alibi=True: ALiBi is not implemented")
+    _refuse(hf, where, apply_residual_connection_post_layernorm=bool)  # an old Falcon option, false on the Hub
+    new = bool(hf.get("new_decoder_architecture", False))
+    parallel = bool(hf.get("parallel_attn", True))
+    norms = hf.get("num_ln_in_parallel_attn")
+    if new:
+        if norms is None:
+            norms = 2
+        if not parallel or int(norms) not in (1, 2):
+            raise UnsupportedConfigError(f"{where}: new_decoder_architecture with parallel_attn={parallel!r} and "
+                                         f"num_ln_in_parallel_attn={norms!r} is not implemented")
+        shared = int(norms) == 1
+    else:
+        shared = parallel
+    bias = bool(hf.get("bias", False))
+    return {**_NON_GATED_LAYERNORM, "qkv_bias": bias, "o_bias": bias, "mlp_bias": bias,
+            "parallel_residual": parallel, "shared_input_norm": shared,
+            "mlp_activation": _gelu(hf, where, "activation", "gelu")}
+
+
+def _prepare_falcon(hf: dict[str, Any]) -> dict[str, Any]:
+    heads = int(hf["num_attention_heads"])
+    if not hf.get("new_decoder_architecture"):  # the kv head count follows multi_query, whatever num_kv_heads says
+        hf["num_key_value_heads"] = 1 if hf.get("multi_query", True) else heads
+    if hf.get("intermediate_size") is None:  # ffn_hidden_size null: 4 x hidden_size
+        hf["intermediate_size"] = 4 * int(hf["hidden_size"])
+    return hf
+
+
 _GEMMA_NORMS = {
     # Gemma's post_attention_layernorm normalises the attention *output*; the MLP's input norm is the
     # pre_feedforward one (in Llama, post_attention_layernorm is the MLP's input norm).
@@ -280,6 +386,46 @@ def _write_phi3(cfg: LlamaConfig) -> dict[str, Any]:
             s.kind == "longrope" else cfg.max_position_embeddings}
 
 
+def _write_gelu(cfg: LlamaConfig, tanh_name: str) -> str:
+    if cfg.mlp_activation == "silu":
+        raise ValueError(f"{cfg.architecture}: a SiLU MLP cannot be written (its config.json names GELUs only)")
+    return "gelu" if cfg.mlp_activation == "gelu" else tanh_name
+
+
+def _write_gpt_neox(cfg: LlamaConfig) -> dict[str, Any]:
+    # All rope settings in rope_parameters (rope_scaling is not written: transformers' GPT-NeoX config takes a
+    # rope_scaling dict in place of rope_parameters, dropping the base and the rotary fraction).
+    rope: dict[str, Any] = {"rope_type": "default"}
+    s = cfg.rope_scaling
+    if s is not None:
+        if s.kind == "longrope":
+            raise ValueError("gpt_neox: longrope scaling cannot be written")
+        rope = {"rope_type": s.kind, "factor": s.factor}
+        if s.kind == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position_embeddings)
+    return {"hidden_act": _write_gelu(cfg, "gelu_new"), "use_parallel_residual": cfg.parallel_residual,
+            "attention_bias": cfg.qkv_bias, "rotary_pct": cfg.rope_dim / cfg.head_dim,
+            "rope_parameters": {**rope, "rope_theta": cfg.rope_theta,
+                                "partial_rotary_factor": cfg.rope_dim / cfg.head_dim}}
+
+
+def _write_gpt2(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"activation_function": _write_gelu(cfg, "gelu_new"), "n_inner": cfg.intermediate_size,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "add_cross_attention": False}
+
+
+def _write_falcon(cfg: LlamaConfig) -> dict[str, Any]:
+    new = cfg.parallel_residual and (cfg.num_kv_heads not in (1, cfg.num_heads) or not cfg.shared_input_norm)
+    out = {"activation": _write_gelu(cfg, "gelu_pytorch_tanh"), "bias": cfg.qkv_bias, "alibi": False,
+           "new_decoder_architecture": new, "parallel_attn": cfg.parallel_residual,
+           "multi_query": cfg.num_kv_heads == 1}
+    if new:
+        out["num_ln_in_parallel_attn"] = 1 if cfg.shared_input_norm else 2
+    return out
+
+
 def _query_pre_attn_scalar(cfg: LlamaConfig) -> int:
     """Gemma's ``query_pre_attn_scalar`` (the score scale is its inverse square root): an integer in
     transformers' config classes."""
@@ -338,6 +484,44 @@ FAMILIES: tuple[Family, ...] = (
            defaults={"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
     Family("gemma3_text", ("Gemma3ForCausalLM",), ("gemma3_text",), _GEMMA_FIELDS | {"rope_local_base_freq"},
            _read_gemma3, {**_GEMMA_NORMS, **_QK_NORMS}, write=_write_gemma3, defaults={"rope_theta": 1_000_000.0}),
+    # The key maps of these three (fused q/k/v layouts, Conv1D orientation) are in eft_jax.loading.weights.
+    Family("gpt_neox", ("GPTNeoXForCausalLM",), ("gpt_neox",),
+           frozenset({"hidden_act", "use_parallel_residual", "rotary_pct", "rotary_emb_base", "attention_bias",
+                      "hidden_dropout", "classifier_dropout", "is_decoder", "attention_probs_dropout_prob"}),
+           _read_gpt_neox, write=_write_gpt_neox, aliases={"layer_norm_eps": "rms_norm_eps"},
+           defaults={"layer_norm_eps": 1e-5},
+           unwritten=frozenset({"rope_theta", "rope_scaling", "num_key_value_heads", "head_dim"}),
+           top_names={("embed",): "gpt_neox.embed_in.weight", ("lm_head",): "embed_out.weight",
+                      ("final_norm", "scale"): "gpt_neox.final_layer_norm.weight",
+                      ("final_norm", "bias"): "gpt_neox.final_layer_norm.bias"},
+           layer_prefix="gpt_neox.layers.{layer}.", base_prefix="gpt_neox.", prepare=_prepare_gpt_neox),
+    Family("gpt2", ("GPT2LMHeadModel",), ("gpt2",),
+           frozenset({"activation_function", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                      "reorder_and_upcast_attn", "add_cross_attention", "attn_pdrop", "summary_activation",
+                      "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
+                      "n_ctx"}),
+           _read_gpt2, write=_write_gpt2,
+           aliases={"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                    "n_positions": "max_position_embeddings", "n_inner": "intermediate_size",
+                    "layer_norm_epsilon": "rms_norm_eps"},
+           defaults={"layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
+           unwritten=frozenset({"rope_theta", "rope_scaling", "num_key_value_heads", "head_dim"}),
+           top_names={("embed",): "transformer.wte.weight", ("pos_embed",): "transformer.wpe.weight",
+                      ("final_norm", "scale"): "transformer.ln_f.weight",
+                      ("final_norm", "bias"): "transformer.ln_f.bias"},
+           layer_prefix="transformer.h.{layer}.", base_prefix="transformer.", prepare=_prepare_gpt2),
+    Family("falcon", ("FalconForCausalLM",), ("falcon",),
+           frozenset({"activation", "alibi", "bias", "multi_query", "new_decoder_architecture", "parallel_attn",
+                      "num_ln_in_parallel_attn", "hidden_dropout", "apply_residual_connection_post_layernorm"}),
+           _read_falcon, write=_write_falcon,
+           aliases={"ffn_hidden_size": "intermediate_size", "num_kv_heads": "num_key_value_heads",
+                    "layer_norm_epsilon": "rms_norm_eps"},
+           defaults={"layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
+           unwritten=frozenset({"head_dim"}),
+           top_names={("embed",): "transformer.word_embeddings.weight",
+                      ("final_norm", "scale"): "transformer.ln_f.weight",
+                      ("final_norm", "bias"): "transformer.ln_f.bias"},
+           layer_prefix="transformer.h.{layer}.", base_prefix="transformer.", prepare=_prepare_falcon),
 )
 SUPPORTED_ARCHITECTURES = {arch: f.name for f in FAMILIES for arch in f.architectures}
 _BY_NAME = {f.name: f for f in FAMILIES}
@@ -374,6 +558,13 @@ def config_from_hf(hf: Mapping[str, Any], *, where: str = "config.json") -> Llam
     """
     fam = family_of(hf, where)
     hf = {**fam.defaults, **hf}
+    if fam.aliases:
+        clash = sorted(k for k, shared in fam.aliases.items() if k in hf and shared in hf and hf[k] != hf[shared])
+        if clash:
+            raise UnsupportedConfigError(f"{where}: {clash} disagree with {[fam.aliases[k] for k in clash]}")
+        hf = {fam.aliases.get(k, k): v for k, v in hf.items()}
+    if fam.prepare is not None:
+        hf = fam.prepare(dict(hf))
     unknown = sorted(k for k in hf if k not in SHARED_FIELDS | fam.fields and k not in IRRELEVANT_FIELDS)
     if unknown:
         raise UnsupportedConfigError(

@@ -1,6 +1,7 @@
-"""The decoder of the Llama lineage (Llama 1/2/3, Mistral, Qwen2/3, Gemma 2/3, SmolLM2, TinyLlama) as Flax
-NNX modules. What a family changes (norm form, q/k norms, sandwich norms, GeGLU, embedding scale,
-soft-capping, sliding-window layers, per-layer-type rope) is a switch of its config
+"""The decoder of the Llama lineage (Llama 1/2/3, Mistral, Qwen2/3, Gemma 2/3, SmolLM2, TinyLlama) and of
+GPT-2, GPT-NeoX / Pythia and Falcon as Flax NNX modules. What a family changes (norm form, LayerNorm, q/k
+norms, sandwich norms, parallel residual, GeGLU or a non-gated MLP, biases, embedding scale, learned
+positions, soft-capping, sliding-window layers, per-layer-type rope) is a switch of its config
 (:mod:`eft_jax.models.config`), set in one place per family (:mod:`eft_jax.models.families`).
 
 The modules only declare parameters (shape, initialiser and logical axes in one place) and hold the
@@ -83,6 +84,31 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * h.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """Mean-centred normalisation over the last axis with a scale and a bias (GPT-2, GPT-NeoX, Falcon),
+    computed and scaled in float32, then cast (as PyTorch's ``LayerNorm`` does)."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float, *, dtype: Any, rngs: nnx.Rngs,
+                 axes: tuple[str, ...] = ("embed",)):
+        self.scale = _param(rngs, shape, axes, dtype, None)
+        self.bias = _param(rngs, shape, axes, dtype, 0.0)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        h = x.astype(jnp.float32)
+        h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _block_norm(cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
+    """One hidden-width norm of the kind ``cfg.norm_type`` names."""
+    if cfg.norm_type == "layernorm":
+        return LayerNorm((cfg.hidden_size,), cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+    return RMSNorm((cfg.hidden_size,), cfg.rms_norm_eps, dtype=dtype, rngs=rngs, plus_one=cfg.norm_plus_one,
+                   float32_scale=cfg.norm_float32_scale)
+
+
 def apply_rope(
     x: Float[Array, "batch seq heads head_dim"],
     positions: Int[Array, "batch seq"],
@@ -110,6 +136,8 @@ class Attention(nnx.Module):
         self.k = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype, std)
         self.v = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dtype, std)
         self.o = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype, (h * hd) ** -0.5)
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (d,), ("embed",), dtype, 0.0)
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), dtype, 0.0)
             self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dtype, 0.0)
@@ -124,7 +152,9 @@ class Attention(nnx.Module):
                 self.q_norm = norm((h, hd), axes=("heads", "head_dim"))
                 self.k_norm = norm((k, hd), axes=("kv_heads", "head_dim"))
         self.qkv_bias = cfg.qkv_bias
+        self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
+        self.rope = cfg.position_embedding == "rope"
         self.scale = cfg.query_scale if cfg.query_scale is not None else hd**-0.5
         self.softcap = cfg.attn_softcap
         longrope = cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope"
@@ -151,6 +181,8 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if not self.rope:  # learned absolute positions, added to the embeddings
+            return q, k, v
         rope = functools.partial(apply_rope, positions=positions, inv_freq=inv_freq, scale=self.rope_scale)
         return rope(q), rope(k), v
 
@@ -172,47 +204,71 @@ class Attention(nnx.Module):
                         softcap=self.softcap)
         if minor:  # [embed, heads, hd] as 2-D [embed, heads * hd], as in ``project``
             b, t, h, hd = out.shape
-            return _dense("btn,dn->btd", out.reshape(b, t, h * hd), self.o[...].reshape(self.o.shape[0], h * hd))
-        return _dense("bthk,hkd->btd", out, self.o[...])
+            out = _dense("btn,dn->btd", out.reshape(b, t, h * hd), self.o[...].reshape(self.o.shape[0], h * hd))
+        else:
+            out = _dense("bthk,hkd->btd", out, self.o[...])
+        return out + self.o_bias[...] if self.has_o_bias else out
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
+        if cfg.mlp_gated:
+            self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype, f**-0.5)
+        if cfg.mlp_bias:
+            if cfg.mlp_gated:
+                self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, 0.0)
+            self.up_bias = _param(rngs, (f,), ("mlp",), dtype, 0.0)
+            self.down_bias = _param(rngs, (d,), ("embed",), dtype, 0.0)
         self.activation = cfg.mlp_activation
+        self.gated, self.bias = cfg.mlp_gated, cfg.mlp_bias
 
     def __call__(self, x: Float[Array, "batch seq embed"], minor: bool = False) -> Float[Array, "batch seq embed"]:
-        """Gated MLP, ``down(act(gate x) * up x)``: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma);
-        ``minor``: weights in the contraction-minor run layout (gate/up ``[mlp, embed]``)."""
+        """Gated MLP, ``down(act(gate x) * up x)``: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma); or,
+        not gated, ``down(act(up x))`` (GPT-2, GPT-NeoX, Falcon; exact or tanh gelu), with biases where the
+        config has them; ``minor``: weights in the contraction-minor run layout (gate/up ``[mlp, embed]``)."""
         into, out_of = ("btd,fd->btf", "btf,df->btd") if minor else ("btd,df->btf", "btf,fd->btd")
-        act = jax.nn.silu if self.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-        h = act(_dense(into, x, self.gate[...])) * _dense(into, x, self.up[...])
-        return _dense(out_of, h, self.down[...])
+        act = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "gelu": functools.partial(jax.nn.gelu, approximate=False)}[self.activation]
+        up = _dense(into, x, self.up[...])
+        if self.bias:
+            up = up + self.up_bias[...]
+        if self.gated:
+            gate = _dense(into, x, self.gate[...])
+            h = act(gate + self.gate_bias[...] if self.bias else gate) * up
+        else:
+            h = act(up)
+        out = _dense(out_of, h, self.down[...])
+        return out + self.down_bias[...] if self.bias else out
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
-        norm = functools.partial(RMSNorm, (cfg.hidden_size,), cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
-                                 plus_one=cfg.norm_plus_one, float32_scale=cfg.norm_float32_scale)
+        norm = functools.partial(_block_norm, cfg, dtype=dtype, rngs=rngs)
         if cfg.pre_norms:
             self.attn_norm = norm()
-            self.mlp_norm = norm()
+            if not cfg.shared_input_norm:  # Falcon-7B: one norm feeds both blocks
+                self.mlp_norm = norm()
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
         if cfg.post_norms:  # Gemma, OLMo 2: each block's output is normalised before the residual add
             self.attn_post_norm = norm()
             self.mlp_post_norm = norm()
         self.pre, self.post = cfg.pre_norms, cfg.post_norms
+        self.parallel, self.shared_norm = cfg.parallel_residual, cfg.shared_input_norm
 
     def attn_input(self, x: Float[Array, "batch seq embed"]) -> Float[Array, "batch seq embed"]:
         return self.attn_norm(x) if self.pre else x
 
     def finish(self, x: Float[Array, "batch seq embed"], attn_out: Float[Array, "batch seq embed"],
                minor: bool = False) -> Array:
-        """Residual add of the attention output, then the MLP block."""
+        """Residual add of the attention output, then the MLP block; or, parallel (GPT-NeoX, Falcon), the MLP
+        of the block's input, both outputs added to it at once."""
+        if self.parallel:
+            out = self.mlp(self.attn_norm(x) if self.shared_norm else self.mlp_norm(x), minor)
+            return (out + attn_out) + x
         if self.post:
             attn_out = self.attn_post_norm(attn_out)
         x = x + attn_out
@@ -233,8 +289,10 @@ class Llama(nnx.Module):
             return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm((cfg.hidden_size,), cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
-                                  plus_one=cfg.norm_plus_one, float32_scale=cfg.norm_float32_scale)
+        self.final_norm = _block_norm(cfg, dtype=dtype, rngs=rngs)
+        if cfg.position_embedding == "learned":  # GPT-2: one row per absolute position
+            self.pos_embed = _param(rngs, (cfg.max_position_embeddings, cfg.hidden_size), ("positions", "embed"),
+                                    dtype, 0.02)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype, cfg.hidden_size**-0.5)
 
@@ -254,6 +312,11 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         if cfg.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype first
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+        if cfg.position_embedding == "learned":
+            # Clipped into the table: padding (-1, masked out) reads row 0; requests past the context are refused
+            # earlier (eft_jax.requests), as transformers refuses positions past the table.
+            rows = jnp.clip(positions, 0, cfg.max_position_embeddings - 1)
+            x = x + jnp.take(self.pos_embed[...], rows, axis=0)
         over_layers = functools.partial(_over_layers, nnx.graphdef(self.layers), layers,
                                         _layer_kinds(cfg, layers, positions))
 
@@ -430,7 +493,7 @@ _MINOR_PERM: dict[tuple[str, ...], tuple[int, ...]] = {
     ("attn", "q"): (1, 2, 0), ("attn", "k"): (1, 2, 0), ("attn", "v"): (1, 2, 0),  # [d, h, hd] -> [h, hd, d]
     ("attn", "o"): (2, 0, 1),  # [h, hd, d] -> [d, h, hd]
     ("mlp", "gate"): (1, 0), ("mlp", "up"): (1, 0), ("mlp", "down"): (1, 0),
-}
+}  # (pos_embed is not a per-layer leaf: it keeps its [positions, embed] shape)
 
 
 def run_params(params: Params, *, transpose: bool = False, consume: bool = False) -> Params:

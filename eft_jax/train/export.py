@@ -1,7 +1,8 @@
 """Export trained params as a standard Hugging Face checkpoint directory.
 
 ``config.json`` (the family's class: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-Qwen3ForCausalLM, Olmo2ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM), ``model.safetensors`` in
+Qwen3ForCausalLM, Olmo2ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM,
+GPTNeoXForCausalLM, GPT2LMHeadModel, FalconForCausalLM), ``model.safetensors`` in
 Hugging Face names and orientation, and the tokenizer files. The config keys every family shares are
 written here; each family's own come from its writer next to its reader
 (``eft_jax.models.families.Family.write``), and the result is read back with ``config_from_hf``: a config
@@ -61,6 +62,10 @@ def hf_config_dict(cfg: LlamaConfig, tokenizer: Any = None, dtype: Any = jnp.bfl
             out["rope_scaling"] = {
                 "rope_type": s.kind, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                 "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position_embeddings}
+    fam = family(cfg.architecture)
+    if fam.aliases or fam.unwritten:  # the family's own spelling of the shared keys (GPT-2's n_embd, ...)
+        renamed = {shared: theirs for theirs, shared in fam.aliases.items()}
+        out = {renamed.get(k, k): v for k, v in out.items() if k not in fam.unwritten}
     out.update(own)
     if tokenizer is not None:
         out.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
