@@ -35,19 +35,28 @@ def _full(params, tokens):
     return np.asarray(forward(CFG, params, jnp.asarray(tokens), jnp.asarray(positions))[0])
 
 
+def _prefill_then_steps(cfg, params, tokens, prompt_len):
+    """Logits of a prefill of ``prompt_len`` tokens into a 16-slot cache, then one step per remaining token,
+    concatenated ``[batch, seq, vocab]``; and the final cache."""
+    pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    cache = KVCache.zeros(num_layers=cfg.num_layers, batch=tokens.shape[0], slots=16, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, dtype=jnp.float32)
+    logits, cache = forward(cfg, params, tokens[:, :prompt_len], pos[:, :prompt_len], cache)
+    got = [np.asarray(logits)]
+    for t in range(prompt_len, tokens.shape[1]):
+        logits, cache = forward(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
+        got.append(np.asarray(logits))
+    return np.concatenate(got, axis=1), cache
+
+
 @pytest.mark.parametrize("prompt_len,steps", [(5, 7), (1, 4)])
 def test_prefill_then_steps_equals_full_forward(prompt_len, steps):
     params = llama.init_params(CFG, jax.random.key(0))
     tokens = np.random.RandomState(0).randint(0, 97, size=(2, prompt_len + steps))
     full = _full(params, tokens)
 
-    pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-    logits, cache = forward(CFG, params, tokens[:, :prompt_len], pos[:, :prompt_len], _cache(2, 16))
-    got = [np.asarray(logits)]
-    for t in range(prompt_len, prompt_len + steps):
-        logits, cache = forward(CFG, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
-        got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=_tol(full), rtol=0)
+    got, cache = _prefill_then_steps(CFG, params, tokens, prompt_len)
+    np.testing.assert_allclose(got, full, atol=_tol(full), rtol=0)
     assert np.asarray(cache.length).tolist() == [prompt_len + steps] * 2
 
 
@@ -77,12 +86,8 @@ def test_windowed_prefill_then_steps_equals_full_forward(name, prompt_len, steps
                                     jnp.asarray(pos))[0])
     assert np.abs(unwindowed[:, 4:] - full[:, 4:]).max() > 100 * _tol(full)
 
-    logits, cache = forward(cfg, params, tokens[:, :prompt_len], pos[:, :prompt_len], _cache(2, 16))
-    got = [np.asarray(logits)]
-    for t in range(prompt_len, prompt_len + steps):
-        logits, cache = forward(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
-        got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=_tol(full), rtol=0)
+    got, _ = _prefill_then_steps(cfg, params, tokens, prompt_len)
+    np.testing.assert_allclose(got, full, atol=_tol(full), rtol=0)
 
 
 def test_windowed_per_layer_loop_equals_scan():
@@ -203,14 +208,8 @@ def test_other_blocks_prefill_then_steps_equals_full_forward(name):
     tokens = np.random.RandomState(5).randint(0, 97, size=(2, 12))
     pos = np.broadcast_to(np.arange(12), tokens.shape)
     full = np.asarray(forward(cfg, params, jnp.asarray(tokens), jnp.asarray(pos))[0])
-    cache = KVCache.zeros(num_layers=cfg.num_layers, batch=2, slots=16, num_kv_heads=cfg.num_kv_heads,
-                          head_dim=cfg.head_dim, dtype=jnp.float32)
-    logits, cache = forward(cfg, params, tokens[:, :5], pos[:, :5], cache)
-    got = [np.asarray(logits)]
-    for t in range(5, 12):
-        logits, cache = forward(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
-        got.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=_tol(full), rtol=0)
+    got, _ = _prefill_then_steps(cfg, params, tokens, 5)
+    np.testing.assert_allclose(got, full, atol=_tol(full), rtol=0)
     # Positions matter (a gap before the 7th token moves the later logits: rope sees the distances, a learned
     # table the absolute positions), and the per-layer contraction-minor layout runs the same model.
     gapped = np.asarray(forward(cfg, params, jnp.asarray(tokens), jnp.asarray(pos + 3 * (pos >= 6)))[0])
