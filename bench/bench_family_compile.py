@@ -6,6 +6,7 @@ bfloat16, abstract weights (nothing is allocated). Measures, prints; asserts not
 
 Usage: EFT_JAX_COMPILE_CACHE=off python bench/bench_family_compile.py
 """
+import dataclasses
 import time
 
 import jax
@@ -24,11 +25,21 @@ fams = {
   "gemma2": {"architectures": ["Gemma2ForCausalLM"], "sliding_window": 64, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
   "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "sliding_window": 64},
 }
+# The GPT lineage, as switches on the Llama config of the same shapes (their config.json fields differ).
+gpt = dict(norm_type="layernorm", mlp_gated=False, mlp_activation="gelu", qkv_bias=True, o_bias=True, mlp_bias=True)
+switches = {
+    "gpt_neox": dict(gpt, parallel_residual=True, rotary_dim=32),
+    "gpt2": dict(gpt, position_embedding="learned", tie_word_embeddings=True),
+    "falcon": dict(gpt, parallel_residual=True, shared_input_norm=True, qkv_bias=False, o_bias=False, mlp_bias=False),
+}
 print("| family | 2 layers (s) | 32 layers (s) |\n|---|---:|---:|")
-for name, extra in fams.items():
+for name, extra in {**fams, **switches}.items():
     row = []
     for layers in (2, 32):
-        cfg = config_from_hf({**base, **extra, "num_hidden_layers": layers})
+        if name in switches:
+            cfg = dataclasses.replace(config_from_hf({**base, **fams["llama"], "num_hidden_layers": layers}), **extra)
+        else:
+            cfg = config_from_hf({**base, **extra, "num_hidden_layers": layers})
         params = llama.abstract_params(cfg, jnp.bfloat16)
         tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
         cache = jax.eval_shape(lambda: KVCache.zeros(num_layers=layers, batch=4, slots=256, num_kv_heads=4, head_dim=128, dtype=jnp.bfloat16))
