@@ -96,16 +96,6 @@ def weight_rules(cfg: LlamaConfig) -> list[TensorRule]:
             if (("mlp", proj)) in layer:
                 layer[("mlp", f"{proj}_bias")] = (f"mlp.{proj}_proj.bias", (size,), same)
     fam = family(cfg.architecture)
-    if fam.fused_projections:  # row blocks of one fused tensor, read once per leaf
-        def rows(start: int, stop: int, then: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-            return lambda x: then(x[start:stop])
-
-        qkv, gate_up = "self_attn.qkv_proj.weight", "mlp.gate_up_proj.weight"
-        layer[("attn", "q")] = (qkv, ((h + 2 * k) * hd, d), rows(0, h * hd, heads_in(h)))
-        layer[("attn", "k")] = (qkv, ((h + 2 * k) * hd, d), rows(h * hd, (h + k) * hd, heads_in(k)))
-        layer[("attn", "v")] = (qkv, ((h + 2 * k) * hd, d), rows((h + k) * hd, (h + 2 * k) * hd, heads_in(k)))
-        layer[("mlp", "gate")] = (gate_up, (2 * f, d), rows(0, f, transpose))
-        layer[("mlp", "up")] = (gate_up, (2 * f, d), rows(f, 2 * f, transpose))
     if fam.name in _LAYOUTS:  # the family's own names and fused layouts
         _LAYOUTS[fam.name](cfg, layer)
     _rename(layer, dict(fam.tensor_names))
@@ -181,6 +171,22 @@ def _layout_falcon(cfg: LlamaConfig, layer: LayerMap) -> None:
         _rename(layer, {("attn_norm", "scale"): "ln_attn.weight", ("mlp_norm", "scale"): "ln_mlp.weight"})
 
 
+def _layout_phi3(cfg: LlamaConfig, layer: LayerMap) -> None:
+    """Phi-3's fused projections: q, k and v are row blocks of ``qkv_proj``, gate and up of ``gate_up_proj``;
+    each block is then converted as Llama's own tensor is (read once per leaf)."""
+    d, f, h, k, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def fused(name: str, blocks: list[tuple[tuple[str, ...], int]]) -> None:
+        shape, start = (sum(size for _, size in blocks), d), 0
+        for path, size in blocks:
+            convert = layer[path][2]
+            layer[path] = (name, shape, lambda x, a=start, b=start + size, c=convert: c(x[a:b]))
+            start += size
+
+    fused("self_attn.qkv_proj.weight", [(("attn", "q"), h * hd), (("attn", "k"), k * hd), (("attn", "v"), k * hd)])
+    fused("mlp.gate_up_proj.weight", [(("mlp", "gate"), f), (("mlp", "up"), f)])
+
+
 def _layout_gpt2(cfg: LlamaConfig, layer: LayerMap) -> None:
     """GPT-2's Conv1D stores weights ``[in, out]``; ``c_attn`` holds q, k and v side by side along ``out``."""
     d, f, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
@@ -202,7 +208,7 @@ def _layout_gpt2(cfg: LlamaConfig, layer: LayerMap) -> None:
 
 
 _LAYOUTS: dict[str, Callable[[LlamaConfig, LayerMap], None]] = {
-    "gpt_neox": _layout_gpt_neox, "falcon": _layout_falcon, "gpt2": _layout_gpt2}
+    "gpt_neox": _layout_gpt_neox, "falcon": _layout_falcon, "gpt2": _layout_gpt2, "phi3": _layout_phi3}
 
 
 def _names(rule: TensorRule, num_layers: int) -> list[str]:

@@ -10,7 +10,7 @@ family's differences are visible in one place:
 - ``fields``: the config fields it reads on top of the shared ones, and ``read`` turning them into
   :class:`LlamaConfig` keyword arguments;
 - ``tensor_names``: our leaf path -> the checkpoint's per-layer tensor name, where it differs from
-  Llama's (``eft_jax.loading.weights`` builds the whole key map from it; the fused layouts of GPT-NeoX,
+  Llama's (``eft_jax.loading.weights`` builds the whole key map from it; the fused layouts of Phi-3, GPT-NeoX,
   GPT-2 and Falcon are hooks there), ``top_names`` / ``layer_prefix`` / ``base_prefix`` for the rest;
 - ``aliases`` / ``prepare``: a family's own spelling of the shared fields (GPT-2's ``n_embd``);
 - ``write``: the inverse of ``read``, the family's own ``config.json`` keys for a :class:`LlamaConfig`
@@ -68,8 +68,6 @@ class Family:
     read: Reader
     tensor_names: Mapping[tuple[str, ...], str] = dataclasses.field(default_factory=dict)
     write: Writer | None = None  # every family in FAMILIES has one
-    # Fused projections (Phi-3): q/k/v are row blocks of one ``self_attn.qkv_proj``, gate/up of ``mlp.gate_up_proj``.
-    fused_projections: bool = False
     # Values a config.json of this family may omit, as transformers' config class defaults them.
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # The family's own spelling of shared config.json fields: its name -> the shared name (GPT-2's n_embd ->
@@ -478,7 +476,7 @@ FAMILIES: tuple[Family, ...] = (
             ("mlp_post_norm", "scale"): "post_feedforward_layernorm.weight", **_QK_NORMS}, write=_write_olmo2),
     Family("phi3", ("Phi3ForCausalLM",), ("phi3",),
            frozenset({"hidden_act", "sliding_window", "original_max_position_embeddings", "partial_rotary_factor"}),
-           _read_phi3, write=_write_phi3, fused_projections=True),
+           _read_phi3, write=_write_phi3),  # fused qkv / gate_up: its layout hook in loading/weights.py
     Family("gemma2", ("Gemma2ForCausalLM",), ("gemma2",), _GEMMA_FIELDS,
            lambda hf, where: _read_gemma(hf, where, pattern=2, qk_norm=False), _GEMMA_NORMS, write=_write_gemma,
            defaults={"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
