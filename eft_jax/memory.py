@@ -6,10 +6,11 @@ and a suggestion; ``eft-jax config`` prints it. All figures are bytes **per devi
 ``(data, model)`` mesh holds the same amount (shards are even, replicated arrays are whole everywhere).
 
 What is counted, per model (a model used in several roles with the same path, dtype and sharding is
-loaded once and counted once, as ``jobs.runner.build_engine`` loads it):
+and quantization is loaded once and counted once, as ``jobs.runner.build_engine`` loads it):
 
 - **weights** - exact. Each parameter of ``llama.abstract_params`` in the model's stored type
-  (:func:`weight_leaves`, the one place that decides bytes per parameter: the dtype today), divided by
+  (:func:`weight_leaves`, the one place that decides bytes per parameter: the dtype, and with
+  ``quantize: int8`` one byte per projection weight plus its float32 per-output-channel scales), divided by
   the product of the mesh-axis sizes its ``PartitionSpec`` splits it over (``sharding.logical_to_spec``
   under the model's rules: the same call that places the loaded weights). Tested equal to the loaded
   arrays' shards.
@@ -88,11 +89,12 @@ DEFAULT_PROMPT_TOKENS = 1024  # `eft-jax config`: the prompt length assumed when
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What the plan needs to know about a checkpoint: its architecture and its own dtype (used when the
-    config's ``dtype`` is null)."""
+    """What the plan needs to know about a checkpoint: its architecture, its own dtype (used when the
+    config's ``dtype`` is null) and its own quantization (an ``eft-jax convert --quantize int8`` checkpoint)."""
 
     config: LlamaConfig
     checkpoint_dtype: str
+    checkpoint_quantize: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +148,7 @@ def read_model_spec(entry: ModelEntry) -> ModelSpec:
         return ModelSpec(cfg, jnp.dtype(GGUF_DEFAULT_DTYPE).name)
     if orbax_checkpoint.is_orbax_checkpoint(path):
         cfg, dtype = orbax_checkpoint.read_checkpoint_meta(path)
-        return ModelSpec(cfg, jnp.dtype(dtype).name)
+        return ModelSpec(cfg, jnp.dtype(dtype).name, orbax_checkpoint.read_checkpoint_quantize(path))
     hf = hf_dir.read_hf_config(path)
     cfg = model_config(hf, str(path / "config.json"))
     if entry.dtype is not None:
@@ -196,10 +198,11 @@ def _messages(prompt: Any) -> int:
 # --- Bytes per device -----------------------------------------------------------------------------------
 
 
-def weight_leaves(cfg: LlamaConfig, dtype: str) -> Any:
+def weight_leaves(cfg: LlamaConfig, dtype: str, quantize: str | None = None) -> Any:
     """The parameters as ``ShapeDtypeStruct`` leaves in their stored type: the one place that decides a
-    model's bytes per parameter (its dtype; a quantized model will store other types here)."""
-    return llama.abstract_params(cfg, jnp.dtype(dtype))
+    model's bytes per parameter (its dtype; with ``quantize`` "int8" the projections are int8 and each has a
+    float32 ``*_scale`` leaf, see ``eft_jax.models.quant``)."""
+    return llama.abstract_params(cfg, jnp.dtype(dtype), quantize)
 
 
 def _mesh(axes: Mapping[str, int]) -> jax.sharding.AbstractMesh:
@@ -213,16 +216,17 @@ def _per_device(shape: Sequence[int], itemsize: int, axes: Sequence[str], rules:
     return math.prod(shape) * itemsize // split
 
 
-def weight_bytes_per_device(cfg: LlamaConfig, dtype: str, sharding: str, axes: Mapping[str, int]) -> int:
+def weight_bytes_per_device(cfg: LlamaConfig, dtype: str, sharding: str, axes: Mapping[str, int],
+                            quantize: str | None = None) -> int:
     """Bytes of a model's weights on each device of a ``{"data": d, "model": m}`` mesh (exact)."""
-    return _weight_bytes(cfg, jnp.dtype(dtype).name, sharding, axes[DATA], axes[MODEL])
+    return _weight_bytes(cfg, jnp.dtype(dtype).name, sharding, axes[DATA], axes[MODEL], quantize)
 
 
 @functools.lru_cache(maxsize=256)
-def _weight_bytes(cfg: LlamaConfig, dtype: str, sharding: str, data: int, model: int) -> int:
+def _weight_bytes(cfg: LlamaConfig, dtype: str, sharding: str, data: int, model: int, quantize: str | None) -> int:
     mesh, rules = _mesh({DATA: data, MODEL: model}), resolve_rules(sharding)
-    leaves = jax.tree.leaves(weight_leaves(cfg, dtype))
-    logical = jax.tree.leaves(llama.param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    leaves = jax.tree.leaves(weight_leaves(cfg, dtype, quantize))
+    logical = jax.tree.leaves(llama.param_logical_axes(cfg, quantize), is_leaf=lambda x: isinstance(x, tuple))
     return sum(_per_device(a.shape, a.dtype.itemsize, ax, rules, mesh) for a, ax in zip(leaves, logical, strict=True))
 
 
@@ -264,7 +268,7 @@ class ModelUsage:
     names: tuple[str, ...]  # config entries sharing this load
     roles: tuple[str, ...]
     params: int
-    dtype: str
+    dtype: str  # the float type; "int8+<dtype>" when the projections are int8
     sharding: str
     weights: int
     kv_cache: int
@@ -355,7 +359,10 @@ def plan_memory(config: Config, specs: Mapping[str, ModelSpec], axes: Mapping[st
         e = config.models[name]
         return e, specs[name], e.dtype or specs[name].checkpoint_dtype
 
-    # Loads: one per (path, dtype, sharding), as build_engine; caches: one per (load, prompt format), as
+    def quantize(name: str) -> str | None:
+        return config.models[name].quantize or specs[name].checkpoint_quantize
+
+    # Loads: one per (path, dtype, sharding, quantize), as build_engine; caches: one per (load, prompt format), as
     # the engine's distinct runs (the drafter's included when generating).
     users = list(config.roles())
     if generate and config.drafter_name() is not None:
@@ -365,7 +372,7 @@ def plan_memory(config: Config, specs: Mapping[str, ModelSpec], axes: Mapping[st
     runs: set[tuple] = set()
     for role, name in users:
         e, _, dtype = entry(name)
-        key = (str(resolve_model_path(e.path)), dtype, e.sharding)
+        key = (str(resolve_model_path(e.path)), dtype, e.sharding, quantize(name))
         if name not in loads.setdefault(key, []):
             loads[key].append(name)
         roles.setdefault(key, []).append(role)
@@ -401,8 +408,9 @@ def plan_memory(config: Config, specs: Mapping[str, ModelSpec], axes: Mapping[st
             scores = rows * heads * seq * seq * 4
             acts = 2 * rows * seq * mlp * jnp.dtype(dtype).itemsize
         prefill_peak = max(prefill_peak, scores + acts)
-        usages.append(ModelUsage(tuple(names), tuple(roles[key]), cfg.num_params, dtype, e.sharding,
-                                 weight_bytes_per_device(cfg, dtype, e.sharding, axes), kv, working))
+        q = quantize(names[0])
+        usages.append(ModelUsage(tuple(names), tuple(roles[key]), cfg.num_params, f"{q}+{dtype}" if q else dtype,
+                                 e.sharding, weight_bytes_per_device(cfg, dtype, e.sharding, axes, q), kv, working))
 
     vocab = max(specs[name].config.vocab_size for _, name in users)
     rule = len(config.roles())
@@ -492,6 +500,11 @@ def suggestions(plan: MemoryPlan, specs: Mapping[str, ModelSpec]) -> list[str]:
         smaller = _with_models(config, {n: {"dtype": "bfloat16"} for n in wide})
         out.append(_verdict(" ".join(f"models.{n}.dtype=bfloat16" for n in wide) + ": half the bytes of float32",
                             smaller, specs, axes, w, memory))
+    unquantized = [n for n in names if config.models[n].quantize is None and specs[n].checkpoint_quantize is None]
+    if unquantized:
+        int8 = _with_models(config, {n: {"quantize": "int8"} for n in unquantized})
+        out.append(_verdict(" ".join(f"models.{n}.quantize=int8" for n in unquantized)
+                            + ": one byte per projection weight (eft_jax/models/quant.py)", int8, specs, axes, w, memory))
     replicated = [n for n in names if config.models[n].sharding == "replicated"]
     if replicated and axes[MODEL] > 1:
         split = _with_models(config, {n: {"sharding": "tensor_parallel"} for n in replicated})

@@ -18,9 +18,11 @@ from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, CacheLayout, KVCache
 from eft_jax.sharding import ShardingRules, logical_to_spec, tree_shardings
 
 
-def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: ShardingRules) -> dict[str, Any]:
-    """NamedSharding per params leaf under ``rules``."""
-    return tree_shardings(llama.param_logical_axes(cfg), llama.abstract_params(cfg), rules, mesh)
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: ShardingRules, quantize: str | None = None
+                    ) -> dict[str, Any]:
+    """NamedSharding per params leaf under ``rules`` (``quantize``: of the quantized params, scales included)."""
+    return tree_shardings(llama.param_logical_axes(cfg, quantize), llama.abstract_params(cfg, quantize=quantize),
+                          rules, mesh)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -97,6 +99,11 @@ class Model:
     @property
     def dtype(self) -> jnp.dtype:
         return self._held()["embed"].dtype
+
+    @property
+    def quantize(self) -> str | None:
+        """"int8" when the layers' projections are int8 (``load_model(..., quantize="int8")``), else None."""
+        return llama.params_quantize(self._held())
 
     @property
     def weight_bytes(self) -> int:

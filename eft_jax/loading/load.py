@@ -16,6 +16,7 @@ from eft_jax.loading.weights import place_weights
 from eft_jax.model import Model, param_shardings
 from eft_jax.models.config import LlamaConfig, UnsupportedConfigError
 from eft_jax.models.families import config_from_hf, family
+from eft_jax.models.quant import check_quantize
 from eft_jax.sharding import ShardingRules, resolve_rules, single_device_mesh
 
 # A dequantized GGUF has no "own" float type; bf16 is what one would run it in on an accelerator.
@@ -29,6 +30,7 @@ def load_model(
     mesh: Mesh | None = None,
     sharding: str | ShardingRules | dict = "tensor_parallel",
     tokenizer: Any = None,
+    quantize: str | None = None,
 ) -> Model:
     """Load a Llama-family causal LM onto ``mesh``.
 
@@ -42,10 +44,15 @@ def load_model(
         logical-axis -> mesh-axis mapping.
       tokenizer: the checkpoint's tokenizer if already loaded (``load_tokenizer(source)``), so it is
         not built twice.
+      quantize: "int8": the decoder layers' projection matrices are quantized to int8 with a float32 scale
+        per output channel, tensor by tensor while loading, straight into their shardings (embeddings,
+        LM head, norms and biases stay in ``dtype``; see ``eft_jax.models.quant``). An ``eft-jax convert
+        --quantize int8`` checkpoint is int8 already (None keeps what it holds).
     """
     path = checked_path(source)
     mesh = mesh if mesh is not None else single_device_mesh()
     rules = resolve_rules(sharding)
+    check_quantize(quantize)
 
     if path.is_file():
         from eft_jax.loading.gguf import open_gguf
@@ -53,13 +60,18 @@ def load_model(
         ckpt = open_gguf(path)
         cfg = model_config(ckpt.hf_config, f"{path} (GGUF metadata)")
         dtype = dtype if dtype is not None else GGUF_DEFAULT_DTYPE
-        params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules), dtype)
+        params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules, quantize), dtype, quantize)
         return Model(cfg, params, tokenizer or ckpt.load_tokenizer(), mesh, rules, str(path), ckpt.end_token_ids)
 
     if orbax_checkpoint.is_orbax_checkpoint(path):
         cfg, saved_dtype = orbax_checkpoint.read_checkpoint_meta(path)
         dtype = dtype if dtype is not None else saved_dtype
-        params = orbax_checkpoint.restore_params(path, cfg, param_shardings(cfg, mesh, rules), dtype)
+        saved = orbax_checkpoint.read_checkpoint_quantize(path)
+        if quantize is not None and saved != quantize:
+            raise CheckpointError(f"{path}: holds {saved or 'unquantized'} weights, not {quantize}; convert the "
+                                  f"source with `eft-jax convert SRC DEST --quantize {quantize}`, or load this one "
+                                  "without quantize")
+        params = orbax_checkpoint.restore_params(path, cfg, param_shardings(cfg, mesh, rules, saved), dtype, saved)
         return Model(cfg, params, tokenizer or orbax_checkpoint.load_checkpoint_tokenizer(path), mesh, rules,
                      str(path), orbax_checkpoint.read_end_token_ids(path))
 
@@ -67,7 +79,7 @@ def load_model(
     cfg = model_config(hf_config, str(path / "config.json"))
     if dtype is None:
         dtype = own_dtype(tensors, cfg)
-    params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules), dtype)
+    params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules, quantize), dtype, quantize)
     return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path),
                  hf_dir.declared_end_ids(path, hf_config))
 
@@ -130,13 +142,16 @@ def own_dtype(tensors: Any, cfg: LlamaConfig | None = None) -> Any:
     return jnp.dtype(jnp.float32)
 
 
-def convert(source: str | os.PathLike, dest: str | os.PathLike, *, dtype: Any = None) -> Model:
-    """Read ``source`` once (any supported format) and write our orbax checkpoint to ``dest``.
+def convert(source: str | os.PathLike, dest: str | os.PathLike, *, dtype: Any = None,
+            quantize: str | None = None) -> Model:
+    """Read ``source`` once (any supported format) and write our orbax checkpoint to ``dest``; with
+    ``quantize`` ("int8") the checkpoint holds the int8 weights and scales, restored as they are.
 
     ``dest`` must not exist yet: that is checked before anything is read.
     """
+    check_quantize(quantize)
     if Path(dest).expanduser().exists():
         raise FileExistsError(f"{dest} already exists; choose a new destination directory (nothing was read)")
-    model = load_model(source, dtype=dtype)
+    model = load_model(source, dtype=dtype, quantize=quantize)
     orbax_checkpoint.save_checkpoint(model, Path(dest))
     return model

@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory::
 
-    eft_jax_checkpoint.json   format marker, our LlamaConfig, dtype, where it was converted from
+    eft_jax_checkpoint.json   format marker, our LlamaConfig, dtype, quantize (when set), where it was converted from
     params/                   orbax checkpoint of the params pytree
     tokenizer/                tokenizer files (save_pretrained), if the model has a tokenizer
 """
@@ -45,6 +45,8 @@ def save_checkpoint(model: Any, dest: Path) -> None:
         "dtype": jnp.dtype(model.dtype).name, "converted_from": model.source,
         "end_token_ids": list(model.end_token_ids),
     }
+    if model.quantize is not None:  # only when set: unquantized checkpoints keep their marker as before
+        meta["quantize"] = model.quantize
     # The marker is written last: a directory without it is an interrupted conversion, not a checkpoint.
     (dest / MARKER).write_text(json.dumps(meta, indent=2))
 
@@ -61,11 +63,18 @@ def read_end_token_ids(path: Path) -> tuple[int, ...]:
     return tuple(int(t) for t in json.loads((path / MARKER).read_text()).get("end_token_ids", []))
 
 
-def restore_params(path: Path, cfg: LlamaConfig, shardings: Any, dtype: Any) -> dict[str, Any]:
-    """Params restored straight into ``shardings`` (each host reads only its own shards)."""
+def read_checkpoint_quantize(path: Path) -> str | None:
+    """"int8" for a checkpoint written with ``eft-jax convert --quantize int8``, else None."""
+    return json.loads((path / MARKER).read_text()).get("quantize")
+
+
+def restore_params(path: Path, cfg: LlamaConfig, shardings: Any, dtype: Any, quantize: str | None = None
+                   ) -> dict[str, Any]:
+    """Params restored straight into ``shardings`` (each host reads only its own shards). Float leaves are
+    restored in ``dtype``; a quantized checkpoint's int8 weights and float32 scales as they were saved."""
     target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=s),
-        llama.abstract_params(cfg),
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        llama.abstract_params(cfg, dtype, quantize),  # int8 weights and float32 scales whatever ``dtype`` is
         shardings,
     )
     with ocp.StandardCheckpointer() as ckptr:

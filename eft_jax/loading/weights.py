@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from eft_jax.loading.source import CheckpointError, TensorSource
+from eft_jax.models import quant
 from eft_jax.models.config import LlamaConfig
 from eft_jax.models.families import family
 
@@ -287,18 +288,32 @@ def place_weights(
     source: TensorSource,
     shardings: dict[str, Any],
     dtype: Any,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
-    """Build the params pytree on device, each leaf assembled shard by shard from ``source``."""
+    """Build the params pytree on device, each leaf assembled shard by shard from ``source``. ``quantize``
+    ("int8"): the layers' projections are quantized tensor by tensor on the way (``models.quant``), and
+    ``shardings`` is the quantized params' tree (with the ``*_scale`` leaves)."""
     rules = weight_rules(cfg)
     source = _with_base_prefix(cfg, source)
     check_keys(cfg, source, rules)
     params: dict[str, Any] = {}
     for rule in rules:
-        sharding = shardings
-        for key in rule.path:
-            sharding = sharding[key]
-        _set_path(params, rule.path, _place_leaf(cfg, source, rule, sharding, np.dtype(dtype)))
+        if quantize is not None and quant.is_quantized_leaf(rule.path):
+            one = rule.to_ours(np.empty(rule.hf_shape, np.uint8)).shape
+            read = lambda i, r=rule: r.to_ours(np.asarray(source.read(_names(r, cfg.num_layers)[i])))  # noqa: E731
+            pair = (_get_path(shardings, rule.path), _get_path(shardings, quant.scale_path(rule.path)))
+            weight, scale = quant.place_int8((cfg.num_layers, *one), read, quant.QUANTIZED[rule.path[1:]], pair)
+            _set_path(params, rule.path, weight)
+            _set_path(params, quant.scale_path(rule.path), scale)
+            continue
+        _set_path(params, rule.path, _place_leaf(cfg, source, rule, _get_path(shardings, rule.path), np.dtype(dtype)))
     return params
+
+
+def _get_path(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def _place_leaf(cfg: LlamaConfig, source: TensorSource, rule: TensorRule, sharding: Any, dtype: np.dtype) -> jax.Array:

@@ -26,6 +26,10 @@ Layer weights have three layouts, and ``forward`` runs any of them (the choice i
 
 Attention is :func:`eft_jax.models.attention.attention` (einsum reference on CPU, the platform's fused
 attention on GPU/TPU).
+
+With ``quantize="int8"`` (``Llama(..., quantize=...)``, ``abstract_params``) the layers' projections are
+declared int8 with a float32 ``<name>_scale`` per output channel beside each (:mod:`eft_jax.models.quant`);
+``forward`` tells the two apart by the weights' dtype and scales each dot's float32 result.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from jaxtyping import Array, Float, Int
 from eft_jax.models.attention import attention
 from eft_jax.models.config import LlamaConfig, longrope_long_frequencies, rope_inverse_frequencies
 from eft_jax.models.kv_cache import KVCache
+from eft_jax.models.quant import QUANTIZED, check_quantize, int8_matmul_blocked, scale_path
 
 Params = dict[str, Any]  # nested dict of arrays, as produced by nnx.State.to_pure_dict()
 
@@ -101,6 +106,29 @@ class LayerNorm(nnx.Module):
         return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def _quantize_declarations(module: nnx.Module, group: str, quantize: str | None) -> None:
+    """With ``quantize`` ("int8"), redeclare ``module``'s projections of ``group`` ("attn" / "mlp") as int8 with
+    a float32 scale per output channel beside each (``<name>_scale``, the weight's axes without its
+    contraction axes): see :mod:`eft_jax.models.quant`."""
+    if quantize is None:
+        return
+    for (g, name), contract in QUANTIZED.items():
+        if g != group or not hasattr(module, name):
+            continue
+        w = getattr(module, name)
+        axes = tuple(w.get_metadata()["logical_axes"])
+        setattr(module, name, nnx.Param(jnp.zeros(w.shape, jnp.int8), logical_axes=axes))
+        out = tuple(i for i in range(len(axes)) if i not in contract)
+        setattr(module, scale_path((name,))[0], nnx.Param(jnp.ones(tuple(w.shape[i] for i in out), jnp.float32),
+                                                          logical_axes=tuple(axes[i] for i in out)))
+
+
+def _weight(module: nnx.Module, name: str) -> tuple[Array, Array | None]:
+    """A projection's weight and its int8 scale (None when it is not quantized)."""
+    scale = getattr(module, scale_path((name,))[0], None)
+    return getattr(module, name)[...], None if scale is None else scale[...]
+
+
 def _block_norm(cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs) -> RMSNorm | LayerNorm:
     """One hidden-width norm of the kind ``cfg.norm_type`` names."""
     if cfg.norm_type == "layernorm":
@@ -129,7 +157,7 @@ def apply_rope(
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs, quantize: str | None = None):
         d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = d**-0.5
         self.q = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype, std)
@@ -151,6 +179,7 @@ class Attention(nnx.Module):
             else:  # "width": over all heads of the projection together
                 self.q_norm = norm((h, hd), axes=("heads", "head_dim"))
                 self.k_norm = norm((k, hd), axes=("kv_heads", "head_dim"))
+        _quantize_declarations(self, "attn", quantize)
         self.qkv_bias = cfg.qkv_bias
         self.has_o_bias = cfg.o_bias
         self.qk_norm = cfg.qk_norm
@@ -169,14 +198,15 @@ class Attention(nnx.Module):
     ) -> tuple[Array, Array, Array]:
         """Rotated queries ``[b, t, heads, hd]`` and keys, plus values ``[b, t, kv_heads, hd]``. ``minor``:
         the weights are in the contraction-minor run layout (see :func:`run_params`)."""
+        weights = [_weight(self, name) for name in ("q", "k", "v")]
         if minor:
             # [heads, hd, embed] viewed as 2-D [heads * hd, embed] (a free reshape): XLA:CPU canonicalises a
             # dot with several free weight axes by transposing (copying) the weight at every call.
             b, t, _ = x.shape
-            q, k, v = (_dense("btd,nd->btn", x, w[...].reshape(-1, w.shape[-1])).reshape(b, t, w.shape[0], w.shape[1])
-                       for w in (self.q, self.k, self.v))
+            q, k, v = (_dense_minor(x, w.reshape(-1, w.shape[-1]), s).reshape(b, t, w.shape[0], w.shape[1])
+                       for w, s in weights)
         else:
-            q, k, v = (_dense("btd,dhk->bthk", x, w[...]) for w in (self.q, self.k, self.v))
+            q, k, v = (_dense("btd,dhk->bthk", x, w, s) for w, s in weights)
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if self.qk_norm:
@@ -202,16 +232,17 @@ class Attention(nnx.Module):
         output projection."""
         out = attention(q, keys, values, q_pos, k_pos, kv_length, scale=self.scale, window=window,
                         softcap=self.softcap)
+        o, scale = _weight(self, "o")
         if minor:  # [embed, heads, hd] as 2-D [embed, heads * hd], as in ``project``
             b, t, h, hd = out.shape
-            out = _dense("btn,dn->btd", out.reshape(b, t, h * hd), self.o[...].reshape(self.o.shape[0], h * hd))
+            out = _dense_minor(out.reshape(b, t, h * hd), o.reshape(o.shape[0], h * hd), scale)
         else:
-            out = _dense("bthk,hkd->btd", out, self.o[...])
+            out = _dense("bthk,hkd->btd", out, o, scale)
         return out + self.o_bias[...] if self.has_o_bias else out
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs, quantize: str | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
         if cfg.mlp_gated:
             self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype, d**-0.5)
@@ -222,6 +253,7 @@ class MLP(nnx.Module):
                 self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, 0.0)
             self.up_bias = _param(rngs, (f,), ("mlp",), dtype, 0.0)
             self.down_bias = _param(rngs, (d,), ("embed",), dtype, 0.0)
+        _quantize_declarations(self, "mlp", quantize)
         self.activation = cfg.mlp_activation
         self.gated, self.bias = cfg.mlp_gated, cfg.mlp_bias
 
@@ -229,30 +261,33 @@ class MLP(nnx.Module):
         """Gated MLP, ``down(act(gate x) * up x)``: SwiGLU (silu) or GeGLU (tanh-approximated gelu, Gemma); or,
         not gated, ``down(act(up x))`` (GPT-2, GPT-NeoX, Falcon; exact or tanh gelu), with biases where the
         config has them; ``minor``: weights in the contraction-minor run layout (gate/up ``[mlp, embed]``)."""
-        into, out_of = ("btd,fd->btf", "btf,df->btd") if minor else ("btd,df->btf", "btf,fd->btd")
+        def dense(h: Array, name: str, spec: str) -> Array:
+            w, scale = _weight(self, name)
+            return _dense_minor(h, w, scale) if minor else _dense(spec, h, w, scale)
+
         act = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
                "gelu": functools.partial(jax.nn.gelu, approximate=False)}[self.activation]
-        up = _dense(into, x, self.up[...])
+        up = dense(x, "up", "btd,df->btf")
         if self.bias:
             up = up + self.up_bias[...]
         if self.gated:
-            gate = _dense(into, x, self.gate[...])
+            gate = dense(x, "gate", "btd,df->btf")
             h = act(gate + self.gate_bias[...] if self.bias else gate) * up
         else:
             h = act(up)
-        out = _dense(out_of, h, self.down[...])
+        out = dense(h, "down", "btf,fd->btd")
         return out + self.down_bias[...] if self.bias else out
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs, quantize: str | None = None):
         norm = functools.partial(_block_norm, cfg, dtype=dtype, rngs=rngs)
         if cfg.pre_norms:
             self.attn_norm = norm()
             if not cfg.shared_input_norm:  # Falcon-7B: one norm feeds both blocks
                 self.mlp_norm = norm()
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs, quantize=quantize)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs, quantize=quantize)
         if cfg.post_norms:  # Gemma, OLMo 2: each block's output is normalised before the residual add
             self.attn_post_norm = norm()
             self.mlp_post_norm = norm()
@@ -277,16 +312,17 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """A causal LM: embedding, ``num_layers`` stacked decoder layers, final norm, LM head."""
+    """A causal LM: embedding, ``num_layers`` stacked decoder layers, final norm, LM head. ``quantize``
+    ("int8"): the layers' projections are int8 with per-output-channel scales (:mod:`eft_jax.models.quant`)."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, quantize: str | None = None):
         self.config = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype, 1.0)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+            return DecoderLayer(cfg, dtype=dtype, rngs=rngs, quantize=quantize)
 
         self.layers = make_layers(rngs)
         self.final_norm = _block_norm(cfg, dtype=dtype, rngs=rngs)
@@ -366,19 +402,35 @@ class Llama(nnx.Module):
         return logits, new_cache
 
 
-def _dense(spec: str, x: Array, w: Array) -> Array:
-    """``einsum(spec, x, w)`` accumulated and returned in float32, then cast to ``x``'s dtype; ``spec``
-    starts with the batch axis on both ``x`` and the output.
+def _dense(spec: str, x: Array, w: Array, scale: Array | None = None) -> Array:
+    """``einsum(spec, x, w)`` accumulated in float32, then cast to ``x``'s dtype; ``spec`` starts with the
+    batch axis on both ``x`` and the output. With ``scale`` (an int8 ``w``, see :mod:`eft_jax.models.quant`)
+    the weight is converted to ``x``'s dtype as the dot's operand and the float32 result is multiplied by
+    ``scale`` (the output's trailing axes) before the cast.
 
     For float32 this is the plain einsum. For bfloat16 it is the same arithmetic (XLA accumulates a bf16
     dot in float32 and rounds once), in the forms XLA:CPU runs fastest: a float32-output dot (a bf16-output
     one takes a slow generic path, ~6x at batch 8), and never a single-row one: a one-row bf16 dot runs
     ~7x slower than the same dot with two rows (bench/bench_cpu_decode.py), so one row is computed twice.
     """
-    if x.dtype != jnp.float32 and math.prod(x.shape[:-1]) == 1:
-        doubled = jnp.concatenate([x, x], axis=0)
-        return jnp.einsum(spec, doubled, w, preferred_element_type=jnp.float32)[:1].astype(x.dtype)
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    if scale is not None:
+        w = w.astype(x.dtype)
+    rows = jnp.concatenate([x, x], axis=0) if x.dtype != jnp.float32 and math.prod(x.shape[:-1]) == 1 else x
+    out = jnp.einsum(spec, rows, w, preferred_element_type=jnp.float32)[: x.shape[0]]
+    return (out if scale is None else out * scale).astype(x.dtype)
+
+
+def _dense_minor(x: Float[Array, "batch seq k"], w: Array, scale: Float[Array, " n"] | None) -> Float[Array, "batch seq n"]:
+    """``x @ w.T`` for a 2-D ``[out, in]`` weight of the contraction-minor run layout (one CPU device), as
+    ``_dense``; an int8 ``w`` goes through :func:`quant.int8_matmul_blocked`, which never dequantizes the
+    whole matrix at once (XLA:CPU would not fuse the conversion into the dot)."""
+    if scale is None:
+        return _dense("btd,nd->btn", x, w)
+    b, t, k = x.shape
+    rows = x.reshape(b * t, k)
+    if x.dtype != jnp.float32 and b * t == 1:  # one-row bf16 dots are slow (see ``_dense``)
+        rows = jnp.concatenate([rows, rows], axis=0)
+    return int8_matmul_blocked(rows, w, scale.reshape(-1))[: b * t].reshape(b, t, -1).astype(x.dtype)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -437,24 +489,26 @@ def _layer_kinds(cfg: LlamaConfig, layers: Params | tuple[Params, ...], position
 
 
 @functools.lru_cache(maxsize=None)
-def _graphdef_and_abstract(cfg: LlamaConfig, dtype_name: str) -> tuple[nnx.GraphDef, nnx.State]:
-    model = nnx.eval_shape(lambda: Llama(cfg, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0)))
+def _graphdef_and_abstract(cfg: LlamaConfig, dtype_name: str, quantize: str | None = None
+                           ) -> tuple[nnx.GraphDef, nnx.State]:
+    model = nnx.eval_shape(lambda: Llama(cfg, dtype=jnp.dtype(dtype_name), rngs=nnx.Rngs(0), quantize=quantize))
     return nnx.split(model)
 
 
-def abstract_params(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Params:
-    """The params pytree as ``jax.ShapeDtypeStruct`` leaves (no memory allocated)."""
-    return _graphdef_and_abstract(cfg, jnp.dtype(dtype).name)[1].to_pure_dict()
+def abstract_params(cfg: LlamaConfig, dtype: Any = jnp.float32, quantize: str | None = None) -> Params:
+    """The params pytree as ``jax.ShapeDtypeStruct`` leaves (no memory allocated); ``quantize`` ("int8"):
+    int8 projections plus their float32 ``*_scale`` leaves (:mod:`eft_jax.models.quant`)."""
+    return _graphdef_and_abstract(cfg, jnp.dtype(dtype).name, check_quantize(quantize))[1].to_pure_dict()
 
 
-def param_logical_axes(cfg: LlamaConfig) -> Params:
+def param_logical_axes(cfg: LlamaConfig, quantize: str | None = None) -> Params:
     """The params pytree with a tuple of logical axis names per leaf (stacked layers get "layers")."""
-    state = _graphdef_and_abstract(cfg, "float32")[1]
+    state = _graphdef_and_abstract(cfg, "float32", check_quantize(quantize))[1]
     axes = jax.tree.map(
         lambda v: tuple(v.get_metadata()["logical_axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
     pure = nnx.State(axes).to_pure_dict() if not isinstance(axes, dict) else axes
-    abstract = abstract_params(cfg)
+    abstract = abstract_params(cfg, quantize=quantize)
     return jax.tree.map(
         lambda a, s: ("layers",) * (len(s.shape) - len(a)) + a, pure, abstract, is_leaf=lambda x: isinstance(x, tuple)
     )
@@ -481,14 +535,21 @@ def forward(
     cache, tokens attend causally to each other. ``logits_at`` (column indices per row) restricts the
     output to those columns: ``[batch, n, vocab]``. Pure: call it under ``jax.jit`` with ``cfg`` static.
     """
-    graphdef, abstract = _graphdef_and_abstract(cfg, "float32")
+    graphdef, abstract = _graphdef_and_abstract(cfg, "float32", params_quantize(params))
     # The module gets the stacked layers' shapes only; their buffers, in either layout, go in as ``layers``.
     model = nnx.merge(graphdef, {**params, "layers": abstract.to_pure_dict()["layers"]})
     return model(tokens, positions, cache, logits_at, params["layers"])
 
 
+def params_quantize(params: Params) -> str | None:
+    """"int8" when ``params`` (any layout) hold int8 projections, else None (read from dtypes: static)."""
+    layers = params["layers"]
+    first = layers[0] if isinstance(layers, tuple) else layers
+    return "int8" if first["attn"]["q"].dtype == jnp.int8 else None
+
+
 # The contraction-minor run layout (MinorLayers): per-layer leaf -> axes permutation from the canonical
-# per-layer shape. Leaves not listed (norms, biases) keep their shape.
+# per-layer shape. Leaves not listed (norms, biases, int8 scales: output axes only) keep their shape.
 _MINOR_PERM: dict[tuple[str, ...], tuple[int, ...]] = {
     ("attn", "q"): (1, 2, 0), ("attn", "k"): (1, 2, 0), ("attn", "v"): (1, 2, 0),  # [d, h, hd] -> [h, hd, d]
     ("attn", "o"): (2, 0, 1),  # [h, hd, d] -> [d, h, hd]

@@ -28,6 +28,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from eft_jax.loading.weights import TensorRule, weight_rules
+from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
 from eft_jax.models.families import config_from_hf, family
 
@@ -110,6 +111,10 @@ def _to_hf(rule: TensorRule, ours: np.ndarray, into: np.ndarray | None = None) -
 
 def hf_state_dict(cfg: LlamaConfig, params: dict[str, Any], dtype: Any = jnp.bfloat16) -> dict[str, np.ndarray]:
     """HF tensor name -> numpy array in ``dtype`` (leaves gathered to the host one at a time)."""
+    if llama.params_quantize(params) is not None:
+        # int8 projections would be written as their integer codes without the scales: refuse instead.
+        raise ValueError("these weights are int8-quantized (quantize: int8); export or train from the float "
+                         "checkpoint they were quantized from (load_model without quantize)")
     out: dict[str, np.ndarray] = {}  # float32 until every leaf sharing a tensor has been scattered into it
     for rule in weight_rules(cfg):
         leaf = params
