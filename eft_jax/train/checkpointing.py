@@ -3,22 +3,38 @@
 Each saved step holds the whole train state (step counter, float32 params, optimizer state) and a
 JSON record of the run (model and train configs, data fingerprint). Restoring puts every array
 straight into its training sharding. A checkpoint of a different model, optimizer setting or dataset
-is refused rather than silently mixed into the run.
+is refused rather than silently mixed into the run. A LoRA run saves only its adapters and their
+optimizer state; the frozen weights are identified by a fingerprint of their bytes
+(``frozen_weights``), so a resume on other weights is refused too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from eft_jax.train.trainer import TrainConfig
 
 # Fields of the run record that must match for a resume (the rest, e.g. checkpoint_every, may change).
-_MUST_MATCH = ("model_config", "data")
-_TRAIN_MUST_MATCH = ("steps", "batch_size", "optimizer", "seed")
+_MUST_MATCH = ("model_config", "data", "frozen_weights")
+_TRAIN_MUST_MATCH = ("steps", "batch_size", "optimizer", "seed", "lora")
+
+
+def params_fingerprint(params: Any) -> str:
+    """A hash of every leaf's path, shape, dtype and bytes (gathered to the host one leaf at a time):
+    equal for the same weights whatever their sharding."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        host = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{host.shape}:{host.dtype};".encode())
+        h.update(host.reshape(-1).view(np.uint8))
+    return h.hexdigest()[:16]
 
 
 class ResumeError(ValueError):

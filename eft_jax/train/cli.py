@@ -21,6 +21,10 @@ The YAML file::
       checkpoint_every: 200
     output: runs/sft/model                  # Hugging Face export (config.json, model.safetensors, tokenizer)
     export_dtype: bfloat16
+    lora:                                   # optional, with init_from: train LoRA adapters, export the merged model
+      rank: 8
+      alpha: 16                             # the update is scaled by alpha / rank
+      targets: [q, k, v, o, gate, up, down] # default: every projection the model has
 
 ``key=value`` arguments override entries (``train.steps=10``, ``train.optimizer.learning_rate=3e-4``).
 """
@@ -37,7 +41,7 @@ from typing import Any
 
 import yaml
 
-_TOP_KEYS = {"init_from", "model", "tokenizer", "data", "train", "output", "export_dtype"}
+_TOP_KEYS = {"init_from", "model", "tokenizer", "data", "train", "output", "export_dtype", "lora"}
 _MODEL_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048}
 
 
@@ -79,23 +83,50 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[s
     for key in ("data", "train", "output"):
         if key not in config:
             raise TrainConfigError(f"{path}: missing required key {key!r}")
+    if config.get("lora") is not None:
+        if "init_from" not in config:
+            raise TrainConfigError(f"{path}: lora adapts given weights: it needs init_from (not model)")
+        _lora_config(config["lora"])  # refused here, before anything is loaded
     return config
 
 
-def _train_config(d: dict[str, Any]):
+def _lora_config(d: Any):
+    """``lora: {rank, alpha, targets}`` as a ``LoraConfig``; the message names the field."""
+    from eft_jax.train.lora import LoraConfig
+
+    if not isinstance(d, dict):
+        raise TrainConfigError(f"lora: expected a mapping {{rank, alpha, targets}}, got {d!r}")
+    if "dropout" in d:
+        raise TrainConfigError("lora.dropout is not supported: the adapters are merged into the weights inside "
+                               "each step, so there is no separate adapter input to drop; remove it")
+    known = {"rank", "alpha", "targets"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise TrainConfigError(f"lora: unknown field(s) {unknown}; known: {sorted(known)}")
+    missing = sorted({"rank", "alpha"} - set(d))
+    if missing:
+        raise TrainConfigError(f"lora: missing field(s) {missing}")
+    try:
+        return LoraConfig(**d)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
+
+
+def _train_config(d: dict[str, Any], lora: Any = None):
     from eft_jax.train.trainer import OptimizerConfig, TrainConfig
 
     d = dict(d)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"lora"}  # lora: a top-level key
     unknown = sorted(set(d) - known)
     if unknown:
-        raise TrainConfigError(f"train: unknown field(s) {unknown}; known: {sorted(known)}")
+        hint = " (lora goes at the top level of the file)" if "lora" in unknown else ""
+        raise TrainConfigError(f"train: unknown field(s) {unknown}; known: {sorted(known)}{hint}")
     opt = d.pop("optimizer", {}) or {}
     opt_known = {f.name for f in dataclasses.fields(OptimizerConfig)}
     if set(opt) - opt_known:
         raise TrainConfigError(f"train.optimizer: unknown field(s) {sorted(set(opt) - opt_known)}; known: {sorted(opt_known)}")
     try:
-        return TrainConfig(**d, optimizer=OptimizerConfig(**opt))
+        return TrainConfig(**d, optimizer=OptimizerConfig(**opt), lora=lora)
     except TypeError as e:
         raise TrainConfigError(f"train: {e}") from None
 
@@ -146,15 +177,22 @@ def run(config: dict[str, Any], log: Any = print) -> Path:
     import jax.numpy as jnp
     from transformers import AutoTokenizer
 
+    from eft_jax.config import resolve_model_path
     from eft_jax.loading import load_model
     from eft_jax.train.data import jsonl_dataset
     from eft_jax.train.export import export_hf
+    from eft_jax.train.lora import num_adapter_params
     from eft_jax.train.trainer import Trainer
 
-    train_cfg = _train_config(config["train"])
+    lora = _lora_config(config["lora"]) if config.get("lora") is not None else None
+    train_cfg = _train_config(config["train"], lora)
     params = None
     if "init_from" in config:
-        start = load_model(config["init_from"], dtype=jnp.float32, sharding="replicated")
+        # pkg:<package>/<file>, repo:<path> and Hub ids as in job configs
+        start = load_model(resolve_model_path(str(config["init_from"])), dtype=jnp.float32, sharding="replicated")
+        if start.quantize is not None:
+            raise TrainConfigError(f"init_from {config['init_from']} holds {start.quantize} weights (eft-jax "
+                                   "convert --quantize); train from the float checkpoint it was made from")
         model_cfg, tokenizer, params = start.config, start.tokenizer, start.params
         if config.get("tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
@@ -168,6 +206,13 @@ def run(config: dict[str, Any], log: Any = print) -> Path:
     data_cfg = config["data"]
     data = jsonl_dataset(tokenizer, data_cfg["path"], int(data_cfg.get("seq_len", 128)))
     log(f"model: {model_cfg.num_params / 1e6:.2f}M parameters; data: {data.num_rows} rows x {data.seq_len} tokens")
+    if lora is not None:
+        try:
+            targets = lora.resolved_targets(model_cfg)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from None
+        log(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, targets {list(targets)}: "
+            f"{num_adapter_params(model_cfg, lora) / 1e6:.3f}M trained parameters; the export is the merged model")
     trainer = Trainer(model_cfg, train_cfg)
     result = trainer.fit(data, params=params, log=log, metadata={"init_from": config.get("init_from")})
     dest = export_hf(model_cfg, result.params, config["output"], tokenizer=tokenizer,
@@ -182,10 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="training YAML (see `eft_jax/train/cli.py`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     args = p.parse_args(argv)
+    from eft_jax.loading.source import CheckpointError
+    from eft_jax.models.config import UnsupportedConfigError
+
     try:
         config = load_train_config(args.config, args.overrides)
         run(config, log=lambda s: print(s, flush=True))
-    except (TrainConfigError, FileNotFoundError) as e:
+    except (TrainConfigError, FileNotFoundError, CheckpointError, UnsupportedConfigError) as e:
         print(f"eft-jax train: error: {e}", file=sys.stderr)
         return 2
     return 0

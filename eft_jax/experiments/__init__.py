@@ -1,0 +1,1 @@
+"""Experiments on real benchmarks (HumanEval: :mod:`eft_jax.experiments.humaneval`)."""
