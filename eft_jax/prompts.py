@@ -3,6 +3,11 @@
 Each model of an EFT spec gets the same prompt in its own format (chat template for a chat model,
 plain text or a base-style template for a base model), so each has its own prompt tokens. Generated
 tokens are shared by all models and never re-tokenized.
+
+A response prefix (proxy-tuning's ``chat_response_prefix``, e.g. ``"Answer:"``) is the text the response starts
+with: its token ids (the prefix tokenized on its own, without special tokens) are appended after each model's
+rendered prompt, chat template and plain formats alike, so every model continues the same tokens. It is part
+of the prompt, not of the response: the output text starts after it.
 """
 
 from __future__ import annotations
@@ -49,15 +54,24 @@ def validate_prompt(prompt: Any) -> Prompt:
     raise PromptError("a prompt must be a non-empty string or a list of {'role': str, 'content': str} messages")
 
 
-def render_tokens(tokenizer: Any, prompt: Prompt, prompt_format: str) -> list[int]:
-    """Token ids of ``prompt`` for one model, in its ``prompt_format`` ("chat", "plain", "...{prompt}...")."""
+def render_tokens(tokenizer: Any, prompt: Prompt, prompt_format: str, response_prefix: str = "") -> list[int]:
+    """Token ids of ``prompt`` for one model, in its ``prompt_format`` ("chat", "plain", "...{prompt}..."),
+    followed by those of ``response_prefix`` (see the module docstring)."""
     if prompt_format == "chat":
         ids = tokenizer.apply_chat_template(_as_messages(prompt), add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers >= 5 returns a BatchEncoding
             ids = ids["input_ids"]
-        return [int(t) for t in ids]
-    text = _as_text(prompt) if prompt_format == "plain" else prompt_format.replace("{prompt}", _as_text(prompt))
-    return [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
+    else:
+        text = _as_text(prompt) if prompt_format == "plain" else prompt_format.replace("{prompt}", _as_text(prompt))
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return [int(t) for t in ids] + prefix_tokens(tokenizer, response_prefix)
+
+
+def prefix_tokens(tokenizer: Any, response_prefix: str) -> list[int]:
+    """The token ids of a response prefix: the text tokenized on its own, without special tokens ([] for "")."""
+    if not response_prefix:
+        return []
+    return [int(t) for t in tokenizer(response_prefix, add_special_tokens=False)["input_ids"]]
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:

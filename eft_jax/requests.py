@@ -64,24 +64,28 @@ class Renderer:
     vocab: int
 
     def render(self, prompt: Any, max_new: int, *, stream: int | None = None,
-               on_long_prompt: LongPromptPolicy = "skip", response: Sequence[int] = ()) -> Rendered:
+               on_long_prompt: LongPromptPolicy = "skip", response: Sequence[int] = (),
+               response_prefix: str = "") -> Rendered:
         """The checked request, or PromptError saying what is wrong with it and what to do.
 
         stream: the random stream (default ``stream_id(prompt)``). response: scoring's response tokens
-        (then ``max_new`` must be their number)."""
+        (then ``max_new`` must be their number). response_prefix: text the response starts with, appended
+        after each model's rendered prompt (``prompts.render_tokens``); it counts towards the context."""
         if max_new <= 0:
             raise PromptError(f"max_new_tokens must be positive, got {max_new}")
+        if not isinstance(response_prefix, str):
+            raise PromptError(f"response_prefix must be a string, got {type(response_prefix).__name__}")
         prompt = validate_prompt(prompt)
         stream = stream_id(prompt) if stream is None else int(stream) & 0x7FFFFFFF
-        rendered: dict[str, list[list[int]]] = {}  # each prompt tried, rendered once
-        problem = self._problem(prompt, max_new, rendered)
+        rendered: dict[str, list[list[int]]] = {}  # each prompt tried, rendered once (with the prefix)
+        problem = self._problem(prompt, max_new, rendered, response_prefix)
         cut = 0
         if problem is not None:
             if on_long_prompt != "truncate_left":
                 raise PromptError(f"{problem}; shorten the prompt or max_new_tokens (or truncate it: "
                                   "on_long_prompt=truncate_left)")
             before = max(len(t) for t in rendered[_key(prompt)])
-            fitted = self._truncate_left(prompt, max_new, rendered)
+            fitted = self._truncate_left(prompt, max_new, rendered, response_prefix)
             if fitted is None:
                 raise PromptError(f"{problem}, and cutting it from the left cannot make it fit (lower max_new_tokens)")
             prompt = fitted
@@ -102,24 +106,27 @@ class Renderer:
 
     # --- the long-prompt policy ---------------------------------------------------------------------
 
-    def _tokens(self, prompt: Prompt, rendered: dict[str, list[list[int]]]) -> list[list[int]]:
+    def _tokens(self, prompt: Prompt, rendered: dict[str, list[list[int]]], prefix: str = "") -> list[list[int]]:
         key = _key(prompt)
         if key not in rendered:
-            rendered[key] = [render_tokens(c.model.tokenizer, prompt, c.prompt_format) for c in self.components]
+            rendered[key] = [render_tokens(c.model.tokenizer, prompt, c.prompt_format, prefix)
+                             for c in self.components]
         return rendered[key]
 
-    def _problem(self, prompt: Prompt, max_new: int, rendered: dict[str, list[list[int]]]) -> str | None:
+    def _problem(self, prompt: Prompt, max_new: int, rendered: dict[str, list[list[int]]],
+                 prefix: str = "") -> str | None:
         """None if the prompt fits every model's context with ``max_new``; else why not (the first model)."""
-        for c, ids in zip(self.components, self._tokens(prompt, rendered), strict=True):
+        for c, ids in zip(self.components, self._tokens(prompt, rendered, prefix), strict=True):
             problem = context_overflow(c.label, c.model.config.max_position_embeddings, len(ids), max_new)
             if problem:
                 return problem
         return None
 
-    def _truncate_left(self, prompt: Prompt, max_new: int, rendered: dict[str, list[list[int]]]) -> Prompt | None:
+    def _truncate_left(self, prompt: Prompt, max_new: int, rendered: dict[str, list[list[int]]],
+                       prefix: str = "") -> Prompt | None:
         def fits(p: Prompt) -> bool:
             try:
-                return self._problem(p, max_new, rendered) is None
+                return self._problem(p, max_new, rendered, prefix) is None
             except PromptError:
                 return False
 

@@ -1,5 +1,9 @@
 """JSONL in and out: input requests with per-line problems, the resumable output file, the errors file.
 
+Two input formats, detected per file (a file mixing them is refused, naming a line of each): the native
+lines documented in :func:`read_requests`, and OpenAI Batch lines (``custom_id``, ``url``, ``body``; see
+``jobs.openai_batch``), whose output lines are in OpenAI's shape. Both share everything below.
+
 Input lines are read leniently: a line that cannot be used (malformed JSON, a missing or wrong field, a
 duplicate id, an empty prompt) becomes an :class:`Issue` with its line number, and the rest go on.
 
@@ -29,7 +33,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from eft_jax.jobs.openai_batch import (
+    JobDefaults, LineProblem, OpenAIRequest, error_key, is_openai_line, parse_line, reward_weights, stop_strings,
+)
 from eft_jax.prompts import PromptError, validate_prompt
+
+NATIVE, OPENAI = "native", "openai"  # the two input (and output) formats
 
 
 class JobError(RuntimeError):
@@ -55,7 +64,12 @@ class Issue:
 
 @dataclasses.dataclass
 class Request:
-    """One valid input line. ``prompt`` is a string or a list of chat messages."""
+    """One valid input line. ``prompt`` is a string or a list of chat messages.
+
+    stop: stop strings of this line (added to the config's). weights: this line's reward weights (None: the
+    config's). response_prefix: text the response starts with (None: the config's ``job.response_prefix``).
+    api: the OpenAI Batch part of an OpenAI line (its ``id`` is the ``custom_id``), None for a native line.
+    """
 
     line: int
     id: str | int
@@ -64,10 +78,20 @@ class Request:
     max_new_tokens: int | None = None
     seed: int | None = None
     response: str | None = None  # score jobs only
+    stop: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    response_prefix: str | None = None
+    api: OpenAIRequest | None = None
 
     @property
     def key(self) -> str:
         return id_key(self.id)
+
+    @property
+    def recorded(self) -> Any:
+        """What an output line records of its input line, to notice on resume that the line changed: the prompt
+        (native), a digest of the request body (OpenAI)."""
+        return self.api.digest if self.api is not None else self.prompt
 
 
 def id_key(value: Any) -> str:
@@ -142,10 +166,7 @@ def _positive_int(obj: dict, field: str, lo: int) -> int | None:
     return v
 
 
-class _LineError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+_LineError = LineProblem  # one input line's problem: its kind (the errors file's) and message
 
 
 STDIN = Path("-")
@@ -165,87 +186,167 @@ def read_input(path: Path) -> bytes:
         raise JobError(f"{path}: cannot read the input: {e}") from None
 
 
-def read_requests(path: Path, *, score: bool = False) -> tuple[list[Request], list[Issue], int]:
+@dataclasses.dataclass
+class InputFile:
+    """An input file read: its valid requests, the issues of its other lines, its number of non-blank lines and
+    its format (``NATIVE`` or ``OPENAI``)."""
+
+    requests: list[Request]
+    issues: list[Issue]
+    lines: int
+    format: str = NATIVE
+
+
+def read_requests(path: Path, *, score: bool = False, defaults: JobDefaults | None = None
+                  ) -> tuple[list[Request], list[Issue], int]:
     """Valid requests, issues (with 1-based line numbers) and the number of non-blank lines of a JSONL file.
 
-    A line is ``{"id": str|int, "prompt": str}`` or ``{"id": ..., "messages": [{role, content}, ...]}``,
-    with optional ``n``, ``max_new_tokens`` and ``seed`` (generate) or a required ``response`` (score).
-    Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line. ``path``
-    ``-`` reads standard input.
+    A native line is ``{"id": str|int, "prompt": str}`` or ``{"id": ..., "messages": [{role, content}, ...]}``,
+    with optional ``n``, ``max_new_tokens``, ``seed``, ``stop`` (a string or a list), ``weights`` (one reward
+    weight per fine-tune) and ``response_prefix`` (generate), or a required ``response`` and an optional
+    ``response_prefix`` (score). Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line. ``path`` ``-`` reads standard
+    input. OpenAI Batch lines: see :func:`read_input_file` (``defaults`` is needed for them).
     """
-    data = read_input(path)
+    f = read_input_file(path, score=score, defaults=defaults)
+    return f.requests, f.issues, f.lines
+
+
+def read_input_file(path: Path, *, score: bool = False, defaults: JobDefaults | None = None) -> InputFile:
+    """Read a native or an OpenAI Batch JSONL file (detected from its lines; JobError if it mixes them).
+
+    OpenAI lines are for generation only and are checked against the job's ``defaults`` (its sampling filters
+    and number of fine-tunes; see ``openai_batch.parse_line``)."""
+    parsed: list[tuple[int, Any]] = []  # (line number, object or _LineError)
+    for lineno, raw in enumerate(read_input(path).split(b"\n"), start=1):
+        if raw.strip():
+            parsed.append((lineno, _json_object(raw)))
+    fmt = _detect_format(path, parsed)
+    if fmt == OPENAI and (score or defaults is None):
+        raise JobError(f"{path}: OpenAI Batch lines (custom_id, url, body) are input for `eft-jax generate` only; "
+                       "`eft-jax score` reads native lines {\"id\", \"prompt\" | \"messages\", \"response\"}")
     requests: list[Request] = []
     issues: list[Issue] = []
     first_line: dict[str, int] = {}
-    lines = 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        lines += 1
+    for lineno, obj in parsed:
         ident = None
         try:
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise _LineError("malformed_json", f"not UTF-8 text: {e}") from None
-            except json.JSONDecodeError as e:
-                raise _LineError("malformed_json", f"not a JSON object: {e}") from None
-            if not isinstance(obj, dict):
-                raise _LineError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
-            if "id" not in obj or obj["id"] is None:
-                raise _LineError("missing_field", "missing field 'id'")
-            ident = obj["id"]
-            if isinstance(ident, bool) or not isinstance(ident, (str, int)):
-                raise _LineError("invalid_field", f"field 'id' must be a string or an integer, got {ident!r}")
-            has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
-            if has_prompt == has_messages:
-                raise _LineError("missing_field", "needs exactly one of 'prompt' (a string) or 'messages' "
-                                 "(a list of {'role', 'content'})" + (", not both" if has_prompt else ""))
-            prompt = obj["prompt"] if has_prompt else obj["messages"]
-            if has_prompt and not isinstance(prompt, str):
-                raise _LineError("invalid_field", f"field 'prompt' must be a string, got {type(prompt).__name__}")
-            if has_messages and not isinstance(prompt, list):
-                raise _LineError("invalid_field", "field 'messages' must be a list of {'role', 'content'} objects, "
-                                 f"got {type(prompt).__name__} (a plain string goes in 'prompt')")
-            try:
-                prompt = validate_prompt(prompt)
-            except PromptError as e:
-                raise _LineError("empty_prompt" if str(e).startswith("empty") else "invalid_field", str(e)) from None
-            try:
-                json.dumps(prompt, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise _LineError("invalid_field", "the prompt is not valid Unicode (a lone surrogate escape)") from None
-            response = None
-            if score:
-                response = obj.get("response")
-                if response is None:
-                    raise _LineError("missing_field", "missing field 'response'")
-                if not isinstance(response, str):
-                    raise _LineError("invalid_field", f"field 'response' must be a string, got {type(response).__name__}")
-                if not response.strip():
-                    raise _LineError("empty_response", "empty response (only whitespace)" if response else
-                                     "empty response")
-                try:
-                    response.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise _LineError("invalid_field", "the response is not valid Unicode (a lone surrogate escape)") from None
-            req = Request(
-                line=lineno, id=ident, prompt=prompt, response=response,
-                n=None if score else _positive_int(obj, "n", 1),
-                max_new_tokens=None if score else _positive_int(obj, "max_new_tokens", 1),
-                seed=None if score else _positive_int(obj, "seed", 0),
-            )
-            if req.seed is not None and req.seed >= 2**63:
-                raise _LineError("invalid_field", "field 'seed' must be below 2**63")
+            if isinstance(obj, _LineError):
+                raise obj
+            if fmt == OPENAI:
+                ident = obj.get("custom_id")
+                ident = ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
+                req = _openai_request(lineno, obj, defaults)
+            else:
+                ident = obj.get("id")
+                req = _native_request(lineno, obj, score, defaults)
             key = req.key
             if key in first_line:
-                raise _LineError("duplicate_id", f"duplicate id {ident!r} (first used on line {first_line[key]}); "
+                raise _LineError("duplicate_id", f"duplicate id {req.id!r} (first used on line {first_line[key]}); "
                                  "this line is skipped")
             first_line[key] = lineno
             requests.append(req)
         except _LineError as e:
             issues.append(Issue(lineno, ident, e.kind, str(e)))
-    return requests, issues, lines
+    return InputFile(requests, issues, len(parsed), fmt)
+
+
+def _json_object(raw: bytes) -> Any:
+    """The JSON object of a line, or the _LineError saying why it is not one."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return _LineError("malformed_json", f"not UTF-8 text: {e}")
+    except json.JSONDecodeError as e:
+        return _LineError("malformed_json", f"not a JSON object: {e}")
+    if not isinstance(obj, dict):
+        return _LineError("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _detect_format(path: Path, parsed: list[tuple[int, Any]]) -> str:
+    """NATIVE or OPENAI, from the lines that are JSON objects; JobError naming a line of each if both appear."""
+    first: dict[str, int] = {}
+    for lineno, obj in parsed:
+        if isinstance(obj, dict):
+            first.setdefault(OPENAI if is_openai_line(obj) else NATIVE, lineno)
+    if len(first) == 2:
+        raise JobError(f"{path}: mixes native lines (first on line {first[NATIVE]}: {{\"id\", \"prompt\"|\"messages\"}}) "
+                       f"and OpenAI Batch lines (first on line {first[OPENAI]}: {{\"custom_id\", \"url\", \"body\"}}); "
+                       "a file must be one or the other: split it, or convert the lines of one kind")
+    return OPENAI if OPENAI in first else NATIVE
+
+
+def _checked_prompt(prompt: Any) -> Any:
+    try:
+        prompt = validate_prompt(prompt)
+    except PromptError as e:
+        raise _LineError("empty_prompt" if str(e).startswith("empty") else "invalid_field", str(e)) from None
+    try:
+        json.dumps(prompt, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _LineError("invalid_field", "the prompt is not valid Unicode (a lone surrogate escape)") from None
+    return prompt
+
+
+def _openai_request(lineno: int, obj: dict, defaults: JobDefaults) -> Request:
+    p = parse_line(obj, defaults)
+    return Request(line=lineno, id=p.api.custom_id, prompt=_checked_prompt(p.prompt), n=p.n,
+                   max_new_tokens=p.max_new_tokens, seed=p.seed, stop=p.stop, weights=p.weights, api=p.api)
+
+
+def _native_request(lineno: int, obj: dict, score: bool, defaults: JobDefaults | None) -> Request:
+    if "id" not in obj or obj["id"] is None:
+        raise _LineError("missing_field", "missing field 'id'")
+    ident = obj["id"]
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise _LineError("invalid_field", f"field 'id' must be a string or an integer, got {ident!r}")
+    has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
+    if has_prompt == has_messages:
+        raise _LineError("missing_field", "needs exactly one of 'prompt' (a string) or 'messages' "
+                         "(a list of {'role', 'content'})" + (", not both" if has_prompt else ""))
+    prompt = obj["prompt"] if has_prompt else obj["messages"]
+    if has_prompt and not isinstance(prompt, str):
+        raise _LineError("invalid_field", f"field 'prompt' must be a string, got {type(prompt).__name__}")
+    if has_messages and not isinstance(prompt, list):
+        raise _LineError("invalid_field", "field 'messages' must be a list of {'role', 'content'} objects, "
+                         f"got {type(prompt).__name__} (a plain string goes in 'prompt')")
+    prompt = _checked_prompt(prompt)
+    if score:
+        return Request(line=lineno, id=ident, prompt=prompt, response=_score_response(obj),
+                       response_prefix=_native_prefix(obj.get("response_prefix")))
+    req = Request(
+        line=lineno, id=ident, prompt=prompt, n=_positive_int(obj, "n", 1),
+        max_new_tokens=_positive_int(obj, "max_new_tokens", 1), seed=_positive_int(obj, "seed", 0),
+        stop=stop_strings(obj.get("stop"), "field 'stop'"),
+        weights=reward_weights(obj.get("weights"), defaults.fine_tuned if defaults else None, "field 'weights'"),
+        response_prefix=_native_prefix(obj.get("response_prefix")),
+    )
+    if req.seed is not None and req.seed >= 2**63:
+        raise _LineError("invalid_field", "field 'seed' must be below 2**63")
+    return req
+
+
+def _score_response(obj: dict) -> str:
+    response = obj.get("response")
+    if response is None:
+        raise _LineError("missing_field", "missing field 'response'")
+    if not isinstance(response, str):
+        raise _LineError("invalid_field", f"field 'response' must be a string, got {type(response).__name__}")
+    if not response.strip():
+        raise _LineError("empty_response", "empty response (only whitespace)" if response else "empty response")
+    try:
+        response.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _LineError("invalid_field", "the response is not valid Unicode (a lone surrogate escape)") from None
+    return response
+
+
+def _native_prefix(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise _LineError("invalid_field", f"field 'response_prefix' must be a string, got {type(v).__name__}")
+    return v
 
 
 class OutputFile:
@@ -256,16 +357,20 @@ class OutputFile:
     lines were made by a config with another fingerprint. writer: False on processes that only compute
     (multi-host), which neither check nor touch the file. shard: ``"i/N"`` for a shard's output: every
     line gets a last field ``"shard": "i/N"``, and an output of another shard (or an unsharded one) is
-    refused, as is a shard's output for an unsharded job.
+    refused, as is a shard's output for an unsharded job. fmt: ``NATIVE`` (one line per sample) or ``OPENAI``
+    (one line per input line with all its samples as choices, plus error lines); a file of the other format
+    is refused.
     """
 
     def __init__(self, path: Path, fingerprint: str, *, overwrite: bool = False, ignore_fingerprint: bool = False,
-                 writer: bool = True, log: Any = sys.stderr, shard: str | None = None):
+                 writer: bool = True, log: Any = sys.stderr, shard: str | None = None, fmt: str = NATIVE):
         self.path = path
         self.fingerprint = fingerprint
         self.writer = writer
         self.shard = shard
-        self.done: dict[tuple[str, int], Any] = {}  # (id key, sample) -> the prompt recorded for it
+        self.format = fmt
+        self.done: dict[tuple[str, int], Any] = {}  # (id key, sample) -> what it recorded (Request.recorded)
+        self.error_lines: set[str] = set()  # OpenAI error lines present (openai_batch.error_key)
         self.lines = 0
         if path.is_dir():
             raise JobError(f"{path}: is a directory; --out must be a file path")
@@ -288,15 +393,24 @@ class OutputFile:
         for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
             try:
                 rec = json.loads(raw)
-                key = (id_key(rec["id"]), int(rec.get("sample", 0)))
-                fp = rec["fingerprint"]
-            except (ValueError, KeyError, TypeError):
+                fmt = OPENAI if "custom_id" in rec else NATIVE
+                if fmt != self.format:
+                    raise JobError(
+                        f"{self.path} line {lineno} is an {'OpenAI Batch' if fmt == OPENAI else 'eft-jax native'} "
+                        f"output line, but this job's input is in the {'OpenAI Batch' if self.format == OPENAI else 'native'} "
+                        "format; choose another --out, or pass --overwrite to replace the file")
+                self.lines += 1
+                if fmt == OPENAI and error_key(rec) is not None:
+                    self.error_lines.add(error_key(rec))
+                    continue
+                keys, fp, recorded = _done_keys(rec, fmt)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise JobError(
                     f"{self.path} line {lineno}: not an eft-jax output line (JSON with id and fingerprint); "
                     "refusing to append to it. Choose another --out, or pass --overwrite to replace the file."
                 ) from None
-            self.done[key] = rec.get("prompt")
-            self.lines += 1
+            for key in keys:
+                self.done[key] = recorded
             if fp != self.fingerprint:
                 others[fp] = others.get(fp, 0) + 1
             shard = rec.get("shard")
@@ -339,7 +453,8 @@ class OutputFile:
 
     def sort(self, order: Mapping[str, int]) -> None:
         """Rewrite the file in input order: by ``order[id key]``, then sample; ids not in ``order`` (from an
-        earlier input) last, as they were. Atomic: the old file stays whole until the new one replaces it."""
+        earlier input) last, as they were. OpenAI error lines rank by ``order[openai_batch.error_key(line)]``;
+        those not in ``order`` (of a line that has run since, or changed) are dropped. Atomic: the old file stays whole until the new one replaces it."""
         if not self.writer or self._replace or not self.path.exists():
             return
         data = self.path.read_bytes()
@@ -349,11 +464,28 @@ class OutputFile:
         def rank(item: tuple[int, bytes]) -> tuple[int, int, int]:
             position, raw = item
             rec = json.loads(raw)
+            if self.format == OPENAI:
+                key = error_key(rec) or id_key(rec["custom_id"])
+                return order.get(key, len(order)), 0, position
             return order.get(id_key(rec["id"]), len(order)), int(rec.get("sample", 0)), position
 
+        def current(raw: bytes) -> bool:  # an OpenAI error line of an earlier run whose line now runs (or is gone)
+            key = error_key(json.loads(raw)) if self.format == OPENAI else None
+            return key is None or key in order
+
+        lines = [raw for raw in lines if current(raw)]
         ordered = b"".join(raw for _, raw in sorted(enumerate(lines), key=rank))
         if ordered != data:
             _write_atomically(self.path, ordered)
+
+
+def _done_keys(rec: dict[str, Any], fmt: str) -> tuple[list[tuple[str, int]], str, Any]:
+    """The (id key, sample) pairs an output line holds, its fingerprint, and what it recorded of its input."""
+    if fmt == NATIVE:
+        return [(id_key(rec["id"]), int(rec.get("sample", 0)))], rec["fingerprint"], rec.get("prompt")
+    eft = rec["response"]["body"]["eft"]
+    key = id_key(rec["custom_id"])
+    return [(key, k) for k in range(len(rec["response"]["body"]["choices"]))], eft["fingerprint"], eft["input_sha256"]
 
 
 def check_writable(path: Path) -> None:
