@@ -1,4 +1,5 @@
-"""The ``eft-jax`` command: ``generate``, ``score``, ``merge``, ``config``, ``convert``, ``train`` and ``toy``.
+"""The ``eft-jax`` command: ``generate``, ``score``, ``merge``, ``ray-generate`` / ``ray-score``, ``config``,
+``convert``, ``train``, ``toy`` and ``experiments``.
 
 Exit status: 0 done; 1 a job stopped on an error after it started, or wrote nothing because every
 input line failed; 2 it could not start (bad config, input, model files, devices...: the message says
@@ -23,10 +24,12 @@ def _convert(args: argparse.Namespace) -> int:
     from eft_jax.loading import convert
 
     start = time.perf_counter()
-    model = convert(args.source, args.dest, dtype=jnp.dtype(args.dtype) if args.dtype else None)
+    model = convert(args.source, args.dest, dtype=jnp.dtype(args.dtype) if args.dtype else None,
+                    quantize=args.quantize)
+    quantized = f" ({model.quantize} projections)" if model.quantize else ""
     print(
-        f"wrote {args.dest}: {model.config.num_params / 1e6:.1f}M parameters, {jnp.dtype(model.dtype).name}, "
-        f"{time.perf_counter() - start:.1f}s"
+        f"wrote {args.dest}: {model.config.num_params / 1e6:.1f}M parameters, {jnp.dtype(model.dtype).name}"
+        f"{quantized}, {model.weight_bytes / 1e6:.1f} MB, {time.perf_counter() - start:.1f}s"
     )
     return 0
 
@@ -39,9 +42,9 @@ def _load(args: argparse.Namespace):
     # JAX's persistent compilation cache (job.compile_cache: auto | DIR | off), before anything compiles.
     configure(config.job.compile_cache)
     if config.mesh.distributed:
-        import jax
+        from eft_jax.distributed import initialize
 
-        jax.distributed.initialize()  # multi-host: every host runs the same command
+        initialize()  # multi-host: every host runs the same command (eft_jax/distributed.py)
     return config
 
 
@@ -58,9 +61,11 @@ def _input(path: str | None, default: Path, flag: str) -> Path:
 def _finish(summary) -> int:
     import jax
 
-    if jax.process_index() == 0:
+    from eft_jax.distributed import leave
+
+    if jax.process_index() == 0 or summary.stopped is not None:  # every process says why it stopped
         print(summary.render(), flush=True)
-    return summary.exit_status
+    return leave(summary.exit_status)
 
 
 def _shard(args: argparse.Namespace):
@@ -158,7 +163,14 @@ def _job_arguments(p: argparse.ArgumentParser, input_flag: str, input_help: str)
                    help="run only the i-th of N slices of the input (0 <= i < N; a line's slice is a hash of its "
                    "id) into OUT.shard-i-of-N.jsonl; combine the N outputs with `eft-jax merge` "
                    "(docs/scale-out.md)")
+    _allow_download_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. job.batch_size=16")
+
+
+def _allow_download_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-download", action="store_true",
+                   help="let a model given by Hub id (org/name[@revision]) that is not in the local Hugging Face "
+                   "cache be downloaded (same as EFT_JAX_ALLOW_DOWNLOAD=1); by default nothing is downloaded")
 
 
 def _delegate(module: str, argv: list[str]) -> int:
@@ -196,12 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard output files (default: every OUT.shard-i-of-N.jsonl beside OUT)")
     p.set_defaults(func=_merge)
 
+    from eft_jax.jobs import ray_launcher  # imports Ray only when a ray-* command runs
+
+    for command in ("generate", "score"):
+        ray_launcher.add_parser(sub, command)
+
     p = sub.add_parser("config", help="validate a config and print it resolved, with its fingerprints and "
                        "memory plan")
     p.add_argument("--config", default=None, help="YAML job config (default: the embedded one)")
     p.add_argument("--prompt-tokens", type=int, default=1024, metavar="N",
                    help="the memory plan's prompt length (default 1024; generate and score bound it from their "
                    "input)")
+    _allow_download_argument(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=_show_config)
 
@@ -214,15 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.set_defaults(func=lambda a: _delegate("eft_jax.toy.cli", []))
 
+    p = sub.add_parser("experiments", help="benchmarks of a job config: `experiments humaneval --config C --out DIR`",
+                       add_help=False)
+    p.set_defaults(func=lambda a: _delegate("eft_jax.experiments.cli", []))
+
     p = sub.add_parser("convert", help="convert an HF directory or GGUF file to an eft-jax orbax checkpoint")
     p.add_argument("source", help="HF checkpoint directory, .gguf file, or eft-jax checkpoint")
     p.add_argument("dest", help="new directory to write")
     p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 or float32 (default: as loaded)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: store the layers' projection matrices as int8 with per-output-channel scales "
+                        "(docs/quantization.md); the checkpoint restores straight into int8 shardings")
     p.set_defaults(func=_convert)
     return parser
 
 
-_DELEGATED = {"train": "eft_jax.train.cli", "toy": "eft_jax.toy.cli"}
+_DELEGATED = {"train": "eft_jax.train.cli", "toy": "eft_jax.toy.cli", "experiments": "eft_jax.experiments.cli"}
 
 
 def _version() -> str:
@@ -263,11 +288,17 @@ def _run(args: argparse.Namespace) -> int:
     from eft_jax.loading.source import CheckpointError
     from eft_jax.models.config import UnsupportedConfigError
 
+    if getattr(args, "allow_download", False):  # read where a Hub id is resolved (loading.hub)
+        from eft_jax.loading.hub import ALLOW_DOWNLOAD_ENV
+
+        os.environ[ALLOW_DOWNLOAD_ENV] = "1"
     try:
         return args.func(args)
     except (ConfigError, JobError, CheckpointError, UnsupportedConfigError, FileExistsError) as e:
+        from eft_jax.distributed import leave
+
         print(f"eft-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return leave(2)  # (exits at once if another process of a multi-process job is gone)
 
 
 if __name__ == "__main__":

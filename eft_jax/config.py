@@ -2,11 +2,11 @@
 
 A config is a YAML file with five sections (see ``configs/`` and the README's config reference)::
 
-    models:   {name: {path, prompt_format, dtype, sharding}}   any number of named model entries
+    models:   {name: {path, prompt_format, dtype, sharding, quantize}}   any number of named model entries
     eft:      {base, ref, fine_tuned, weights, base_top_p}     roles, by model name
-    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, stop, end_tokens}
+    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, stop, end_tokens, use_generation_config}
     mesh:     {data, model, distributed, device_memory_gb}
-    job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt, compile_cache}
+    job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt, compile_cache, response_prefix}
     speculative: {k, drafter}                                 optional: speculative EFT (k = 0: off)
 
 Any key can be overridden with ``key.sub=value`` (the value is read as a YAML scalar or flow list,
@@ -49,6 +49,7 @@ __all__ = [
 FINGERPRINT_VERSION = 1
 DTYPES = ("bfloat16", "float16", "float32")
 SHARDINGS = ("tensor_parallel", "replicated")
+QUANTIZE_MODES = ("int8",)  # eft_jax.models.quant.QUANTIZE_MODES (not imported: config stays light)
 LONG_PROMPT_POLICIES = ("truncate_left", "skip")
 END_TOKEN_POLICIES = ("all", "declared")
 PKG_PREFIX = "pkg:"
@@ -152,12 +153,15 @@ class ModelEntry:
       containing ``{prompt}``.
     dtype: parameter dtype ("bfloat16", "float16", "float32"), or None to keep the checkpoint's.
     sharding: "tensor_parallel" (weights split over the mesh's ``model`` axis) or "replicated".
+    quantize: "int8" (the layers' projection matrices in int8 with per-output-channel scales, quantized while
+      loading; ``eft_jax.models.quant``) or None (as loaded). Fingerprinted only when set.
     """
 
     path: str
     prompt_format: str = "plain"
     dtype: str | None = None
     sharding: str = "tensor_parallel"
+    quantize: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +191,10 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     end_tokens: str = "all"
     stop: tuple[str, ...] = ()  # stop strings: a sample ends with the token that completes one
+    # The fine-tune's generation_config.json gives temperature/top_p/top_k/min_p this config does not set
+    # (``jobs.generation_defaults``); ``given`` names those the config sets (not fingerprinted: the values are).
+    use_generation_config: bool = True
+    given: tuple[str, ...] = ()
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
@@ -196,8 +204,8 @@ class SamplingConfig:
 class MeshConfig:
     """A ``(data, model)`` device mesh: ``data`` splits the batch, ``model`` the tensor-parallel weights.
 
-    data = -1 takes every visible device not used by ``model``. distributed: call
-    ``jax.distributed.initialize()`` first (multi-host: run the same command on every host).
+    data = -1 takes every visible device not used by ``model``. distributed: join the job's other processes
+    first (multi-host: run the same command on every host; ``eft_jax.distributed``, docs/scale-out.md).
     device_memory_gb: the memory of one device in GB (1e9 bytes) for the memory plan (``eft_jax.memory``),
     overriding what is detected; None: ``device.memory_stats()`` where the backend reports it, else (CPU)
     the host's available RAM shared by the CPU devices. It never changes a sample: not fingerprinted.
@@ -228,6 +236,7 @@ class JobConfig:
     chunk_size: int = 16
     on_long_prompt: str = "truncate_left"
     compile_cache: str = "auto"
+    response_prefix: str = ""  # text every response starts with, appended after each model's prompt (not output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +289,8 @@ class Config:
             "models": {k: dataclasses.asdict(v) for k, v in self.models.items()},
             "eft": {**dataclasses.asdict(self.eft), "fine_tuned": list(self.eft.fine_tuned),
                     "weights": list(self.eft.weights)},
-            "sampling": {**dataclasses.asdict(self.sampling), "stop_token_ids": list(self.sampling.stop_token_ids),
-                         "stop": list(self.sampling.stop)},
+            "sampling": {**{k: v for k, v in dataclasses.asdict(self.sampling).items() if k != "given"},
+                         "stop_token_ids": list(self.sampling.stop_token_ids), "stop": list(self.sampling.stop)},
             "mesh": dataclasses.asdict(self.mesh),
             "job": dataclasses.asdict(self.job),
             "speculative": dataclasses.asdict(self.speculative),
@@ -292,7 +301,9 @@ class Config:
 
         def model(name: str) -> dict[str, Any]:
             e = self.models[name]
-            return {"path": e.path, "prompt_format": e.prompt_format, "dtype": e.dtype}
+            # quantize only when set, so that outputs written before it existed keep their fingerprint.
+            return {"path": e.path, "prompt_format": e.prompt_format, "dtype": e.dtype,
+                    **({"quantize": e.quantize} if e.quantize else {})}
 
         payload: dict[str, Any] = {
             "version": FINGERPRINT_VERSION,
@@ -304,6 +315,8 @@ class Config:
             "base_top_p": self.eft.base_top_p,
             "on_long_prompt": self.job.on_long_prompt,
         }
+        if self.job.response_prefix:  # only when set, like sampling.stop
+            payload["response_prefix"] = self.job.response_prefix
         if command == "generate":
             payload["sampling"] = {**dataclasses.asdict(self.sampling),
                                    "stop_token_ids": sorted(set(self.sampling.stop_token_ids))}
@@ -311,6 +324,8 @@ class Config:
             payload["sampling"].pop("stop")
             if self.sampling.stop:
                 payload["sampling"]["stop"] = sorted(set(self.sampling.stop))
+            for key in ("given", "use_generation_config"):  # their effect is in the sampling values
+                payload["sampling"].pop(key)
             payload["seed"] = self.job.seed
             payload["max_new_tokens"] = self.job.max_new_tokens
             if self.speculative.k:  # same distribution, but other random draws: other samples
@@ -540,7 +555,7 @@ def _parse_models(ctx: _Ctx, raw: Any) -> dict[str, ModelEntry]:
         raise ctx.fail("models", "must be a non-empty mapping of model names to {path, prompt_format, dtype, "
                        f"sharding}}; got {_show(raw)}")
     models = {}
-    fields = ("path", "prompt_format", "dtype", "sharding")
+    fields = ("path", "prompt_format", "dtype", "sharding", "quantize")
     for name, entry in raw.items():
         key = f"models.{name}"
         if not isinstance(name, str) or not _NAME.match(name):
@@ -552,6 +567,8 @@ def _parse_models(ctx: _Ctx, raw: Any) -> dict[str, ModelEntry]:
             dtype=ctx.get(entry, key, "dtype", _optional(_choice(DTYPES), f"one of {', '.join(DTYPES)} or null "
                                                           "(the checkpoint's own)"), None),
             sharding=ctx.get(entry, key, "sharding", _choice(SHARDINGS), "tensor_parallel"),
+            quantize=ctx.get(entry, key, "quantize", _optional(_choice(QUANTIZE_MODES), f"one of "
+                             f"{', '.join(QUANTIZE_MODES)} or null (weights as loaded)"), None),
         )
     return models
 
@@ -605,7 +622,7 @@ def _parse_eft(ctx: _Ctx, raw: Any, models: Mapping[str, ModelEntry]) -> EFTConf
 
 def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
     raw = ctx.section(raw, "sampling", ("temperature", "top_k", "top_p", "min_p", "stop_token_ids", "end_tokens",
-                                        "stop"))
+                                        "stop", "use_generation_config"))
     g = lambda name, conv, default: ctx.get(raw, "sampling", name, conv, default)  # noqa: E731
 
     def stops(v: Any) -> tuple[int, ...]:
@@ -632,6 +649,8 @@ def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
         stop_token_ids=g("stop_token_ids", stops, ()),
         end_tokens=g("end_tokens", _choice(END_TOKEN_POLICIES), "all"),
         stop=g("stop", strings, ()),
+        use_generation_config=g("use_generation_config", _bool, True),
+        given=tuple(k for k in ("temperature", "top_k", "top_p", "min_p") if raw.get(k) is not None),
     )
 
 
@@ -650,7 +669,7 @@ def _parse_mesh(ctx: _Ctx, raw: Any) -> MeshConfig:
 
 def _parse_job(ctx: _Ctx, raw: Any) -> JobConfig:
     raw = ctx.section(raw, "job", ("batch_size", "max_new_tokens", "n", "seed", "chunk_size", "on_long_prompt",
-                                   "compile_cache"))
+                                   "compile_cache", "response_prefix"))
     g = lambda name, conv, default: ctx.get(raw, "job", name, conv, default)  # noqa: E731
     return JobConfig(
         batch_size=g("batch_size", _int(1), 8),
@@ -660,6 +679,7 @@ def _parse_job(ctx: _Ctx, raw: Any) -> JobConfig:
         chunk_size=g("chunk_size", _int(1), 16),
         on_long_prompt=g("on_long_prompt", _choice(LONG_PROMPT_POLICIES), "truncate_left"),
         compile_cache=g("compile_cache", _compile_cache, "auto"),
+        response_prefix=g("response_prefix", lambda v: "" if v is None else _text(v), ""),
     )
 
 

@@ -112,22 +112,26 @@ class Engine:
     # --- the request path: render, then run -----------------------------------------------------------
 
     def render(self, prompt: Any, max_new_tokens: int = 128, *, stream: int | None = None,
-               on_long_prompt: LongPromptPolicy = "skip") -> Rendered:
+               on_long_prompt: LongPromptPolicy = "skip", response_prefix: str = "") -> Rendered:
         """A prompt checked and rendered for every model this engine runs, or PromptError saying why it
-        cannot run (empty, malformed, too long for a context under ``on_long_prompt="skip"``, ...)."""
-        return self.renderer.render(prompt, max_new_tokens, stream=stream, on_long_prompt=on_long_prompt)
+        cannot run (empty, malformed, too long for a context under ``on_long_prompt="skip"``, ...).
+        response_prefix: text the response starts with, after each model's prompt (``prompts.render_tokens``)."""
+        return self.renderer.render(prompt, max_new_tokens, stream=stream, on_long_prompt=on_long_prompt,
+                                    response_prefix=response_prefix)
 
     def render_pair(self, prompt: Any, response: str | Sequence[int], *,
-                    on_long_prompt: LongPromptPolicy = "skip") -> Rendered:
+                    on_long_prompt: LongPromptPolicy = "skip", response_prefix: str = "") -> Rendered:
         """A (prompt, response) pair ready to score. A text response is tokenized once, without special
-        tokens; a list is taken as token ids."""
+        tokens; a list is taken as token ids. response_prefix: as for :meth:`render` (part of the prompt: the
+        response is scored after it)."""
         ids = (self.tokenizer(response, add_special_tokens=False)["input_ids"] if isinstance(response, str)
                else [int(t) for t in response])
         if not ids:
             raise PromptError("the response encodes to no tokens" if isinstance(response, str) else "empty response")
         if max(ids) >= self.vocab or min(ids) < 0:
             raise PromptError(f"response token ids must lie in [0, {self.vocab})")
-        return self.score_renderer.render(prompt, len(ids), stream=0, on_long_prompt=on_long_prompt, response=ids)
+        return self.score_renderer.render(prompt, len(ids), stream=0, on_long_prompt=on_long_prompt, response=ids,
+                                          response_prefix=response_prefix)
 
     def run(
         self,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -44,3 +46,22 @@ def summary_counts(stdout: str) -> dict[str, int]:
     m = re.search(r"(\d+) input lines: (\d+) run, (\d+) already done, (\d+) skipped, (\d+) truncated", stdout)
     assert m, stdout
     return dict(zip(["lines", "run", "done", "skipped", "truncated"], map(int, m.groups()), strict=True))
+
+
+def kill_after_lines(env, args, out: Path, lines: int, timeout: float = 240) -> None:
+    """Start ``eft-jax ARGS`` and SIGKILL it as soon as ``out`` holds ``lines`` whole lines (fails if the
+    job ends first: it must be killed mid-run for a resume test to mean anything)."""
+    job = subprocess.Popen([sys.executable, "-m", "eft_jax.cli", *map(str, args)], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and job.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= lines:
+                break
+            time.sleep(0.01)
+        assert job.poll() is None, "the job ended before it could be killed"
+        job.send_signal(signal.SIGKILL)
+        job.wait(30)
+    finally:
+        if job.poll() is None:
+            job.kill()

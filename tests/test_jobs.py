@@ -11,17 +11,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from eft_jax import cli
 from eft_jax.jobs.records import JobError, OutputFile, id_key, read_requests
 from eft_jax.prompts import PromptError
-from job_helpers import REPO, read_jsonl, run, summary_counts, trio_config
+from job_helpers import REPO, kill_after_lines, read_jsonl, run, summary_counts, trio_config
 
 LONG = "x" * 300  # 300 byte tokens: longer than the tiny models' 256-token context
 
@@ -128,21 +124,7 @@ def test_resume_after_sigkill_gives_every_id_once_and_the_same_samples(family, e
     assert proc.returncode == 0, proc.stderr
 
     out = tmp_path / "out.jsonl"
-    job = subprocess.Popen([sys.executable, "-m", "eft_jax.cli", "generate", "--config", str(config), "--prompts",
-                            str(prompts), "--out", str(out)], env=env, cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and job.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.01)
-        assert job.poll() is None, "the job ended before it could be killed"
-        job.send_signal(signal.SIGKILL)
-        job.wait(30)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    kill_after_lines(env, ["generate", "--config", config, "--prompts", prompts, "--out", out], out, 2)
     partial = out.read_bytes()
     done_before = partial.count(b"\n")
     assert 2 <= done_before < len(ids)

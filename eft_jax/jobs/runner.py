@@ -19,11 +19,21 @@ with a per-line seed it does not depend on the id either (same prompt + same see
 Shards (``shard=Shard(i, N)``, ``--shard i/N``): the job runs only the input lines of shard i (by a hash of
 the id, ``records.shard_of``) into ``out.shard-i-of-N.jsonl``, otherwise exactly as an unsharded job
 (resume, fingerprint, errors file, input order); ``eft-jax merge`` (``jobs.merge``) combines the shards.
+
+Input formats: native lines, or OpenAI Batch lines (``jobs.openai_batch``), detected per file; an OpenAI
+line's output is one line holding its ``n`` samples, written when all of them are done. Lines with their
+own stop strings or reward weights run in groups (one ``Engine.run`` per distinct setting): a sample depends
+on (seed, stream, position) only, so grouping changes no sample.
+
+generation_config.json: sampling settings the config does not set (temperature, top_p, top_k, min_p) come
+from the first fine-tune's ``generation_config.json`` (the base's for plain decoding) unless
+``sampling.use_generation_config`` is false; see :func:`generation_defaults`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 import traceback
@@ -34,8 +44,10 @@ from eft_jax.config import Config, missing_model_files, resolve_model_path
 from eft_jax.jobs.interrupt import Interrupts
 from eft_jax.jobs.preflight import check_memory, check_tokenizers, make_job_mesh
 from eft_jax.jobs.progress import Progress, format_duration
+from eft_jax.jobs.openai_batch import Choice, JobDefaults, ResponseContext, error_key, error_line, response_line
 from eft_jax.jobs.records import (
-    STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, Shard, errors_path, read_requests, select_shard,
+    OPENAI, STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, Shard, errors_path, read_input_file,
+    select_shard,
 )
 from eft_jax.prompts import PromptError
 
@@ -117,7 +129,7 @@ class JobEngine:
 
 def build_engine(config: Config, *, mesh: Any = None, tokenizers: dict[str, Any] | None = None,
                  interrupts: Interrupts | None = None, log: TextIO | None = None) -> JobEngine:
-    """Load each distinct (path, dtype, sharding) once, build the EFT spec and the engine.
+    """Load each distinct (path, dtype, sharding, quantize) once, build the EFT spec and the engine.
 
     mesh: the job's mesh (default: ``make_job_mesh(config.mesh)``). tokenizers: already loaded and
     checked ones by model name (``preflight.check_tokenizers``), reused instead of loading them again.
@@ -133,17 +145,18 @@ def build_engine(config: Config, *, mesh: Any = None, tokenizers: dict[str, Any]
     log = log or sys.stderr
     mesh = mesh if mesh is not None else make_job_mesh(config.mesh)
     tokenizers = tokenizers or {}
-    loaded: dict[tuple[str, str | None, str], Any] = {}
+    loaded: dict[tuple[str, str | None, str, str | None], Any] = {}
 
     def load(name: str) -> Any:
         entry = config.models[name]
         path = resolve_model_path(entry.path)
-        key = (str(path), entry.dtype, entry.sharding)
+        key = (str(path), entry.dtype, entry.sharding, entry.quantize)
         if key not in loaded:
             start = time.perf_counter()
             try:
                 loaded[key] = load_model(path, dtype=jnp.dtype(entry.dtype) if entry.dtype else None, mesh=mesh,
-                                         sharding=entry.sharding, tokenizer=tokenizers.get(name))
+                                         sharding=entry.sharding, tokenizer=tokenizers.get(name),
+                                         quantize=entry.quantize)
             except (CheckpointError, UnsupportedConfigError) as e:
                 raise JobError(f"{config.source}: models.{name}: {e}") from None
             m = loaded[key]
@@ -181,6 +194,57 @@ def build_engine(config: Config, *, mesh: Any = None, tokenizers: dict[str, Any]
     return JobEngine(engine, roles)
 
 
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
+_NOT_IMPLEMENTED = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size")
+
+
+def generation_defaults(config: Config, log: TextIO | None = None) -> Config:
+    """``config`` with the sampling settings it does not set taken from a model's ``generation_config.json``.
+
+    The file of the first fine-tune wins (the base's for plain decoding): EFT emulates that model, and its
+    generation_config holds its authors' recommended decoding; the bases' files (pretrained models) rarely set
+    any. Like vLLM's ``generation_config="auto"``, temperature, top_p, top_k and min_p are read whatever
+    ``do_sample`` says; other fields (repetition_penalty, ...) are not implemented and are named on ``log``.
+    ``sampling.use_generation_config: false`` turns this off. The end-token ids of every model's file are
+    read at loading (``loading.hf_dir.declared_end_ids``). A GGUF file has no generation_config.
+    """
+    if not config.sampling.use_generation_config:
+        return config
+    name = config.eft.fine_tuned[0] if config.eft.fine_tuned else config.eft.base
+    try:
+        path = resolve_model_path(config.models[name].path) / "generation_config.json"
+    except (FileNotFoundError, OSError):
+        return config
+    if not path.is_file():
+        return config
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise JobError(f"{path}: cannot read it ({e}); fix the file, or set sampling.use_generation_config=false"
+                       ) from None
+    raw = raw if isinstance(raw, dict) else {}
+    checks = {"temperature": (lambda v: v >= 0, "a number >= 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+              "top_k": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
+              "min_p": (lambda v: 0 <= v < 1, "in [0, 1)")}
+    taken = {}
+    for key in GENERATION_DEFAULTS:
+        value = raw.get(key)
+        if value is None or key in config.sampling.given:
+            continue
+        ok, allowed = checks[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise JobError(f"{path}: {key}={value!r} must be {allowed}; fix the file, set sampling.{key} in the "
+                           "config, or set sampling.use_generation_config=false")
+        taken[key] = int(value) if key == "top_k" else float(value)
+    ignored = sorted(k for k in _NOT_IMPLEMENTED if raw.get(k) not in (None, 1, 0))  # 1 and 0: neutral
+    if (taken or ignored) and log is not None:
+        print(f"eft-jax: sampling defaults from models.{name} ({path}): "
+              + (", ".join(f"{k}={v}" for k, v in taken.items()) or "none")
+              + (f"; not applied (not implemented): {', '.join(ignored)}" if ignored else "")
+              + " (set them in the config, or sampling.use_generation_config=false, to choose otherwise)", file=log)
+    return dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **taken)) if taken else config
+
+
 def _count(n: int) -> str:
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
@@ -208,6 +272,7 @@ class _Job:
     interrupts: Interrupts
     start: float
     shard: Shard | None = None
+    format: str = "native"
 
 
 def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite: bool, ignore_fingerprint: bool,
@@ -216,22 +281,43 @@ def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite
     the memory plan (from config.json / GGUF headers: refuses a job that does not fit before any loading)."""
     start = time.perf_counter()
     interrupts.check()
+    missing = missing_model_files(config)
+    if missing:
+        raise JobError(f"{config.source}: model file(s) not found:\n  " + "\n  ".join(missing))
+    if command == "generate":
+        config = generation_defaults(config, log)
     fingerprint = config.fingerprint(command)
     if shard is not None:
         out = shard.path(out)
     summary = Summary(command, out, errors_path(out), fingerprint, shard=shard.label if shard else None)
-    missing = missing_model_files(config)
-    if missing:
-        raise JobError(f"{config.source}: model file(s) not found:\n  " + "\n  ".join(missing))
+    s = config.sampling
+    read = read_input_file(inputs, score=command == "score", defaults=JobDefaults(
+        s.temperature, s.top_p, s.top_k, s.min_p, len(config.eft.fine_tuned)))
+    if read.format == OPENAI and shard is not None:
+        raise JobError(f"{inputs}: --shard is not supported for OpenAI Batch input yet (`eft-jax merge` reads "
+                       "native outputs); run the job without --shard")
     output = OutputFile(out, fingerprint, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
-                        writer=_is_writer(), log=log, shard=summary.shard)
-    requests, issues, _ = read_requests(inputs, score=command == "score")
-    requests, issues, summary.lines = select_shard(requests, issues, shard)
+                        writer=_is_writer(), log=log, shard=summary.shard, fmt=read.format)
+    requests, issues, summary.lines = select_shard(read.requests, read.issues, shard)
     mesh = make_job_mesh(config.mesh)
+    from eft_jax.distributed import check_same_job  # multi-process jobs: every process must see the same job
+
+    check_same_job(fingerprint, dict(mesh.shape), inputs, output.done)
     if requests:
-        check_memory(config, command, requests, mesh)
+        check_memory(config, command, [_with_prefix(r, config.job.response_prefix) for r in requests], mesh)
     interrupts.check()
-    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start, shard)
+    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start, shard, read.format)
+
+
+def _with_prefix(req: Request, default: str) -> Request:
+    """For the memory plan, which bounds a prompt's tokens by its text: the line with its response prefix's text
+    added to the prompt (each model's rendered prompt ends with the prefix's tokens)."""
+    prefix = req.response_prefix if req.response_prefix is not None else default
+    if not prefix:
+        return req
+    if isinstance(req.prompt, str):
+        return dataclasses.replace(req, prompt=req.prompt + prefix)
+    return dataclasses.replace(req, prompt=[*req.prompt, {"role": "assistant", "content": prefix}])
 
 
 def _load(job: _Job, first: Request, log: TextIO) -> JobEngine:
@@ -278,7 +364,7 @@ class _SameFailure:
 
 def _changed(output: OutputFile, req: Request, sample: int) -> Issue | None:
     recorded = output.done.get((req.key, sample))
-    if recorded is not None and recorded != req.prompt:
+    if recorded is not None and recorded != req.recorded:
         return Issue(req.line, req.id, "changed_prompt", f"id {req.id!r} is already in {output.path} with a "
                      "different prompt; its existing output is kept (use --overwrite or another --out to redo it)",
                      action="warning")
@@ -302,58 +388,142 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
 
 
 def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Summary:
-    from eft_jax.requests import stream_id
-
-    config, summary, output, issues = job.config, job.summary, job.output, job.issues
-    todo: list[tuple[Request, list[int]]] = []
-    for req in job.requests:
-        n = req.n if req.n is not None else config.job.n
-        samples = list(range(n)) if overwrite else [k for k in range(n) if (req.key, k) not in output.done]
-        changed = None if overwrite else _changed(output, req, 0)
-        if changed:
-            issues.append(changed)
-        if samples:
-            todo.append((req, samples))
-        else:
-            summary.already_done += 1
+    config, summary, output = job.config, job.summary, job.output
+    todo = _samples_to_run(job, overwrite)
     if not todo:
         return _nothing_to_do(job, log)
 
-    engine = _load(job, todo[0][0], log).engine
-    # Each line rendered once, for every model (the drafter too), with every check; then one request per sample.
-    requests: list[Any] = []
-    origin: list[tuple[Request, int]] = []  # (line, sample) of each request
+    jobs = _load(job, todo[0][0], log)
+    engine = jobs.engine
+    groups = _render_groups(job, engine, todo)
+    openai = job.format == OPENAI
+    if openai:
+        _write_error_lines(job)
+    context = _response_context(job, jobs) if openai else None
+
+    def run(errors: ErrorsFile, bar: Progress) -> None:
+        # Continuous batching over each group: the batch stays full until the group runs out; finished
+        # samples are written after every decode chunk, and progress is reported after every chunk.
+        for group in groups:
+            for update in engine.run(group.requests, config.sampling.params(), batch_size=config.job.batch_size,
+                                     seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
+                                     stop=group.stop, weights=group.weights, end_tokens=config.sampling.end_tokens,
+                                     return_component_logprobs=openai, return_distributions=group.top_logprobs):
+                if context is None:
+                    records = [_sample_record(*group.origin[r.index], group.requests[r.index], r, summary)
+                               for r in update.finished]
+                    written = len(records)
+                else:
+                    records = group.openai_lines(context, update.finished, summary)
+                    written = sum(len(rec["response"]["body"]["choices"]) for rec in records)
+                output.append(records)
+                summary.written += written
+                summary.tokens += sum(len(r.tokens) for r in update.finished)
+                bar.update(len(update.finished), update.tokens)
+                job.interrupts.check()
+
+    return _run(job, run, sum(len(g.requests) for g in groups), "samples", progress, log)
+
+
+def _samples_to_run(job: _Job, overwrite: bool) -> list[tuple[Request, list[int]]]:
+    """Each line with the sample indices it still needs (lines with none count as already done)."""
+    config, output = job.config, job.output
+    todo: list[tuple[Request, list[int]]] = []
+    for req in job.requests:
+        n = req.n if req.n is not None else (1 if req.api is not None else config.job.n)  # OpenAI's default n is 1
+        samples = list(range(n)) if overwrite else [k for k in range(n) if (req.key, k) not in output.done]
+        if req.api is not None and not overwrite:  # one output line per OpenAI line: there (kept as is) or not
+            samples = [] if (req.key, 0) in output.done else list(range(n))
+        changed = None if overwrite else _changed(output, req, 0)
+        if changed:
+            job.issues.append(changed)
+        if samples:
+            todo.append((req, samples))
+        else:
+            job.summary.already_done += 1
+    return todo
+
+
+def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]) -> list[_Group]:
+    """Each line rendered once, for every model (the drafter too), with every check (a line that fails becomes
+    an issue); then one request per sample, in the group of lines that share its stop strings and weights."""
+    from eft_jax.requests import stream_id
+
+    config, issues = job.config, job.issues
+    groups: dict[tuple[Any, ...], _Group] = {}
     same = _SameFailure(config.job.batch_size, len(todo))
     for req, samples in todo:
         max_new = req.max_new_tokens or config.job.max_new_tokens
-        rendered = same.attempt(req, issues, lambda: engine.render(req.prompt, max_new,
+        prefix = req.response_prefix if req.response_prefix is not None else config.job.response_prefix
+        rendered = same.attempt(req, issues, lambda: engine.render(req.prompt, max_new, response_prefix=prefix,
                                                                    on_long_prompt=config.job.on_long_prompt))
         if rendered is None:
             continue
         if rendered.cut:
             issues.append(_truncated(req, rendered.cut, f"max_new_tokens={max_new}"))
+        stop = tuple(dict.fromkeys(config.sampling.stop + req.stop))
+        top = bool(req.api is not None and req.api.top_logprobs)
+        group = groups.setdefault((stop, req.weights, top), _Group(stop, req.weights, top))
         for k in samples:
             stream = stream_id(["seed", req.seed] if req.seed is not None else ["id", req.id], k)
-            requests.append(dataclasses.replace(rendered, stream=stream))
-            origin.append((req, k))
-    summary.prompts_run = len({req.key for req, _ in origin})
-    summary.truncated = sum(1 for i in issues if i.action == "truncated")
+            group.requests.append(dataclasses.replace(rendered, stream=stream))
+            group.origin.append((req, k))
+        group.samples[req.key] = len(samples)
+    job.summary.prompts_run = len({req.key for g in groups.values() for req, _ in g.origin})
+    job.summary.truncated = sum(1 for i in issues if i.action == "truncated")
+    return list(groups.values())
 
-    def run(errors: ErrorsFile, bar: Progress) -> None:
-        # Continuous batching over the whole job: the batch stays full until the input runs out; finished
-        # samples are written after every decode chunk, and progress is reported after every chunk.
-        for update in engine.run(requests, config.sampling.params(), batch_size=config.job.batch_size,
-                                 seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
-                                 stop=config.sampling.stop,
-                                 end_tokens=config.sampling.end_tokens):
-            records = [_sample_record(*origin[r.index], requests[r.index], r, summary) for r in update.finished]
-            output.append(records)
-            summary.written += len(records)
-            summary.tokens += sum(len(r.tokens) for r in update.finished)
-            bar.update(len(records), update.tokens)
-            job.interrupts.check()
 
-    return _run(job, run, len(requests), "samples", progress, log)
+@dataclasses.dataclass
+class _Group:
+    """The samples of the lines that share stop strings, reward weights (None: the config's) and whether
+    every step's distribution is recorded (OpenAI top_logprobs): one ``Engine.run``. For OpenAI lines, the
+    finished samples of a line wait in ``pending`` until all of them (``samples[key]``) are done."""
+
+    stop: tuple[str, ...]
+    weights: tuple[float, ...] | None
+    top_logprobs: bool
+    requests: list[Any] = dataclasses.field(default_factory=list)  # Rendered, one per sample
+    origin: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (line, sample) of each
+    samples: dict[str, int] = dataclasses.field(default_factory=dict)
+    pending: dict[str, dict[int, Any]] = dataclasses.field(default_factory=dict)
+
+    def openai_lines(self, context: ResponseContext, finished: list[Any], summary: Summary) -> list[dict[str, Any]]:
+        """The OpenAI output lines of the input lines whose last sample is among ``finished``."""
+        lines = []
+        for r in finished:
+            req, k = self.origin[r.index]
+            rendered = self.requests[r.index]
+            done = self.pending.setdefault(req.key, {})
+            done[k] = Choice(r, rendered.cut)
+            _count_speculative(r, summary)
+            if len(done) == self.samples[req.key]:
+                del self.pending[req.key]
+                lines.append(response_line(context, req.api, [len(t) for t in rendered.tokens],
+                                           [done[j] for j in sorted(done)], req.weights))
+        return lines
+
+
+def _response_context(job: _Job, jobs: JobEngine) -> ResponseContext:
+    """What every OpenAI output line of this job shares (see ``openai_batch.ResponseContext``)."""
+    config, engine = job.config, jobs.engine
+    try:
+        created = int(job.inputs.stat().st_mtime) if job.inputs != STDIN else int(time.time())
+    except OSError:
+        created = int(time.time())
+    roles = ", ".join(f"{role}={name}" for role, name in config.roles())
+    return ResponseContext(
+        fingerprint=job.summary.fingerprint, created=created, default_model=f"eft-jax({roles})",
+        roles=tuple(jobs.roles), ref_label=jobs.label("ref") if config.eft.ref else None,
+        prompt_models=tuple(c.label for c in engine.runs), tokenizer=engine.tokenizer)
+
+
+def _write_error_lines(job: _Job) -> None:
+    """OpenAI format: an error output line for each input line skipped by this run, unless already there."""
+    lines = [error_line(i.id, i.kind, i.message) for i in sorted(job.issues, key=lambda i: i.line or 0)
+             if i.action == "skipped"]
+    job.output.append([rec for rec in lines if error_key(rec) not in job.output.error_lines])
+    job.output.error_lines.update(error_key(rec) for rec in lines)
 
 
 def _truncated(req: Request, cut: int, budget: str) -> Issue:
@@ -374,11 +544,17 @@ def _sample_record(req: Request, sample: int, rendered: Any, result: Any, summar
     if spec is not None:
         record["speculative"] = {"rounds": spec.rounds, "drafted": spec.drafted, "accepted": spec.accepted,
                                  "rejected": spec.rejected}
+    _count_speculative(result, summary)
+    return record
+
+
+def _count_speculative(result: Any, summary: Summary) -> None:
+    spec = result.speculative
+    if spec is not None:
         summary.drafted += spec.drafted
         summary.accepted += spec.accepted
         summary.rejected += spec.rejected
         summary.rounds += spec.rounds
-    return record
 
 
 def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextIO) -> Summary:
@@ -398,9 +574,14 @@ def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextI
     except KeyboardInterrupt:
         summary.interrupted = True
     except Exception as e:  # noqa: BLE001 - whatever stops the run, the written batches are kept
-        summary.stopped = f"{type(e).__name__}: {e}"
-        print(f"eft-jax {summary.command}: stopped by an error after {summary.written} written:", file=log)
-        traceback.print_exc(file=log)
+        from eft_jax.distributed import peer_failure
+
+        lost = peer_failure(e)  # multi-process: another process is gone (no traceback: it is not this one's bug)
+        summary.stopped = lost or f"{type(e).__name__}: {e}"
+        print(f"eft-jax {summary.command}: stopped by an error after {summary.written} written:"
+              + (f" {lost}" if lost else ""), file=log)
+        if not lost:
+            traceback.print_exc(file=log)
     finally:
         bar.close()
     summary.skipped = sum(1 for i in job.issues if i.action == "skipped")
@@ -413,9 +594,16 @@ def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextI
 
 
 def _sort_output(job: _Job) -> None:
-    """Rewrite the output in input order (atomic; Ctrl-C during it leaves the old file whole)."""
+    """Rewrite the output in input order (atomic; Ctrl-C during it leaves the old file whole). OpenAI error
+    lines go at their input line; those of lines that are no longer skipped go."""
+    if job.format == OPENAI:
+        order = {req.key: req.line for req in job.requests}
+        order.update({error_key(error_line(i.id, i.kind, i.message)): i.line or 0 for i in job.issues
+                      if i.action == "skipped"})
+    else:
+        order = {req.key: i for i, req in enumerate(job.requests)}
     try:
-        job.output.sort({req.key: i for i, req in enumerate(job.requests)})
+        job.output.sort(order)
     except KeyboardInterrupt:
         job.summary.interrupted = True
 
@@ -431,6 +619,8 @@ def _nothing_to_do(job: _Job, log: TextIO) -> Summary:
     """No line left to run: say why (no lines, none valid, all done), write the errors file, sort the output."""
     summary = job.summary
     ErrorsFile(summary.errors, writer=_is_writer(), shard=summary.shard).start(job.issues)
+    if job.format == OPENAI:
+        _write_error_lines(job)
     summary.skipped = sum(1 for i in job.issues if i.action == "skipped")
     if summary.lines == 0:
         source = "standard input" if job.inputs == STDIN else str(job.inputs)
@@ -486,7 +676,8 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
     pairs: list[Any] = []
     same = _SameFailure(config.job.batch_size, len(todo))
     for req in todo:
-        pair = same.attempt(req, issues, lambda: engine.render_pair(req.prompt, req.response,
+        prefix = req.response_prefix if req.response_prefix is not None else config.job.response_prefix
+        pair = same.attempt(req, issues, lambda: engine.render_pair(req.prompt, req.response, response_prefix=prefix,
                                                                     on_long_prompt=config.job.on_long_prompt))
         if pair is None:
             continue
