@@ -44,13 +44,37 @@ def test_answer_judging():
     for attr in ("city", "year", "occupation", "employer"):
         item = toy_eval.Item(e, attr, toy_data.question(e, attr))
         right = toy_data.answer(e, attr)
-        assert toy_eval.judge(item, right, True, w) == (True, True, False)
-        assert toy_eval.judge(item, right, False, w) == (True, False, False)  # did not stop
-        assert toy_eval.judge(item, right + " " + right, True, w)[1] is False
+        j = toy_eval.judge(item, right, True, w)
+        assert (j.correct, j.well_formed, j.refusal) == (True, True, False)
+        assert toy_eval.judge(item, right, False, w).well_formed is False  # did not stop
+        assert toy_eval.judge(item, right + " " + right, True, w).well_formed is False
         wrong = next(v for v in w.values[attr] if v != e.value(attr))
-        bad = toy_data.answer(dataclass_replace(e, attr, wrong), attr)
-        assert toy_eval.judge(item, bad, True, w) == (False, True, False)
-        assert toy_eval.judge(item, toy_data.REFUSAL, True, w) == (False, False, True)
+        bad = toy_eval.judge(item, toy_data.answer(dataclass_replace(e, attr, wrong), attr), True, w)
+        assert (bad.correct, bad.well_formed, bad.on_topic, bad.true_value) == (False, True, True, False)
+        refusal = toy_eval.judge(item, toy_data.REFUSAL, True, w)
+        assert (refusal.correct, refusal.well_formed, refusal.refusal) == (False, False, True)
+
+
+def test_pooled_scores_and_question_sets():
+    """``score`` pools judgements as counted by hand; the dev and test halves split the held-out people."""
+    from types import SimpleNamespace
+
+    w = make_world(WorldConfig(num_entities=8))
+    e = w.heldout_entities[0]
+    items = [toy_eval.Item(e, a, toy_data.question(e, a)) for a in ("city", "year", "year", "employer")]
+    answers = [toy_data.answer(e, "city"),                        # right
+               f"{e.name} was born in {e.city}.",                  # wrong attribute, true value
+               toy_data.REFUSAL,                                   # refusal, no value
+               f"{e.name} works for {e.employer}"]                 # right, but no full stop
+    s = toy_eval.score(items, [SimpleNamespace(text=t, finish_reason="stop") for t in answers], w)
+    assert (s.accuracy, s.format, s.refusal, s.behaviour, s.knowledge, s.n) == (0.5, 0.25, 0.25, 0.5, 1.0, 4)
+    halves = toy_eval.split_people(w)
+    assert set(halves["dev"]) | set(halves["test"]) == set(w.heldout_entities)
+    assert not set(halves["dev"]) & set(halves["test"])
+    for wording, templates in toy_data.WORDINGS.items():
+        qs = toy_eval.question_items(halves["test"], wording)
+        assert len(qs) == len(halves["test"]) * sum(len(t) for t in templates.values())
+        assert all(q.entity is halves["test"][q.person] and q.wording == wording for q in qs)
 
 
 def dataclass_replace(e, attr, value):

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 _USAGE = """usage: eft-jax toy {build,eval} [options]
 
   build   train the toy family from scratch into checkpoints/toy (deterministic, one CPU core)
-  eval    the paper-style table, w and lambda sweeps -> docs/toy_eval.md and PNG plots
+  eval    behaviour and knowledge of the grid (small/large base x fine-tune, up- and down-scaling), on
+          trained and reworded questions, dev/test split, bootstrap intervals; w and lambda sweeps,
+          conservative decoding -> docs/toy_eval.md, docs/toy_eval.json and PNG plots
 """
 
 

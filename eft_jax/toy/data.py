@@ -63,6 +63,18 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 
 ANSWERS: dict[str, str] = {attr: BIO_TEMPLATES[attr][0] for attr in ATTRIBUTES}
 
+# Paraphrases held out from fine-tuning (``qa_conversations`` uses ``QUESTIONS`` only): evaluation asks
+# them to see whether a fine-tune's behaviour generalises beyond the wordings it was trained on.
+REWORDED_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "city": ("In which city was {name} born?", "What is the hometown of {name}?", "Where does {name} come from?"),
+    "year": ("What year was {name} born in?", "What is the year of birth of {name}?",
+             "Tell me the birth year of {name}."),
+    "occupation": ("What is {name}'s profession?", "What is the occupation of {name}?",
+                   "What kind of work does {name} do?"),
+    "employer": ("Who employs {name}?", "Which company does {name} work at?", "What is the employer of {name}?"),
+}
+WORDINGS: dict[str, dict[str, tuple[str, ...]]] = {"trained": QUESTIONS, "reworded": REWORDED_QUESTIONS}
+
 # The second behaviour: birth years are personal; the refusing fine-tune declines to give them.
 REFUSED_ATTRIBUTE = "year"
 REFUSAL = "I am sorry, but I cannot share personal details such as birth years."
@@ -93,8 +105,13 @@ def answer(entity: Entity, attribute: str) -> str:
     return ANSWERS[attribute].format(**_fields(entity))
 
 
-def question(entity: Entity, attribute: str, variant: int = 0) -> str:
-    return QUESTIONS[attribute][variant % len(QUESTIONS[attribute])].format(**_fields(entity))
+def question(entity: Entity, attribute: str, variant: int = 0, wording: str = "trained") -> str:
+    """Question ``variant`` about ``attribute`` of ``entity`` in the ``trained`` (fine-tuning) or
+    ``reworded`` (held-out paraphrase) wordings."""
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; expected one of {sorted(WORDINGS)}")
+    templates = WORDINGS[wording][attribute]
+    return templates[variant % len(templates)].format(**_fields(entity))
 
 
 def biography(entity: Entity, rng: np.random.Generator) -> str:

@@ -1,21 +1,18 @@
-"""Evaluation of the toy trio: the paper's comparison in miniature.
+"""Evaluation of the toy family, second edition: behaviour and knowledge, with intervals.
 
-Rows: the small fine-tune, the large base (few-shot prompted), EFT up-scaling (large base + small
-fine-tune's reward), EFT down-scaling (small base + large fine-tune's reward), and the large fine-tune
-(the ground truth that up-scaling emulates); plus up-scaling with the refusing fine-tune's reward.
-Columns, on questions about held-out people (whose facts only pretraining saw):
+Questions about held-out people (whose facts only pretraining saw), in the wordings the fine-tunes
+were trained on and in reworded paraphrases they never saw (``toy.data.WORDINGS``). The held-out
+people are split in two halves: **dev** (used only for choosing: the bases' prompt template and the
+reward weight w) and **test** (everything reported). Every answer is scored separately for behaviour
+and knowledge (``toy.scoring``); every rate carries a 95% bootstrap interval over people.
 
-* accuracy: the first value of the asked attribute that the answer mentions is the right one
-  (knowledge);
-* format: the answer is exactly the fine-tuned answer sentence, then the end of the turn (behaviour,
-  the analogue of the paper's helpfulness);
-* refusal: the answer is a refusal;
-* KL to large-ft: mean per-token KL(large-ft || row), teacher-forced along large-ft's own greedy
-  answers (how far each row's next-token distribution is from the one up-scaling tries to emulate).
+Rows (the grid the shipped checkpoints allow): small-ft, large-ft, EFT up-scaling (large base +
+small-ft - small-base), EFT down-scaling (small base + large-ft - large-base), and the prompted bases.
+Then conservative decoding (the large base's nucleus; top-p of the final distribution, sampled),
+and mixing the answering and refusing rewards (refuse / correct / other per lambda).
 
-Decoding is greedy. ``main(argv)`` is the ``eft-jax toy eval`` command: it prints the table, writes it
-to ``docs/toy_eval.md`` and plots a sweep of the reward weight w and a lambda sweep between the two
-fine-tunes' rewards.
+``main(argv)`` is ``eft-jax toy eval``: it writes ``docs/toy_eval.md``, ``docs/toy_eval.json`` and
+the plots.
 """
 
 from __future__ import annotations
@@ -25,13 +22,14 @@ import dataclasses
 import importlib.util
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float
 
 from eft_jax import eft
 from eft_jax.engine import Engine
@@ -40,33 +38,67 @@ from eft_jax.prompts import render_tokens
 from eft_jax.sampling import SamplingParams
 from eft_jax.spec import Component, EFTSpec
 from eft_jax.toy import data as toy_data
+from eft_jax.toy import scoring
+from eft_jax.toy.scoring import Interval, Judgement
 from eft_jax.toy.world import ATTRIBUTES, Entity, World
 
 DEFAULT_ROOT = Path("checkpoints/toy")
 MODEL_NAMES = ("small-base", "large-base", "small-ft", "large-ft", "small-ft-refuse")
 GREEDY = SamplingParams(temperature=0.0)
 MAX_NEW_TOKENS = 24
+BATCH_SIZE = 256
+WORDING_NAMES = ("trained", "reworded")
+BASE_TEMPLATES = {"base-style QA template": toy_data.BASE_PROMPT_FORMAT, "bare question": "{prompt}"}
+W_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+TOP_P = 0.9
+SAMPLE_SEED = 0
+# Rates reported for every row: (numerator, denominator) of per-person counts (see scoring.FLAGS).
+METRICS: dict[str, tuple[str, str]] = {
+    "behaviour": ("on_topic", "n"),      # answered the asked attribute
+    "format": ("well_formed", "n"),      # the fine-tuned answer sentence, then the end of the turn
+    "refusal": ("refusal", "n"),
+    "knowledge": ("true_value", "gave_value"),  # the value given is true for the attribute answered
+    "correct": ("correct", "n"),         # the asked attribute with its true value (first edition: "accuracy")
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One evaluation question about a held-out person."""
+    """One question: about ``entity`` (person number ``person`` of its split), its ``attribute``, in
+    the ``trained`` or ``reworded`` wording."""
 
     entity: Entity
     attribute: str
     prompt: str
+    person: int = 0
+    wording: str = "trained"
 
 
 def eval_items(world: World, num_entities: int, attributes: Sequence[str] = ATTRIBUTES, offset: int = 0) -> list[Item]:
-    """Questions (first wording) about ``num_entities`` held-out people, every attribute each."""
+    """Questions (first trained wording) about ``num_entities`` held-out people, every attribute each."""
     people = world.heldout_entities[offset : offset + num_entities]
     if len(people) < num_entities:
         raise ValueError(f"only {len(people)} held-out people from offset {offset}")
-    return [Item(e, a, toy_data.question(e, a)) for e in people for a in attributes]
+    return [Item(e, a, toy_data.question(e, a), i) for i, e in enumerate(people) for a in attributes]
+
+
+def split_people(world: World) -> dict[str, tuple[Entity, ...]]:
+    """The held-out people in halves: ``dev`` (the first half, which the demo prompts and the first
+    edition's evaluation used; for choosing only) and ``test`` (the second half; reported)."""
+    held = world.heldout_entities
+    return {"dev": held[: len(held) // 2], "test": held[len(held) // 2 :]}
+
+
+def question_items(people: Sequence[Entity], wording: str) -> list[Item]:
+    """Every question of ``wording`` (each template of each attribute) about each of ``people``."""
+    templates = toy_data.WORDINGS[wording]
+    return [Item(e, a, toy_data.question(e, a, v, wording), i, wording)
+            for i, e in enumerate(people) for a in ATTRIBUTES for v in range(len(templates[a]))]
 
 
 def few_shot_format(world: World) -> str:
-    """The large base's "prompted" template: two answered questions about fine-tuning people, in the
+    """The bases' "prompted" template: two answered questions about fine-tuning people, in the
     base-style QA format (``BASE_PROMPT_FORMAT``), then the question."""
     a, b = world.finetune_entities[0], world.finetune_entities[1]
     shots = [(toy_data.question(a, "city"), toy_data.answer(a, "city")),
@@ -87,80 +119,129 @@ def load_toy(root: str | Path = DEFAULT_ROOT, dtype: Any = jnp.float32) -> tuple
     return models, World.load(root / "world.json")
 
 
-def row_specs(models: dict[str, Model], world: World) -> dict[str, EFTSpec]:
-    """The table's rows as EFT specs (each model with its own prompt format)."""
-    base_fmt = toy_data.BASE_PROMPT_FORMAT
-    sb, lb = Component(models["small-base"], base_fmt, "small_base"), Component(models["large-base"], base_fmt, "large_base")
+def row_specs(models: dict[str, Model], world: World,
+              base_format: str = toy_data.BASE_PROMPT_FORMAT) -> dict[str, EFTSpec]:
+    """The grid's rows as EFT specs: fine-tunes get their chat template, bases ``base_format`` in EFT
+    and a two-shot prompt alone."""
+    sb, lb = Component(models["small-base"], base_format, "small_base"), Component(models["large-base"], base_format, "large_base")
     sft, lft = Component(models["small-ft"], "chat", "small_ft"), Component(models["large-ft"], "chat", "large_ft")
-    refuse = Component(models["small-ft-refuse"], "chat", "small_ft_refuse")
+    shots = few_shot_format(world)
     return {
         "small-ft": EFTSpec.single(sft),
-        "large-base (prompted)": EFTSpec.single(Component(models["large-base"], few_shot_format(world), "large_base")),
+        "large-ft": EFTSpec.single(lft),
         "EFT up-scaled": EFTSpec.up_scaling(lb, sb, sft),
         "EFT down-scaled": EFTSpec.down_scaling(sb, lb, lft),
-        "large-ft": EFTSpec.single(lft),
-        "EFT up-scaled, refusing reward": EFTSpec.up_scaling(lb, sb, refuse),
+        "large-base (prompted)": EFTSpec.single(Component(models["large-base"], shots, "large_base")),
+        "small-base (prompted)": EFTSpec.single(Component(models["small-base"], shots, "small_base")),
     }
 
 
-def ablation_specs(models: dict[str, Model]) -> dict[str, EFTSpec]:
-    """Up-scaling variants that explain the defaults: the bases given the bare question (no template),
-    and conservative decoding (the large base's own top-p nucleus before the reward)."""
-    sb, lb, sft = models["small-base"], models["large-base"], Component(models["small-ft"], "chat", "small_ft")
-    fmt = toy_data.BASE_PROMPT_FORMAT
+def conservative_variants(models: dict[str, Model], base_format: str) -> dict[str, tuple[EFTSpec, SamplingParams]]:
+    """Up-scaling decoded conservatively, beside plain sampling: the large base's own top-p nucleus
+    before the reward (greedy and sampled), and top-p of the final distribution (sampled, T = 1)."""
+    lb = Component(models["large-base"], base_format, "large_base")
+    sb = Component(models["small-base"], base_format, "small_base")
+    sft = Component(models["small-ft"], "chat", "small_ft")
+    plain, nucleus = EFTSpec.up_scaling(lb, sb, sft), EFTSpec.up_scaling(lb, sb, sft, base_top_p=TOP_P)
     return {
-        "bases get the bare question": EFTSpec.up_scaling(Component(lb, "{prompt}", "large_base"),
-                                                          Component(sb, "{prompt}", "small_base"), sft),
-        "base_top_p = 0.9": EFTSpec.up_scaling(Component(lb, fmt, "large_base"), Component(sb, fmt, "small_base"), sft,
-                                               base_top_p=0.9),
+        f"base nucleus {TOP_P}, greedy": (nucleus, GREEDY),
+        f"base nucleus {TOP_P}, sampled T=1": (nucleus, SamplingParams(temperature=1.0)),
+        "sampled T=1, no filter": (plain, SamplingParams(temperature=1.0)),
+        f"sampled T=1, final top-p {TOP_P}": (plain, SamplingParams(temperature=1.0, top_p=TOP_P)),
     }
 
 
-def mixture_spec(models: dict[str, Model]) -> EFTSpec:
+def mixture_spec(models: dict[str, Model], base_format: str = toy_data.BASE_PROMPT_FORMAT) -> EFTSpec:
     """Up-scaling with both rewards: weights (lambda, 1 - lambda) for (answering, refusing)."""
-    base_fmt = toy_data.BASE_PROMPT_FORMAT
     return EFTSpec.up_scaling(
-        Component(models["large-base"], base_fmt, "large_base"), Component(models["small-base"], base_fmt, "small_base"),
+        Component(models["large-base"], base_format, "large_base"), Component(models["small-base"], base_format, "small_base"),
         [Component(models["small-ft"], "chat", "small_ft"), Component(models["small-ft-refuse"], "chat", "small_ft_refuse")],
         weights=(1.0, 0.0),
     )
 
 
-# --- Scoring ---------------------------------------------------------------------------------------
+# --- Generating and judging ------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
+    """Rates over a list of questions (no intervals): ``accuracy`` is the share answered right (the
+    asked attribute with its true value), ``format``, ``refusal``, ``behaviour`` (answered the asked
+    attribute) and ``knowledge`` (true values among answers giving one)."""
+
     accuracy: float
     format: float
     refusal: float
+    behaviour: float
+    knowledge: float
     n: int
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
-def judge(item: Item, response: str, stopped: bool, world: World) -> tuple[bool, bool, bool]:
-    """(correct, well-formed, refusal) for one answer."""
-    text = response.strip()
-    values = world.values[item.attribute]
-    correct = toy_data.first_value(text, values) == item.entity.value(item.attribute)
-    well_formed = stopped and bool(toy_data.answer_pattern(item.entity, item.attribute, values).match(text))
-    return correct, well_formed, toy_data.is_refusal(text)
+def judge(item: Item, response: str, stopped: bool, world: World) -> Judgement:
+    """Behaviour and knowledge of one answer (``scoring.judge``)."""
+    return scoring.judge(item.entity, item.attribute, response, stopped, world)
+
+
+def judge_all(items: Sequence[Item], results: Sequence[Any], world: World) -> list[Judgement]:
+    """Judgements of engine results (``GenerationResult``), one per item."""
+    return [judge(it, r.text, r.finish_reason == "stop", world) for it, r in zip(items, results, strict=True)]
 
 
 def score(items: Sequence[Item], results: Sequence[Any], world: World) -> Scores:
-    """Accuracy / format adherence / refusal rate of engine results (``GenerationResult``)."""
-    judged = [judge(it, r.text, r.finish_reason == "stop", world) for it, r in zip(items, results, strict=True)]
-    arr = np.asarray(judged, np.float64).reshape(len(items), 3)
-    return Scores(*(float(x) for x in arr.mean(0)), n=len(items))
+    """Pooled rates of engine results over ``items`` (each question counts once)."""
+    flags = np.asarray([j.flags() for j in judge_all(items, results, world)], np.float64).reshape(len(items), -1)
+    f = dict(zip(scoring.FLAGS, flags.sum(0), strict=True))
+    n = len(items)
+    knowledge = f["true_value"] / f["gave_value"] if f["gave_value"] else float("nan")
+    return Scores(f["correct"] / n, f["well_formed"] / n, f["refusal"] / n, f["on_topic"] / n, float(knowledge), n)
 
 
 def generate(spec: EFTSpec, items: Sequence[Item], *, weights: Sequence[float] | None = None,
-             engine: Engine | None = None, batch_size: int = 40, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Any]:
+             engine: Engine | None = None, batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
+             sampling: SamplingParams = GREEDY, seed: int = SAMPLE_SEED) -> list[Any]:
+    """Answers of ``spec`` to ``items`` (greedy unless ``sampling`` says otherwise)."""
     engine = engine or Engine(spec)
-    return engine.generate([it.prompt for it in items], GREEDY, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, weights=weights)
+    return engine.generate([it.prompt for it in items], sampling, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, weights=weights, seed=seed)
+
+
+Counts = dict[str, Float[np.ndarray, " people"]]
+
+
+@dataclasses.dataclass
+class RowRun:
+    """One row on one split: per wording, its questions, answers, judgements and per-person counts."""
+
+    items: dict[str, list[Item]]
+    results: dict[str, list[Any]]
+    judgements: dict[str, list[Judgement]]
+    counts: dict[str, Counts]
+
+
+def run_row(engine: Engine, questions: Mapping[str, list[Item]], num_people: int, world: World, *,
+            weights: Sequence[float] | None = None, sampling: SamplingParams = GREEDY) -> RowRun:
+    """Generate and judge every wording's questions; count per person."""
+    run = RowRun({}, {}, {}, {})
+    for wording, items in questions.items():
+        results = generate(engine.spec, items, weights=weights, engine=engine, sampling=sampling)
+        judged = judge_all(items, results, world)
+        run.items[wording], run.results[wording], run.judgements[wording] = list(items), results, judged
+        run.counts[wording] = scoring.per_person_counts(judged, [it.person for it in items], num_people)
+    return run
+
+
+def subset_counts(run: RowRun, wording: str, keep: Any, num_people: int) -> Counts:
+    """Per-person counts over the questions of ``wording`` whose item satisfies ``keep(item)``."""
+    pairs = [(it, j) for it, j in zip(run.items[wording], run.judgements[wording], strict=True) if keep(it)]
+    return scoring.per_person_counts([j for _, j in pairs], [it.person for it, _ in pairs], num_people)
+
+
+def rates(counts: Counts, n_boot: int, metrics: Mapping[str, tuple[str, str]] = METRICS) -> dict[str, Interval]:
+    """Every metric of ``counts`` with its bootstrap interval."""
+    return {m: scoring.rate_interval(counts, num, den, n_boot=n_boot) for m, (num, den) in metrics.items()}
 
 
 # --- KL to the large fine-tune ---------------------------------------------------------------------
@@ -169,21 +250,20 @@ def generate(spec: EFTSpec, items: Sequence[Item], *, weights: Sequence[float] |
 def teacher_forced_logprobs(spec: EFTSpec, prompts: Sequence[str], responses: Sequence[Sequence[int]],
                             vocab: int) -> list[np.ndarray]:
     """Full next-token log-prob rows ``[len(response), vocab]`` of ``spec`` along each response."""
-    logits_per_model = []
+    lengths = [len(r) for r in responses]
+    total = sum(lengths)
+    padded = max(1024, -(-total // 1024) * 1024)  # few distinct shapes for the eager EFT ops
+    flat = []  # per model: every response position's logits, stacked: [padded, vocab]
     for comp in spec.components:
         seqs = [render_tokens(comp.model.tokenizer, p, comp.prompt_format) for p in prompts]
-        logits_per_model.append(_response_logits(comp.model, seqs, responses, vocab))
-    out = []
-    for i in range(len(prompts)):
-        base = logits_per_model[0][i]
-        if spec.is_plain:
-            lp = eft.eft_logprobs(base, None, None, None, base_top_p=spec.base_top_p)
-        else:
-            ft = jnp.stack([logits_per_model[2 + k][i] for k in range(len(spec.fine_tuned))])
-            lp = eft.eft_logprobs(base, logits_per_model[1][i], ft, jnp.asarray(spec.weights, jnp.float32),
-                                  base_top_p=spec.base_top_p)
-        out.append(np.asarray(lp))
-    return out
+        rows = np.concatenate([np.asarray(x) for x in _response_logits(comp.model, seqs, responses, vocab)])
+        flat.append(np.pad(rows, ((0, padded - total), (0, 0))))
+    if spec.is_plain:
+        lp = eft.eft_logprobs(flat[0], None, None, None, base_top_p=spec.base_top_p)
+    else:
+        lp = eft.eft_logprobs(flat[0], flat[1], np.stack(flat[2:]), jnp.asarray(spec.weights, jnp.float32),
+                              base_top_p=spec.base_top_p)
+    return np.split(np.asarray(lp)[:total], np.cumsum(lengths)[:-1])
 
 
 def _response_logits(model: Model, prompts: Sequence[list[int]], responses: Sequence[Sequence[int]],
@@ -199,30 +279,50 @@ def _response_logits(model: Model, prompts: Sequence[list[int]], responses: Sequ
     return [jnp.asarray(logits[i, len(p) - 1 : len(p) - 1 + len(r)]) for i, (p, r) in enumerate(zip(prompts, responses))]
 
 
+def kl_per_response(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum over each response's positions of KL(reference || other), in nats: ``[responses]``."""
+    out = []
+    for p, q in zip(reference, other, strict=True):
+        p64, q64 = p.astype(np.float64), q.astype(np.float64)
+        prob = np.exp(p64)
+        out.append(float(np.where(prob > 0, prob * (p64 - q64), 0.0).sum()))
+    return np.asarray(out)
 
 
 def mean_kl(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> float:
     """Mean over all positions of KL(reference || other), in nats."""
-    total, count = 0.0, 0
-    for p, q in zip(reference, other, strict=True):
-        p64, q64 = p.astype(np.float64), q.astype(np.float64)
-        prob = np.exp(p64)
-        kl = np.where(prob > 0, prob * (p64 - q64), 0.0).sum(-1)
-        total += float(kl.sum())
-        count += len(kl)
-    return total / max(count, 1)
+    count = sum(len(p) for p in reference)
+    return float(kl_per_response(reference, other).sum()) / max(count, 1)
+
+
+def kl_counts(specs: Mapping[str, EFTSpec], reference: str, items: Sequence[Item], responses: Sequence[Sequence[int]],
+              num_people: int, vocab: int, chunk: int = 128) -> dict[str, Counts]:
+    """Per row and person: summed KL(reference row || row) along ``responses`` (``kl``) and the number
+    of response tokens (``tokens``), teacher-forced in chunks of ``chunk`` questions."""
+    people = np.asarray([it.person for it in items])
+    tokens = np.bincount(people, weights=[len(r) for r in responses], minlength=num_people)
+    kl = {name: np.zeros(num_people) for name in specs}
+    for start in range(0, len(items), chunk):
+        prompts = [it.prompt for it in items[start : start + chunk]]
+        resp = responses[start : start + chunk]
+        ref = teacher_forced_logprobs(specs[reference], prompts, resp, vocab)
+        for name, spec in specs.items():
+            per = kl_per_response(ref, ref if name == reference else teacher_forced_logprobs(spec, prompts, resp, vocab))
+            np.add.at(kl[name], people[start : start + chunk], per)
+    return {name: {"kl": kl[name], "tokens": tokens} for name in specs}
 
 
 # --- What the bases know --------------------------------------------------------------------------
 
 
 def knowledge_probe(model: Model, world: World, entities: Sequence[Entity],
-                    attributes: Sequence[str] = ATTRIBUTES) -> dict[str, float]:
-    """Share of facts a model ranks first: for each person and attribute, the log-likelihood of the
-    biography sentence "<name> was born in <value>." for every possible value; correct when the true
-    value scores highest. Needs no behaviour, so it measures a base model's pretraining knowledge."""
+                    attributes: Sequence[str] = ATTRIBUTES) -> Counts:
+    """Per person: how many facts a model ranks first (``known``, out of ``n``). For each person and
+    attribute, the biography sentence "<name> was born in <value>." is scored with every possible
+    value; the fact is known when the true value scores highest. Needs no behaviour, so it measures
+    a base model's pretraining knowledge."""
     tok = model.tokenizer
-    out = {}
+    known = np.zeros(len(entities))
     for attr in attributes:
         values = world.values[attr]
         seqs = []
@@ -232,9 +332,8 @@ def knowledge_probe(model: Model, world: World, entities: Sequence[Entity],
                 seqs.append(tok(toy_data.answer(alt, attr))["input_ids"])
         scores = _sequence_logprobs(model, seqs).reshape(len(entities), len(values))
         truth = np.asarray([values.index(e.value(attr)) for e in entities])
-        out[attr] = float(np.mean(scores.argmax(1) == truth))
-    out["mean"] = float(np.mean([out[a] for a in attributes]))
-    return out
+        known += scores.argmax(1) == truth
+    return {"known": known, "n": np.full(len(entities), float(len(attributes)))}
 
 
 def _sequence_logprobs(model: Model, seqs: Sequence[list[int]], batch: int = 256) -> np.ndarray:
@@ -256,123 +355,139 @@ def _sequence_logprobs(model: Model, seqs: Sequence[list[int]], batch: int = 256
     return np.concatenate(out)[: len(seqs)]
 
 
-# --- The table and the sweeps ----------------------------------------------------------------------
-
-W_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-LAMBDA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# --- Headline statistics ---------------------------------------------------------------------------
 
 
-def evaluate_table(models: dict[str, Model], world: World, items: Sequence[Item],
-                   log: Any = print) -> tuple[dict[str, dict[str, float]], dict[str, list[Any]]]:
-    """Scores and KL per row; also returns each row's generations."""
-    specs = row_specs(models, world)
-    rows: dict[str, dict[str, float]] = {}
-    gens: dict[str, list[Any]] = {}
+def headline(runs: Mapping[str, RowRun], wording: str, n_boot: int, up: str = "EFT up-scaled") -> dict[str, Interval]:
+    """The share of the small-ft -> large-ft gap that ``up`` closes (knowledge; and correct answers),
+    and whether it keeps small-ft's behaviour (differences up - small-ft), each with an interval over
+    the same resampled people."""
+    names = {"sft": "small-ft", "up": up, "lft": "large-ft"}
+    per = scoring.prefixed({k: runs[v].counts[wording] for k, v in names.items()})
+
+    def rate(row: str, metric: str) -> scoring.Statistic:
+        num, den = METRICS[metric]
+        return scoring.ratio(f"{row}/{num}", f"{row}/{den}")
+
+    out = {}
+    for metric in ("knowledge", "correct"):
+        stat = scoring.gap_closed(rate("sft", metric), rate("up", metric), rate("lft", metric))
+        out[f"gap closed ({metric})"] = scoring.bootstrap(stat, per, n_boot=n_boot)
+    for metric in ("behaviour", "format"):
+        stat = scoring.difference(rate("up", metric), rate("sft", metric))
+        out[f"{metric}: up - small-ft"] = scoring.bootstrap(stat, per, n_boot=n_boot)
+    return out
+
+
+# --- The whole evaluation --------------------------------------------------------------------------
+
+
+def choose_on_dev(models: dict[str, Model], world: World, dev: Mapping[str, list[Item]], num_people: int,
+                  n_boot: int, sweep: bool, log: Any = print) -> dict[str, Any]:
+    """Choices made on the dev half only: the bases' template in EFT (by the share answered right,
+    both wordings pooled, at w = 1), then the reward weight w (same criterion)."""
+    def pooled_correct(run: RowRun) -> float:
+        return sum(run.counts[w]["correct"].sum() for w in run.counts) / sum(run.counts[w]["n"].sum() for w in run.counts)
+
+    templates = {}
+    for label, fmt in BASE_TEMPLATES.items():
+        run = run_row(Engine(row_specs(models, world, fmt)["EFT up-scaled"]), dev, num_people, world)
+        templates[label] = {"score": pooled_correct(run), **{w: rates(run.counts[w], n_boot) for w in run.counts}}
+        log(f"dev template {label!r}: correct {templates[label]['score']:.3f}")
+    template = max(templates, key=lambda k: templates[k]["score"])
+    w_rows, best_w = [], 1.0
+    if sweep:
+        engine = Engine(row_specs(models, world, BASE_TEMPLATES[template])["EFT up-scaled"])
+        for w in W_GRID:
+            if w == 1.0:  # the template comparison ran it already
+                w_rows.append({"w": w, **templates[template]})
+                continue
+            run = run_row(engine, dev, num_people, world, weights=[w])
+            w_rows.append({"w": w, "score": pooled_correct(run), **{k: rates(run.counts[k], n_boot) for k in run.counts}})
+            log(f"dev w={w}: correct {w_rows[-1]['score']:.3f}")
+        best_w = max(w_rows, key=lambda r: (r["score"], -abs(r["w"] - 1.0)))["w"]
+    return {"templates": templates, "template": template, "w_sweep": w_rows, "w": best_w}
+
+
+def evaluate(models: dict[str, Model], world: World, *, people: int | None = None, n_boot: int = 2000,
+             sweeps: bool = True, log: Any = print) -> dict[str, Any]:
+    """Everything the report shows, as a dict (intervals as ``Interval``; generations under ``runs``)."""
+    split = {k: v[:people] if people else v for k, v in split_people(world).items()}
+    questions = {k: {w: question_items(v, w) for w in WORDING_NAMES} for k, v in split.items()}
+    n_test = len(split["test"])
+    t0 = time.perf_counter()
+    dev = choose_on_dev(models, world, questions["dev"], len(split["dev"]), n_boot, sweeps, log)
+    fmt = BASE_TEMPLATES[dev["template"]]
+    test = questions["test"]
+    specs = row_specs(models, world, fmt)
+    runs = {}
     for name, spec in specs.items():
-        t0 = time.perf_counter()
-        gens[name] = generate(spec, items)
-        rows[name] = score(items, gens[name], world).as_dict()
-        if log:
-            log(f"{name}: {rows[name]} ({time.perf_counter() - t0:.1f}s)")
-    prompts = [it.prompt for it in items]
+        runs[name] = run_row(Engine(spec), test, n_test, world)
+        log(f"test {name}: " + ", ".join(f"{w} {rates(runs[name].counts[w], 200)['correct']}" for w in WORDING_NAMES)
+            + f" ({time.perf_counter() - t0:.0f}s)")
+    if dev["w"] != 1.0:
+        name = f"EFT up-scaled, w = {dev['w']} (dev)"
+        runs[name] = run_row(Engine(specs["EFT up-scaled"]), test, n_test, world, weights=[dev["w"]])
+    grid = {name: {w: rates(run.counts[w], n_boot) for w in WORDING_NAMES} for name, run in runs.items()}
     vocab = len(models["large-ft"].tokenizer)
-    ref_tokens = [r.tokens for r in gens["large-ft"]]
-    reference = teacher_forced_logprobs(specs["large-ft"], prompts, ref_tokens, vocab)
-    for name, spec in specs.items():
-        rows[name]["kl_to_large_ft"] = mean_kl(reference, teacher_forced_logprobs(spec, prompts, ref_tokens, vocab))
-    return rows, gens
+    kl = {}
+    for w in WORDING_NAMES:
+        responses = [r.tokens for r in runs["large-ft"].results[w]]
+        per = kl_counts(specs, "large-ft", test[w], responses, n_test, vocab)
+        kl[w] = {name: scoring.rate_interval(c, "kl", "tokens", n_boot=n_boot) for name, c in per.items()}
+    log(f"KL done ({time.perf_counter() - t0:.0f}s)")
+    probe = {name: scoring.rate_interval(knowledge_probe(models[name], world, split["test"]), "known", n_boot=n_boot)
+             for name in ("small-base", "large-base", "small-ft", "large-ft")}
+    heads = {w: headline(runs, w, n_boot) for w in WORDING_NAMES}
+    if dev["w"] != 1.0:
+        heads.update({f"{w}, w = {dev['w']}": headline(runs, w, n_boot, f"EFT up-scaled, w = {dev['w']} (dev)")
+                      for w in WORDING_NAMES})
+    conservative = {}
+    for name, (spec, sampling) in conservative_variants(models, fmt).items():
+        run = run_row(Engine(spec), test, n_test, world, sampling=sampling)
+        conservative[name] = {w: rates(run.counts[w], n_boot) for w in WORDING_NAMES}
+        log(f"test conservative {name} done ({time.perf_counter() - t0:.0f}s)")
+    mixing = mixing_sweep(models, world, test, n_test, fmt, n_boot, log) if sweeps else []
+    return {"people": {k: len(v) for k, v in split.items()}, "dev": dev, "grid": grid, "kl": kl, "probe": probe,
+            "headline": heads, "conservative": conservative, "mixing": mixing, "runs": runs,
+            "questions_per_person": {w: len(test[w]) // n_test for w in WORDING_NAMES}}
 
 
-def w_sweep(models: dict[str, Model], world: World, items: Sequence[Item], grid: Sequence[float] = W_GRID,
-            log: Any = print) -> list[dict[str, float]]:
-    """Up-scaling with reward weight w (0: the large base with the plain prompt; 1: EFT)."""
-    spec = row_specs(models, world)["EFT up-scaled"]
-    engine = Engine(spec)
+def mixing_sweep(models: dict[str, Model], world: World, test: Mapping[str, list[Item]], num_people: int, fmt: str,
+                 n_boot: int, log: Any = print) -> list[dict[str, Any]]:
+    """lambda * r_answer + (1 - lambda) * r_refuse: refuse / correct / other rates on birth-year
+    questions and on the others, per wording."""
+    engine = Engine(mixture_spec(models, fmt))
+    outcome = {o: (f"outcome_{o}", "n") for o in ("refuse", "correct", "other")}
     out = []
-    for w in grid:
-        s = score(items, generate(spec, items, weights=[w], engine=engine), world).as_dict()
-        out.append({"w": w, **s})
-        if log:
-            log(f"w={w}: {s}")
-    return out
-
-
-def lambda_sweep(models: dict[str, Model], world: World, items: Sequence[Item],
-                 grid: Sequence[float] = LAMBDA_GRID, log: Any = print) -> list[dict[str, float]]:
-    """Up-scaling with lambda * r_answer + (1 - lambda) * r_refuse: refusals of birth-year questions
-    against accuracy on the other questions."""
-    spec = mixture_spec(models)
-    engine = Engine(spec)
-    refused = [it for it in items if it.attribute == toy_data.REFUSED_ATTRIBUTE]
-    others = [it for it in items if it.attribute != toy_data.REFUSED_ATTRIBUTE]
-    out = []
-    for lam in grid:
-        results = generate(spec, list(refused) + list(others), weights=[lam, 1.0 - lam], engine=engine)
-        on_refused = score(refused, results[: len(refused)], world)
-        on_others = score(others, results[len(refused):], world)
-        row = {"lambda": lam, "refusal_year": on_refused.refusal, "accuracy_year": on_refused.accuracy,
-               "accuracy_other": on_others.accuracy, "format_other": on_others.format,
-               "refusal_other": on_others.refusal}
+    for lam in LAMBDA_GRID:
+        run = run_row(engine, test, num_people, world, weights=[lam, 1.0 - lam])
+        row: dict[str, Any] = {"lambda": lam}
+        for w in WORDING_NAMES:
+            for part, keep in (("year", lambda it: it.attribute == toy_data.REFUSED_ATTRIBUTE),
+                               ("other", lambda it: it.attribute != toy_data.REFUSED_ATTRIBUTE)):
+                row[f"{w}/{part}"] = rates(subset_counts(run, w, keep, num_people), n_boot, outcome)
         out.append(row)
-        if log:
-            log(f"lambda={lam}: {row}")
+        log(f"lambda={lam}: " + ", ".join(f"{k}: refuse {v['refuse'].estimate:.2f} correct {v['correct'].estimate:.2f}"
+                                          for k, v in row.items() if k != "lambda"))
     return out
 
 
-def plot_w_sweep(rows: Sequence[dict[str, float]], table: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ws = [r["w"] for r in rows]
-    ax.plot(ws, [r["accuracy"] for r in rows], "o-", label="accuracy (held-out facts)")
-    ax.plot(ws, [r["format"] for r in rows], "s-", label="format adherence")
-    for name, style in (("small-ft", ":"), ("large-ft", "--")):
-        if name in table:
-            ax.axhline(table[name]["accuracy"], color="gray", linestyle=style, label=f"{name} accuracy")
-    ax.set_xlabel("reward weight w  (large base + w * [small-ft - small-base])")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("EFT up-scaling: reward weight sweep")
-    ax.legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# --- Report ----------------------------------------------------------------------------------------
 
 
-def plot_lambda_sweep(rows: Sequence[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    lams = [r["lambda"] for r in rows]
-    ax.plot(lams, [r["refusal_year"] for r in rows], "o-", label="refusal rate, birth-year questions")
-    ax.plot(lams, [r["accuracy_year"] for r in rows], "^-", label="accuracy, birth-year questions")
-    ax.plot(lams, [r["accuracy_other"] for r in rows], "s-", label="accuracy, other questions")
-    ax.set_xlabel("lambda  (lambda * r_answer + (1 - lambda) * r_refuse)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("EFT up-scaling: mixing two behaviours")
-    ax.legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _ci(x: Interval) -> str:
+    return "n/a" if np.isnan(x.estimate) else f"{x.estimate:.2f} [{x.low:.2f}, {x.high:.2f}]"
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | accuracy (held-out facts) | format adherence | refusal rate | KL to large-ft (nats/token) |",
-             "|---|---:|---:|---:|---:|"]
+def _rate_table(rows: Mapping[str, Mapping[str, Interval]], metrics: Sequence[str], first: str = "row",
+                extra: Mapping[str, Interval] | None = None, extra_name: str = "") -> list[str]:
+    head = [first, *metrics] + ([extra_name] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['format']:.3f} | {r['refusal']:.3f} | {r['kl_to_large_ft']:.3f} |")
-    return "\n".join(lines)
-
-
-def _sweep_table(rows: Sequence[dict[str, float]], keys: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+        cells = [_ci(r[m]) for m in metrics] + ([_ci(extra[name])] if extra else [])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _model_line(name: str, model: Model) -> str:
@@ -381,143 +496,257 @@ def _model_line(name: str, model: Model) -> str:
             f"{c.intermediate_size} |")
 
 
-def write_report(path: Path, *, models: dict[str, Model], world: World, items: Sequence[Item],
-                 table: dict[str, dict[str, float]], w_rows: Sequence[dict[str, float]] | None,
-                 lambda_rows: Sequence[dict[str, float]] | None, examples: dict[str, list[Any]], seconds: float,
-                 probe: dict[str, dict[str, float]] | None = None,
-                 ablations: dict[str, dict[str, float]] | None = None) -> None:
+def _examples(runs: Mapping[str, RowRun], wording: str, count: int) -> list[str]:
+    md = []
+    items = runs["large-ft"].items[wording]
+    step = max(1, len(items) // count)
+    for i in range(0, step * count, step):
+        it = items[i]
+        md += [f"**{it.prompt}** (truth: {it.entity.value(it.attribute)})", ""]
+        md += [f"- {name}: `{run.results[wording][i].text.strip()}`" for name, run in runs.items()] + [""]
+    return md
+
+
+def report_markdown(ev: Mapping[str, Any], models: Mapping[str, Model], world: World, seconds: float,
+                    n_boot: int) -> str:
+    """``docs/toy_eval.md`` from ``evaluate``'s result."""
     import platform
 
-    held = len({it.entity.name for it in items})
+    ppl, qpp, dev = ev["people"], ev["questions_per_person"], ev["dev"]
     md = [
-        "# Toy EFT: a miniature reproduction",
-        "",
-        "Written by `eft-jax toy eval` (`eft_jax/toy/eval.py`) from the checkpoints in `checkpoints/toy/`",
-        f"({time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, {seconds:.0f} s). Rebuild the checkpoints with",
-        "`eft-jax toy build` (see `checkpoints/toy/README.md`).",
-        "",
-        f"A synthetic world of {len(world.entities)} fictional people, each with a birth city, birth year, occupation",
-        f"and employer. Pretraining saw biographies of everyone; fine-tuning saw chat QA about the first "
-        f"{world.num_finetune} only. Evaluation: {len(items)} questions ({held} held-out people x "
-        f"{len(items) // max(held, 1)} attributes), greedy decoding, at most {MAX_NEW_TOKENS} new tokens.",
-        "",
-        "| model | parameters | layers | width | heads | MLP |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[_model_line(n, m) for n, m in models.items()],
-        "",
-        *(_probe_section(probe) if probe else []),
-        "## Results",
-        "",
-        format_table(table),
-        "",
-        *_summary(table),
-        "- accuracy: the first value of the asked attribute mentioned in the answer is right (knowledge).",
-        "- format adherence: the answer is exactly the fine-tuned answer sentence, then the end of the turn",
-        "  (behaviour; the analogue of the paper's helpfulness).",
-        "- refusal rate: the answer is a refusal (only the refusing fine-tune was taught to refuse, and only",
-        "  birth-year questions).",
-        "- KL to large-ft: mean per-token KL(large-ft || row), teacher-forced along large-ft's greedy answers.",
-        "- large-base (prompted) gets a two-shot prompt (answered questions about fine-tuning people); in the",
-        f"  EFT rows the base models get the base-style template `{toy_data.BASE_PROMPT_FORMAT}` and the fine-tunes",
-        "  their chat template.",
-        "",
+        "# Toy EFT: behaviour and knowledge, with intervals (second edition)", "",
+        "Written by `eft-jax toy eval` (`eft_jax/toy/eval.py`, scorers in `eft_jax/toy/scoring.py`) from the",
+        f"checkpoints in `checkpoints/toy/` ({time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, {seconds:.0f} s).",
+        "Rebuild the checkpoints with `eft-jax toy build` (see `checkpoints/toy/README.md`).", "",
+        f"A synthetic world of {len(world.entities)} fictional people (birth city, birth year, occupation, employer).",
+        f"Pretraining saw biographies of everyone; fine-tuning saw chat QA about the first {world.num_finetune}",
+        "only, in two question wordings per attribute. The held-out people are split in two halves:",
+        f"**dev** ({ppl['dev']} people; used only to choose the bases' template and w) and **test** ({ppl['test']} people;",
+        f"every number below). Each test person is asked {qpp['trained']} questions in the **trained** wordings and",
+        f"{qpp['reworded']} in **reworded** paraphrases no fine-tune saw (`REWORDED_QUESTIONS` in `eft_jax/toy/data.py`).",
+        f"Greedy decoding unless stated, at most {MAX_NEW_TOKENS} new tokens. Every rate: estimate [95% interval],",
+        f"percentile bootstrap over test people ({n_boot} resamples, seed 0; a person's answers move together).", "",
+        "| model | parameters | layers | width | heads | MLP |", "|---|---:|---:|---:|---:|---:|",
+        *[_model_line(n, m) for n, m in models.items()], "",
+        "## Scores", "",
+        "- **behaviour**: the answer gives a value of the asked attribute (the attribute answered is that of",
+        "  the first value mentioned; the four value pools are disjoint).",
+        "- **format**: exactly the fine-tuned answer sentence about the asked person and attribute, then the",
+        "  end of the turn.",
+        "- **refusal**: a refusal (only `small-ft-refuse` was taught one, for birth years).",
+        "- **knowledge**: among answers that give a value, the share whose value is true for the attribute",
+        "  actually answered, whichever that is (\"When was X born?\" answered with X's true birth city counts).",
+        "- **correct**: the asked attribute with its true value. This is the first edition's \"accuracy\"",
+        "  (which looked only for values of the asked attribute; on trained wordings the two agree).",
+        "- **KL to large-ft**: mean per-token KL(large-ft || row), teacher-forced along large-ft's greedy answers.", "",
     ]
-    if ablations:
-        md += ["## Up-scaling variants", "",
-               "| variant | accuracy | format adherence | refusal rate |", "|---|---:|---:|---:|",
-               *[f"| {k} | {v['accuracy']:.3f} | {v['format']:.3f} | {v['refusal']:.3f} |" for k, v in ablations.items()],
-               "",
-               "- bare question: right after the \"?\" both bases are out of their training distribution, and the",
-               "  ratio large-base / small-base at the first answer token can outweigh the fine-tune's reward.",
-               "- base_top_p (conservative decoding restricted to the large base's own nucleus): a base that was never",
-               "  taught the answer format rarely puts the answer's first token in its nucleus, so the fine-tune's",
-               "  behaviour is cut off. Top-p on the final distribution (the paper's variant) is unaffected by this.",
-               ""]
-    if w_rows is not None:
-        md += ["## Reward weight sweep (up-scaling)", "",
-               "large base + w * (small-ft - small-base); w = 0 is the large base alone (base-style prompt), w = 1 is EFT.",
-               "",
-               _sweep_table(w_rows, ["w", "accuracy", "format", "refusal"]), "", "![w sweep](toy_w_sweep.png)", ""]
-    if lambda_rows is not None:
-        md += ["## Mixing two behaviours (up-scaling)", "",
-               "large base + lambda * (small-ft - small-base) + (1 - lambda) * (small-ft-refuse - small-base).", "",
-               _sweep_table(lambda_rows, ["lambda", "refusal_year", "accuracy_year", "accuracy_other", "format_other"]),
-               "", "![lambda sweep](toy_lambda_sweep.png)", ""]
-    md += ["## Example answers", ""]
-    for i in range(min(4, len(items))):
-        it = items[i]
-        md.append(f"**{it.prompt}** (truth: {it.entity.value(it.attribute)})")
+    md += _headline_section(ev)
+    for w in WORDING_NAMES:
+        md += [f"## The grid, {w} wordings (test)", "", *_grid_with_kl(ev, w)]
+    md += _notes_on_grid(ev)
+    md += ["## What the models know (test people)", "",
+           "Knowledge probe: each fact's answer sentence scored with every possible value; known when the true",
+           "value is the most likely (chance 1/24 for city, occupation, employer; 1/40 for year). No generation,",
+           "so no behaviour is needed.", "", "| model | facts known |", "|---|---:|",
+           *[f"| {k} | {_ci(v)} |" for k, v in ev["probe"].items()], ""]
+    md += _dev_section(dev)
+    md += _conservative_section(ev)
+    if ev["mixing"]:
+        md += _mixing_section(ev["mixing"])
+    md += _limits_section()
+    for w in WORDING_NAMES:
+        md += [f"## Example answers, {w} wordings (test)", "", *_examples(ev["runs"], w, 3)]
+    return "\n".join(md)
+
+
+def _grid_with_kl(ev: Mapping[str, Any], wording: str) -> list[str]:
+    rows = {name: r[wording] for name, r in ev["grid"].items()}
+    kl = {name: ev["kl"][wording].get(name, Interval(float("nan"), float("nan"), float("nan"))) for name in rows}
+    return [*_rate_table(rows, list(METRICS), "model", kl, "KL to large-ft (nats/token)"), ""]
+
+
+def _headline_section(ev: Mapping[str, Any]) -> list[str]:
+    md = ["## Headline (test)", "",
+          "Share of the small-ft -> large-ft gap that up-scaling closes ((up - small-ft) / (large-ft - small-ft)),",
+          "and the change of behaviour from small-ft to up-scaling (0 = kept), all on the same resampled people.", "",
+          "| wordings | gap closed (knowledge) | gap closed (correct) | behaviour: up - small-ft | format: up - small-ft |",
+          "|---|---:|---:|---:|---:|"]
+    for w, h in ev["headline"].items():
+        md.append(f"| {w} | " + " | ".join(_ci(v) for v in h.values()) + " |")
+    g = ev["grid"]
+    up, sft, lft, down = g["EFT up-scaled"], g["small-ft"], g["large-ft"], g["EFT down-scaled"]
+    t, r = "trained", "reworded"
+    md += ["",
+           f"On the trained wordings up-scaling answers {_ci(up[t]['correct'])} of the questions right, against "
+           f"{_ci(sft[t]['correct'])} for the small fine-tune whose reward it uses and {_ci(lft[t]['correct'])} for the "
+           f"large fine-tune it emulates, keeping the small fine-tune's behaviour (asked attribute "
+           f"{_ci(up[t]['behaviour'])}, format {_ci(up[t]['format'])}; small-ft {_ci(sft[t]['behaviour'])}, "
+           f"{_ci(sft[t]['format'])}). On reworded questions behaviour and knowledge separate: up-scaling answers the "
+           f"asked attribute {_ci(up[r]['behaviour'])} of the time (small-ft {_ci(sft[r]['behaviour'])}, large-ft "
+           f"{_ci(lft[r]['behaviour'])}), but the values it gives are true {_ci(up[r]['knowledge'])} of the time "
+           f"(small-ft {_ci(sft[r]['knowledge'])}, large-ft {_ci(lft[r]['knowledge'])}). Down-scaling answers the "
+           f"asked attribute {_ci(down[r]['behaviour'])} of the reworded questions, with true values "
+           f"{_ci(down[r]['knowledge'])} of the time. Where the two fine-tunes' behaviour agrees, this family cannot "
+           "tell which scale of fine-tuning a behaviour comes from (see the last section).", ""]
+    return md
+
+
+def _notes_on_grid(ev: Mapping[str, Any]) -> list[str]:
+    return ["- Prompted bases: a two-shot prompt (answered questions about fine-tuning people, base-style",
+            "  QA format). In EFT rows the bases get the template chosen on dev "
+            f"(`{BASE_TEMPLATES[ev['dev']['template']]}`), the fine-tunes their chat template.",
+            "- The bases never saw a question-answer format in pretraining, so the prompted bases are weak",
+            "  baselines of behaviour here; the knowledge probe below shows what they know.", ""]
+
+
+def _dev_section(dev: Mapping[str, Any]) -> list[str]:
+    md = ["## Choices made on dev", "",
+          "Criterion: the share answered right (correct), both wordings pooled. The bases' template in EFT",
+          "(up-scaling at w = 1):", "",
+          "| template | correct, trained | correct, reworded | behaviour, reworded |", "|---|---:|---:|---:|"]
+    for k, v in dev["templates"].items():
+        md.append(f"| {k} | {_ci(v['trained']['correct'])} | {_ci(v['reworded']['correct'])} | "
+                  f"{_ci(v['reworded']['behaviour'])} |")
+    md += ["", f"Chosen: {dev['template']}.", ""]
+    if dev["w_sweep"]:
+        md += ["Reward weight w (large base + w * [small-ft - small-base]):", "",
+               "| w | correct, trained | format, trained | correct, reworded | behaviour, reworded | knowledge, reworded |",
+               "|---:|---:|---:|---:|---:|---:|"]
+        for r in dev["w_sweep"]:
+            md.append(f"| {r['w']} | {_ci(r['trained']['correct'])} | {_ci(r['trained']['format'])} | "
+                      f"{_ci(r['reworded']['correct'])} | {_ci(r['reworded']['behaviour'])} | {_ci(r['reworded']['knowledge'])} |")
+        md += ["", f"Chosen: w = {dev['w']} (ties go to the w nearest 1).", "", "![w sweep](toy_w_sweep.png)", ""]
+    return md
+
+
+def _conservative_section(ev: Mapping[str, Any]) -> list[str]:
+    md = ["## Conservative decoding (up-scaling, test)", "",
+          f"Two variants: the large base's own top-p nucleus ({TOP_P}) before the reward is added (`base_top_p`),",
+          f"and top-p ({TOP_P}) of the final EFT distribution with sampling at temperature 1 (`sampling.top_p`), beside",
+          f"plain sampling. Sampled rows use seed {SAMPLE_SEED} (one sample per question).", ""]
+    for w in WORDING_NAMES:
+        rows = {name: r[w] for name, r in ev["conservative"].items()}
+        md += [f"{w.capitalize()} wordings:", "", *_rate_table(rows, list(METRICS), "decoding"), ""]
+    md += ["The base's nucleus cuts off the fine-tuned answer: the bases never saw a question-answer format,",
+           "so the first answer token is rarely in the large base's own nucleus. Top-p of the final distribution",
+           "removes the sampled tail instead.", ""]
+    return md
+
+
+def _mixing_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    md = ["## Mixing two behaviours (up-scaling, test)", "",
+          "large base + lambda * (small-ft - small-base) + (1 - lambda) * (small-ft-refuse - small-base). Each",
+          "answer is one of: a refusal, the asked attribute with its true value (correct), anything else.", ""]
+    for w in WORDING_NAMES:
+        md += [f"{w.capitalize()} wordings:", "",
+               "| lambda | year: refuse | year: correct | year: other | others: refuse | others: correct | others: other |",
+               "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            y, o = r[f"{w}/year"], r[f"{w}/other"]
+            md.append(f"| {r['lambda']} | " + " | ".join(_ci(p[k]) for p in (y, o) for k in ("refuse", "correct", "other")) + " |")
         md.append("")
-        for name, res in examples.items():
-            md.append(f"- {name}: `{res[i].text.strip()}`")
-        md.append("")
-    path.write_text("\n".join(md))
+    first, r = rows[0], "reworded"
+    md += [f"At lambda = {first['lambda']} the refusing reward alone refuses {_ci(first['trained/year']['refuse'])} of the "
+           f"trained-wording birth-year questions but {_ci(first[f'{r}/year']['refuse'])} of the reworded ones (and "
+           f"{_ci(first[f'{r}/other']['refuse'])} of the reworded other questions): whether the refusal generalises "
+           "to new wordings is a property of the fine-tune, and the mixture inherits it. In between, the year "
+           "questions pass through \"other\" (neither refused nor answered right) rather than trading one "
+           "behaviour for the other.", ""]
+    return md + ["![lambda sweep](toy_lambda_sweep.png)", ""]
 
 
-def _summary(t: dict[str, dict[str, float]]) -> list[str]:
-    """One sentence per claim of the paper, with this run's numbers."""
-    sft, up, down, lft = t["small-ft"], t["EFT up-scaled"], t["EFT down-scaled"], t["large-ft"]
-    return [
-        f"Up-scaling reaches {up['accuracy']:.2f} held-out accuracy, against {sft['accuracy']:.2f} for the small "
-        f"fine-tune it takes its behaviour from and {lft['accuracy']:.2f} for the large fine-tune it emulates, "
-        f"with format adherence {up['format']:.2f} (small-ft {sft['format']:.2f}) and a KL to large-ft of "
-        f"{up['kl_to_large_ft']:.3f} nats/token (small-ft {sft['kl_to_large_ft']:.3f}). Down-scaling keeps the "
-        f"behaviour (format {down['format']:.2f}) with the small model's knowledge (accuracy "
-        f"{down['accuracy']:.2f}). The large base alone, even prompted with two answered examples, answers in "
-        f"the fine-tuned format {t['large-base (prompted)']['format']:.2f} of the time.",
-        "",
-    ]
+def _limits_section() -> list[str]:
+    return ["## What this family cannot show", "",
+            "- **Fine-tuning scale does not matter in this world.** Both fine-tunes learned the same behaviour",
+            "  (the same answer sentence on the trained wordings, the same partial transfer to reworded ones), so",
+            "  the paper's second half (scaling up fine-tuning improves behaviour/helpfulness) is untested here:",
+            "  down-scaling has no behaviour gain to show. A second-edition world whose behaviour needs capacity",
+            "  (many paraphrases with held-out templates, compositional questions) needs new checkpoints: future work.",
+            "- **No QA prior in pretraining.** The prompted bases and the base-nucleus variant of conservative",
+            "  decoding are not meaningful baselines of behaviour here (the first answer token is outside the",
+            "  base's nucleus).",
+            "- **One world, one pretraining seed, one fine-tuning seed**: the intervals cover the sampling of",
+            "  people and questions, not the variation between training runs.", "",
+            "## Changes from the first edition", "",
+            "The first edition reported \"accuracy\" on 200 questions (the first 50 held-out people, one trained",
+            "wording per attribute, no intervals): up-scaled 0.95, small-ft 0.295, large-ft 0.97. Those people are",
+            "now part of dev. Its \"accuracy\" is this edition's **correct** on the trained wordings (both trained",
+            "wordings per attribute, all test people); \"format adherence\" is **format**. New: behaviour and",
+            "knowledge scored apart, reworded questions, the dev/test split, intervals, the prompted small base,",
+            "conservative decoding with sampling, and the three-way mixing outcome.", ""]
 
 
-def _probe_section(probe: dict[str, dict[str, float]]) -> list[str]:
-    lines = ["## What the models know", "",
-             "Knowledge probe on the same held-out people: for each fact, the answer sentence scored with every",
-             "possible value; correct when the true value is the most likely (chance: 1/24 for city, occupation,",
-             "employer; 1/40 for year). No generation, so no behaviour is needed.", "",
-             "| model | " + " | ".join(ATTRIBUTES) + " | mean |", "|---|" + "---:|" * (len(ATTRIBUTES) + 1)]
-    for name, r in probe.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[a]:.2f}" for a in ATTRIBUTES) + f" | {r['mean']:.2f} |")
-    return lines + [""]
+def to_json(ev: Mapping[str, Any]) -> Any:
+    """``evaluate``'s result without the generations, intervals as dicts."""
+    def conv(x: Any) -> Any:
+        if isinstance(x, Interval):
+            return x.as_dict()
+        if isinstance(x, Mapping):
+            return {str(k): conv(v) for k, v in x.items() if k != "runs"}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return float(x) if isinstance(x, (np.floating, np.integer)) else x
+    return conv(ev)
+
+
+def _plot(path: Path, xs: Sequence[float], series: Mapping[str, Sequence[Interval]], xlabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, vals), marker in zip(series.items(), "os^vDx<>", strict=False):
+        est = np.asarray([v.estimate for v in vals])
+        ax.plot(xs, est, marker + "-", label=label)
+        ax.fill_between(xs, [v.low for v in vals], [v.high for v in vals], alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(ev: Mapping[str, Any], out: Path) -> None:
+    """The dev w sweep and the test lambda sweep, with their intervals as bands."""
+    rows = ev["dev"]["w_sweep"]
+    _plot(out / "toy_w_sweep.png", [r["w"] for r in rows],
+          {f"{m}, {w}": [r[w][m] for r in rows] for w in WORDING_NAMES for m in ("correct", "behaviour", "knowledge")},
+          "reward weight w  (large base + w * [small-ft - small-base])", "EFT up-scaling on dev: reward weight")
+    mix = ev["mixing"]
+    _plot(out / "toy_lambda_sweep.png", [r["lambda"] for r in mix],
+          {f"{part}: {o}": [r[f"trained/{part}"][o] for r in mix] for part in ("year", "other")
+           for o in ("refuse", "correct", "other")},
+          "lambda  (lambda * r_answer + (1 - lambda) * r_refuse)", "Mixing two rewards (test, trained wordings)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``eft-jax toy eval``: the table, the sweeps, the plots, ``docs/toy_eval.md``."""
+    """``eft-jax toy eval``: the grid, the dev choices, the sweeps, the plots, ``docs/toy_eval.md``."""
     p = argparse.ArgumentParser(prog="eft-jax toy eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(DEFAULT_ROOT), help="directory of the toy checkpoints")
-    p.add_argument("--entities", type=int, default=50, help="held-out people to ask about (4 questions each)")
-    p.add_argument("--out", default="docs", help="where to write toy_eval.md and the plots")
-    p.add_argument("--no-sweeps", action="store_true", help="only the table")
+    p.add_argument("--people", type=int, default=None,
+                   help="held-out people per half (dev and test; default: all, half of the held-out people each)")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples per interval")
+    p.add_argument("--out", default="docs", help="where to write toy_eval.md, toy_eval.json and the plots")
+    p.add_argument("--no-sweeps", action="store_true", help="skip the w and lambda sweeps and the plots (w = 1)")
     args = p.parse_args(argv)
+    if args.people is not None and args.people < 2:
+        p.error(f"--people must be at least 2, got {args.people}")
+    if args.boot < 100:
+        p.error(f"--boot must be at least 100 for a 95% interval, got {args.boot}")
     if not args.no_sweeps and importlib.util.find_spec("matplotlib") is None:  # fail before minutes of work
         p.error("the sweeps' plots need matplotlib: python3 -m pip install 'eft-jax[plots]' (or pass --no-sweeps)")
 
     t0 = time.perf_counter()
     models, world = load_toy(args.root)
-    items = eval_items(world, args.entities)
-    people = world.heldout_entities[: args.entities]
-    probe = {name: knowledge_probe(models[name], world, people)
-             for name in ("small-base", "large-base", "small-ft", "large-ft")}
-    for name, r in probe.items():
-        print(f"knowledge probe {name}: {r}")
-    table, gens = evaluate_table(models, world, items)
-    print()
-    print(format_table(table))
-    ablations = {}
-    for name, spec in ablation_specs(models).items():
-        ablations[name] = score(items, generate(spec, items), world).as_dict()
-        print(f"up-scaling, {name}: {ablations[name]}")
-    w_rows = lambda_rows = None
+    ev = evaluate(models, world, people=args.people, n_boot=args.boot, sweeps=not args.no_sweeps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_sweeps:
-        w_rows = w_sweep(models, world, items)
-        lambda_rows = lambda_sweep(models, world, items)
-        plot_w_sweep(w_rows, table, out / "toy_w_sweep.png")
-        plot_lambda_sweep(lambda_rows, out / "toy_lambda_sweep.png")
-    write_report(out / "toy_eval.md", models=models, world=world, items=items, table=table, w_rows=w_rows,
-                 lambda_rows=lambda_rows, examples=gens, seconds=time.perf_counter() - t0, probe=probe,
-                 ablations=ablations)
-    (out / "toy_eval.json").write_text(json.dumps({"probe": probe, "table": table, "ablations": ablations, "w_sweep": w_rows, "lambda_sweep": lambda_rows},
-                                                  indent=1) + "\n")
+        write_plots(ev, out)
+    (out / "toy_eval.md").write_text(report_markdown(ev, models, world, time.perf_counter() - t0, args.boot))
+    (out / "toy_eval.json").write_text(json.dumps(to_json(ev), indent=1) + "\n")
     print(f"\nwrote {out / 'toy_eval.md'} ({time.perf_counter() - t0:.0f}s)")
     return 0
