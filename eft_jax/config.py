@@ -38,6 +38,7 @@ import yaml
 
 from eft_jax.loading.hub import looks_like_hub_id, resolve_hub_id
 from eft_jax.loading.source import CheckpointError
+from eft_jax.models.quant import QUANTIZE_MODES
 from eft_jax.sampling import SamplingParams
 from eft_jax.spec import DEFAULT_DRAFTER_ROLE
 
@@ -49,7 +50,6 @@ __all__ = [
 FINGERPRINT_VERSION = 1
 DTYPES = ("bfloat16", "float16", "float32")
 SHARDINGS = ("tensor_parallel", "replicated")
-QUANTIZE_MODES = ("int8",)  # eft_jax.models.quant.QUANTIZE_MODES (not imported: config stays light)
 LONG_PROMPT_POLICIES = ("truncate_left", "skip")
 END_TOKEN_POLICIES = ("all", "declared")
 PKG_PREFIX = "pkg:"
