@@ -37,13 +37,65 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Key
 
 __all__ = [
+    "SETTINGS",
     "SamplingParams",
+    "Setting",
+    "check_setting",
     "final_logprobs",
     "nucleus_mask",
     "row_keys",
     "safe_log_softmax",
     "sample",
 ]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One per-request sampling setting: its neutral (off) value, its kind and what values are allowed.
+
+    The one place the allowed values are written: the config schema, per-line JSONL fields, OpenAI request
+    bodies, ``generation_config.json`` defaults and ``SamplingParams`` all check with :func:`check_setting`.
+    """
+
+    neutral: object
+    kind: str  # "real", "int" or "bool"
+    allowed: str  # said in error messages: "must be {allowed}"
+    check: object = None  # value -> bool, for "real"/"int"; None: any value of the kind
+
+
+SETTINGS: dict[str, Setting] = {
+    "temperature": Setting(1.0, "real", "a number >= 0 (0 = greedy)", lambda v: math.isfinite(v) and v >= 0),
+    "top_k": Setting(0, "int", "an integer >= 0 (0 = off)", lambda v: v >= 0),
+    "top_p": Setting(1.0, "real", "a number in (0, 1] (1 = off)", lambda v: 0 < v <= 1),
+    "min_p": Setting(0.0, "real", "a number in [0, 1) (0 = off)", lambda v: 0 <= v < 1),
+    "min_tokens": Setting(0, "int", "an integer >= 0", lambda v: v >= 0),
+    "ignore_eos": Setting(False, "bool", "true or false"),
+    "repetition_penalty": Setting(1.0, "real", "a number > 0 (1 = off)", lambda v: math.isfinite(v) and v > 0),
+    "presence_penalty": Setting(0.0, "real", "a number in [-2, 2] (0 = off)", lambda v: -2 <= v <= 2),
+    "frequency_penalty": Setting(0.0, "real", "a number in [-2, 2] (0 = off)", lambda v: -2 <= v <= 2),
+}
+
+
+def check_setting(name: str, value: object) -> object:
+    """``value`` of setting ``name`` (a key of ``SETTINGS``) normalised (float, int or bool), or ValueError
+    saying ``"must be <allowed>, got <value>"`` (the caller prefixes where the value came from)."""
+    setting = SETTINGS[name]
+    bad = ValueError(f"must be {setting.allowed}, got {value!r}")
+    if setting.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise bad
+    if setting.kind == "int":
+        if not float(value).is_integer():
+            raise bad
+        value = int(value)
+    else:
+        value = float(value)
+    if setting.check is not None and not setting.check(value):  # type: ignore[operator]
+        raise bad
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,26 +114,12 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_real("temperature", self.temperature)
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(
-                f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
-            )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
-            raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        _check_real("top_p", self.top_p)
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        _check_real("min_p", self.min_p)
-        if not (0.0 <= self.min_p < 1.0):
-            raise ValueError(f"SamplingParams.min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
-        # Normalise the types so equal configurations hash equally (1 vs 1.0, numpy scalars).
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_k", int(self.top_k))
-        object.__setattr__(self, "top_p", float(self.top_p))
-        object.__setattr__(self, "min_p", float(self.min_p))
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            try:
+                # Normalised types, so equal configurations hash equally (1 vs 1.0, numpy scalars).
+                object.__setattr__(self, name, check_setting(name, getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.{name} {e}") from None
 
     @property
     def is_identity(self) -> bool:
@@ -92,11 +130,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when decoding is greedy (temperature 0)."""
         return self.temperature == 0.0
-
-
-def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"SamplingParams.{name} must be a real number, got {value!r}")
 
 
 def _valid(x: Array) -> Array:
