@@ -231,7 +231,7 @@ def part_real(args: argparse.Namespace) -> None:
             # ref and fine-tune: the same 0.5B weights in two Model objects, so the engine runs both (it runs a
             # model used twice only once) while the reward ft - ref is exactly 0: EFT's tokens must equal
             # the 1.5B's greedy ones, and the cost is that of the real three-model loop.
-            ft = dataclasses.replace(small, source=small.source + " (as fine-tune)", params=small.run_params)
+            ft = small.replace(source=small.source + " (as fine-tune)", params=small.run_params)
             # Every model on the plain prompt (a fine-tune would default to its chat template: reward != 0).
             specs["eft-jax EFT 1.5B + 2 x 0.5B"] = EFTSpec.up_scaling(
                 Component(model, "plain"), Component(small, "plain"), Component(ft, "plain", "small_ft"), 1.0)
