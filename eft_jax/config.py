@@ -4,16 +4,30 @@ A config is a YAML file with five sections (see ``configs/`` and the README's co
 
     models:   {name: {path, prompt_format, dtype, sharding, quantize}}   any number of named model entries
     eft:      {base, ref, fine_tuned, weights, base_top_p}     roles, by model name
-    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, stop, end_tokens, use_generation_config}
+    sampling: {temperature, top_k, top_p, min_p, stop_token_ids, stop, end_tokens, use_generation_config,
+               min_tokens, ignore_eos, logit_bias, repetition_penalty, presence_penalty, frequency_penalty}
     mesh:     {data, model, distributed, device_memory_gb}
     job:      {batch_size, max_new_tokens, n, seed, chunk_size, on_long_prompt, compile_cache, response_prefix}
     speculative: {k, drafter}                                 optional: speculative EFT (k = 0: off)
 
 Any key can be overridden with ``key.sub=value`` (the value is read as a YAML scalar or flow list,
-``eft.weights=[0.5]``; a list element by index, ``eft.weights.0=0.5``). Unknown keys, wrong types and
-impossible values raise :class:`ConfigError` naming the file (or the override), the dotted key and what
-is allowed. Model files are not touched here; :func:`resolve_model_path` and :func:`missing_model_files`
-check them when a job starts.
+``eft.weights=[0.5]``; a list element by index, ``eft.weights.0=0.5``): the one override grammar of every
+command, in ``eft_jax.overrides``. Unknown keys, wrong types and impossible values raise :class:`ConfigError`
+naming the file (or the override), the dotted key and what is allowed. Model files are not touched here;
+:func:`resolve_model_path` and :func:`missing_model_files` check them when a job starts.
+
+The schema is frozen pydantic dataclasses (``extra="forbid"``, strict types: no bool for a number, no number
+for a string), so ``dataclasses.replace``/``asdict`` and positional ``ModelEntry(path, ...)`` keep working.
+What is hand-written, and why:
+- the wording of refusals: each field's ``description`` says what is allowed, and ``eft_jax.overrides.refusal``
+  turns pydantic's first error into ``<file or override>: <dotted key>: must be <description>; got <value>``
+  with a "did you mean" hint for unknown keys (pydantic's own messages name neither the file, nor the
+  override, nor the allowed values in our words);
+- the sampling settings are checked by ``eft_jax.sampling.check_setting`` (the one table of allowed values,
+  ``SETTINGS``), through a ``PlainValidator``, not by a second copy of the bounds here;
+- checks across fields (model names that must exist, EFT's ref/fine-tune pairing, one weight per fine-tune,
+  a drafter for speculative plain decoding) raise ``_Fail(key, message)`` from model validators, because a
+  pydantic error of a model validator has no location under the model and we name the key.
 
 The *fingerprint* of a config hashes exactly the settings that change the samples (models, prompt
 formats, dtypes, EFT roles and weights, sampling, seed, max_new_tokens, the long-prompt policy) and
@@ -24,22 +38,25 @@ is per prompt), so a job can be resumed with other values of those.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import hashlib
 import importlib.util
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
-import yaml
+from annotated_types import Ge, Gt, Le, Lt, MinLen
+from pydantic import (AfterValidator, AllowInfNan, BeforeValidator, ConfigDict, Field, PlainValidator, Strict,
+                      TypeAdapter, ValidationError, model_validator)
+from pydantic.dataclasses import dataclass
 
+from eft_jax import overrides as ov
 from eft_jax.loading.hub import looks_like_hub_id, resolve_hub_id
 from eft_jax.loading.source import CheckpointError
 from eft_jax.models.quant import QUANTIZE_MODES
-from eft_jax.sampling import SamplingParams
+from eft_jax.sampling import SETTINGS, SamplingParams, check_setting
 from eft_jax.spec import DEFAULT_DRAFTER_ROLE
 
 __all__ = [
@@ -48,6 +65,13 @@ __all__ = [
 ]
 
 FINGERPRINT_VERSION = 1
+# sampling: keys that are job defaults of per-request settings (not fingerprinted while neutral).
+PER_REQUEST_DEFAULTS = ("min_tokens", "ignore_eos", "logit_bias", "repetition_penalty", "presence_penalty",
+                        "frequency_penalty")
+
+
+def _neutral(key: str) -> Any:
+    return () if key == "logit_bias" else SETTINGS[key].neutral
 DTYPES = ("bfloat16", "float16", "float32")
 SHARDINGS = ("tensor_parallel", "replicated")
 LONG_PROMPT_POLICIES = ("truncate_left", "skip")
@@ -136,14 +160,112 @@ speculative:
 """
 
 
-class ConfigError(ValueError):
-    """A config cannot be used; the message names the file or override, the dotted key and what is allowed."""
+ConfigError = ov.ConfigError
 
 
-# --- The configuration dataclasses --------------------------------------------------------------------
+# --- The schema: frozen pydantic dataclasses ---------------------------------------------------------------
+#
+# Each field's ``description`` is what a refusal says is allowed ("must be <description>; got <value>"): the
+# wording lives with the field, and ``eft_jax.ov.refusal`` adds the file or override and the dotted key.
+
+_SCHEMA = ConfigDict(extra="forbid")
+Refused = ov.Refused
 
 
-@dataclasses.dataclass(frozen=True)
+class _Fail(Exception):
+    """A check across fields failed: ``key`` and the whole message (not a ValueError: pydantic passes it on)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def _check(ok: Callable[[Any], bool]) -> AfterValidator:
+    def check(v: Any) -> Any:
+        if not ok(v):
+            raise ValueError("not allowed")
+        return v
+    return AfterValidator(check)
+
+
+def _or(default: Any) -> BeforeValidator:
+    """null in the file means the default."""
+    return BeforeValidator(lambda v: default if v is None else v)
+
+
+def _one_of(options: Sequence[str]) -> str:
+    return f"one of {', '.join(map(repr, options))}"
+
+
+def _setting(name: str) -> Any:
+    """A per-request sampling setting, checked with the one table of allowed values (``sampling.SETTINGS``)."""
+    return Annotated[Any, PlainValidator(functools.partial(check_setting, name)),
+                     Field(description=SETTINGS[name].allowed)]
+
+
+def _path(v: str) -> str:
+    if not v.strip():
+        raise ValueError("empty")
+    package, _, inner = v[len(PKG_PREFIX):].partition("/")
+    if v.startswith(PKG_PREFIX) and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", package) or not inner):
+        raise Refused(f"must have the form {PKG_PREFIX}<python package>/<file inside it>")
+    return v
+
+
+def _logit_bias(v: Any) -> Any:
+    if isinstance(v, dict):  # a mapping in the file; stored as sorted (id, bias) pairs, hashable
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in v):
+            raise ValueError("not token ids")
+        return tuple(sorted(v.items()))
+    return v
+
+
+def _compile_cache(v: Any) -> Any:
+    return "off" if v is False else v.strip() if isinstance(v, str) else v  # YAML 1.1 reads a bare off as false
+
+
+_Int1 = Annotated[int, Strict(), Ge(1), Field(description="an integer >= 1")]
+_Real = Annotated[float, Strict(), AllowInfNan(False)]
+_Name = Annotated[str, Strict(), Field(description="the name of an entry of models")]
+_OptName = Annotated[Optional[Annotated[str, Strict()]], Field(description="null or the name of an entry of models")]
+_Path = Annotated[str, Strict(), AfterValidator(_path), Field(
+    description="a non-empty string: an HF checkpoint directory, a .gguf file, an eft-jax checkpoint directory, "
+                f"or {PKG_PREFIX}<package>/<file>")]
+_PromptFormat = Annotated[str, Strict(), _check(lambda v: v in ("chat", "plain") or "{prompt}" in v), Field(
+    description="'chat' (the tokenizer's chat template), 'plain' (the text as is), or a template containing "
+                "{prompt}, e.g. 'Question: {prompt}\\nAnswer:'")]
+_Dtype = Annotated[Optional[Literal[DTYPES]], Field(
+    description=f"one of {', '.join(DTYPES)} or null (the checkpoint's own)")]
+_Quantize = Annotated[Optional[Literal[QUANTIZE_MODES]], Field(
+    description=f"one of {', '.join(QUANTIZE_MODES)} or null (weights as loaded)")]
+_Sharding = Annotated[Literal[SHARDINGS], Field(description=_one_of(SHARDINGS))]
+_FineTuned = Annotated[tuple[Annotated[str, Strict()], ...], _or(()), BeforeValidator(
+    lambda v: [v] if isinstance(v, str) else v), Field(description="a list of entries of models")]
+_Weights = Annotated[tuple[_Real, ...], _or(()), Field(
+    description="a list of finite numbers, one per fine-tuned model, or one number for all")]
+_TopP = Annotated[Optional[Annotated[_Real, Gt(0), Le(1)]], Field(description="null (off) or a number in (0, 1]")]
+_TokenIds = Annotated[tuple[Annotated[int, Strict(), Ge(0)], ...], _or(()), Field(
+    description="a list of token ids (integers >= 0)")]
+_Stops = Annotated[tuple[Annotated[str, Strict(), MinLen(1)], ...], _or(()), BeforeValidator(
+    lambda v: [v] if isinstance(v, str) else v), Field(description="a list of non-empty strings")]
+_Bool = Annotated[bool, Strict(), Field(description="true or false")]
+_LogitBias = Annotated[tuple[tuple[int, Annotated[_Real, Ge(-100), Le(100)]], ...], _or(()),
+                       BeforeValidator(_logit_bias), Field(
+    description="a mapping of token ids (integers >= 0) to biases in [-100, 100]")]
+_S = {name: _setting(name) for name in SETTINGS}
+_MeshData = Annotated[int, Strict(), _check(lambda v: v >= 1 or v == -1), Field(
+    description="an integer >= 1, or -1 (all devices not used by mesh.model)")]
+_MemoryGB = Annotated[Optional[Annotated[_Real, Gt(0)]], Field(
+    description="null (detect) or a number of GB > 0 (memory of one device, e.g. 16 for a TPU v5e chip)")]
+_Seed = Annotated[int, Strict(), Ge(0), Lt(2**31), Field(description="an integer in [0, 2**31)")]
+_CompileCache = Annotated[str, BeforeValidator(_compile_cache), Strict(), MinLen(1), Field(
+    description="'auto' (the EFT_JAX_COMPILE_CACHE environment variable, else the per-user cache directory), "
+                "'off', or a directory for JAX's compilation cache")]
+_Text = Annotated[str, _or(""), Strict(), Field(description="a string")]
+_K = Annotated[int, Strict(), Ge(0), Field(description="an integer >= 0 (0 = off)")]
+
+
+@dataclass(frozen=True, config=_SCHEMA)
 class ModelEntry:
     """One checkpoint and how it is prompted.
 
@@ -157,50 +279,83 @@ class ModelEntry:
       loading; ``eft_jax.models.quant``) or None (as loaded). Fingerprinted only when set.
     """
 
-    path: str
-    prompt_format: str = "plain"
-    dtype: str | None = None
-    sharding: str = "tensor_parallel"
-    quantize: str | None = None
+    path: _Path
+    prompt_format: _PromptFormat = "plain"
+    dtype: _Dtype = None
+    sharding: _Sharding = "tensor_parallel"
+    quantize: _Quantize = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_SCHEMA)
 class EFTConfig:
     """Which model plays which role: ``log p = log p_base + sum_i w_i (log p_ft_i - log p_ref)``.
 
-    ``ref`` and ``fine_tuned`` empty: plain decoding of ``base``.
+    ``ref`` and ``fine_tuned`` empty: plain decoding of ``base``. ``weights`` absent: 1 for each fine-tune;
+    one number: that weight for each.
     """
 
-    base: str
-    ref: str | None = None
-    fine_tuned: tuple[str, ...] = ()
-    weights: tuple[float, ...] = ()
-    base_top_p: float | None = None
+    base: _Name
+    ref: _OptName = None
+    fine_tuned: _FineTuned = ()
+    weights: _Weights = ()
+    base_top_p: _TopP = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_for_each(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fts = data.get("fine_tuned")
+        n = 1 if isinstance(fts, str) else len(fts) if isinstance(fts, list) else 0
+        w = data.get("weights", 1.0)
+        return {**data, "weights": [w] * n} if isinstance(w, (int, float)) and not isinstance(w, bool) else data
+
+    @model_validator(mode="after")
+    def _roles(self) -> EFTConfig:
+        if len(set(self.fine_tuned)) != len(self.fine_tuned):
+            raise _Fail("eft.fine_tuned", "must not list a model twice (give it one weight: the sum); got "
+                        + ov.show(list(self.fine_tuned)))
+        if (self.ref is None) != (not self.fine_tuned):
+            raise _Fail("eft.ref" if self.ref is None else "eft.fine_tuned",
+                        "EFT needs both a reference model (eft.ref) and at least one fine-tuned model "
+                        "(eft.fine_tuned), or neither (plain decoding of eft.base)")
+        if len(self.weights) != len(self.fine_tuned):
+            raise _Fail("eft.weights", f"has {len(self.weights)} value(s) but eft.fine_tuned lists "
+                        f"{len(self.fine_tuned)} model(s); give one weight per fine-tuned model")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_SCHEMA)
 class SamplingConfig:
     """Sampling filters (see ``eft_jax.sampling``) and what ends a sample: ``stop_token_ids`` and ``stop``
     strings always, and ``end_tokens``: "all" (every model's end-of-text and end-of-turn tokens) or
     "declared" (only what each model's tokenizer and checkpoint declare as EOS); see ``Engine.run``."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    stop_token_ids: tuple[int, ...] = ()
-    end_tokens: str = "all"
-    stop: tuple[str, ...] = ()  # stop strings: a sample ends with the token that completes one
+    temperature: _S["temperature"] = 1.0
+    top_k: _S["top_k"] = 0
+    top_p: _S["top_p"] = 1.0
+    min_p: _S["min_p"] = 0.0
+    stop_token_ids: _TokenIds = ()
+    end_tokens: Annotated[Literal[END_TOKEN_POLICIES], Field(description=_one_of(END_TOKEN_POLICIES))] = "all"
+    stop: _Stops = ()  # stop strings: a sample ends with the token that completes one
     # The fine-tune's generation_config.json gives temperature/top_p/top_k/min_p this config does not set
     # (``jobs.generation_defaults``); ``given`` names those the config sets (not fingerprinted: the values are).
-    use_generation_config: bool = True
+    use_generation_config: _Bool = True
     given: tuple[str, ...] = ()
+    # Job defaults of the per-request settings (``eft_jax.sampling.SETTINGS``); fingerprinted only when not
+    # neutral. logit_bias: (token id, bias in [-100, 100]) pairs sorted by id (``dict(...)`` gives the mapping).
+    min_tokens: _S["min_tokens"] = 0
+    ignore_eos: _S["ignore_eos"] = False
+    logit_bias: _LogitBias = ()
+    repetition_penalty: _S["repetition_penalty"] = 1.0
+    presence_penalty: _S["presence_penalty"] = 0.0
+    frequency_penalty: _S["frequency_penalty"] = 0.0
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_SCHEMA)
 class MeshConfig:
     """A ``(data, model)`` device mesh: ``data`` splits the batch, ``model`` the tensor-parallel weights.
 
@@ -211,13 +366,13 @@ class MeshConfig:
     the host's available RAM shared by the CPU devices. It never changes a sample: not fingerprinted.
     """
 
-    data: int = -1
-    model: int = 1
-    distributed: bool = False
-    device_memory_gb: float | None = None
+    data: _MeshData = -1
+    model: _Int1 = 1
+    distributed: _Bool = False
+    device_memory_gb: _MemoryGB = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_SCHEMA)
 class JobConfig:
     """Batching and per-prompt defaults.
 
@@ -229,38 +384,67 @@ class JobConfig:
     a sample, so it is not part of the fingerprint.
     """
 
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    n: int = 1
-    seed: int = 0
-    chunk_size: int = 16
-    on_long_prompt: str = "truncate_left"
-    compile_cache: str = "auto"
-    response_prefix: str = ""  # text every response starts with, appended after each model's prompt (not output)
+    batch_size: _Int1 = 8
+    max_new_tokens: _Int1 = 128
+    n: _Int1 = 1
+    seed: _Seed = 0
+    chunk_size: _Int1 = 16
+    on_long_prompt: Annotated[Literal[LONG_PROMPT_POLICIES], Field(description=_one_of(LONG_PROMPT_POLICIES))] = \
+        "truncate_left"
+    compile_cache: _CompileCache = "auto"
+    response_prefix: _Text = ""  # text every response starts with, appended after each model's prompt (not output)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True, config=_SCHEMA)
 class SpeculativeConfig:
     """Speculative EFT: ``k`` drafted tokens per round (0: off); ``drafter`` names the drafting model
     (default: the first fine-tuned model - the small fine-tune of an up-scaling config). A drafter
     outside the EFT rule is allowed (e.g. to speed up plain decoding)."""
 
-    k: int = 0
-    drafter: str | None = None
+    k: _K = 0
+    drafter: _OptName = None
 
 
-@dataclasses.dataclass(frozen=True)
+def _model_names(v: Any) -> Any:
+    if not isinstance(v, dict) or not v:
+        raise Refused("must be a non-empty mapping of model names to {path, prompt_format, dtype, sharding}")
+    for name in v:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise _Fail(f"models.{name}", "a model name may use only letters, digits, '_' and '-'")
+    return v
+
+
+_Section = _or({})  # a section given as null: every default
+
+
+@dataclass(frozen=True, kw_only=True, config=_SCHEMA)
 class Config:
     """A validated job config. ``source`` says where it came from (for messages)."""
 
-    models: Mapping[str, ModelEntry]
+    description: _Text = ""
+    models: Annotated[dict[str, ModelEntry], BeforeValidator(_model_names)]
     eft: EFTConfig
-    sampling: SamplingConfig = SamplingConfig()
-    mesh: MeshConfig = MeshConfig()
-    job: JobConfig = JobConfig()
-    speculative: SpeculativeConfig = SpeculativeConfig()
-    description: str = ""
+    sampling: Annotated[SamplingConfig, _Section] = SamplingConfig()
+    mesh: Annotated[MeshConfig, _Section] = MeshConfig()
+    job: Annotated[JobConfig, _Section] = JobConfig()
+    speculative: Annotated[SpeculativeConfig, _Section] = SpeculativeConfig()
     source: str = "<config>"
+
+    @model_validator(mode="after")
+    def _names(self) -> Config:
+        known = ", ".join(self.models)
+        if self.eft.base not in self.models:
+            raise _Fail("eft.base", f"must name an entry of models ({known}); got {ov.show(self.eft.base)}")
+        for key, name in (("eft.ref", self.eft.ref), ("speculative.drafter", self.speculative.drafter)):
+            if name is not None and name not in self.models:
+                raise _Fail(key, f"must be null or an entry of models ({known}); got {ov.show(name)}")
+        if any(n not in self.models for n in self.eft.fine_tuned):
+            raise _Fail("eft.fine_tuned", f"must be a list of entries of models ({known}); got "
+                        + ov.show(list(self.eft.fine_tuned)))
+        if self.speculative.k and self.speculative.drafter is None and not self.eft.fine_tuned:
+            raise _Fail("speculative.drafter", "plain decoding (no eft.fine_tuned) needs a drafter model to "
+                        "speculate with; name one, or set speculative.k=0")
+        return self
 
     def roles(self) -> list[tuple[str, str]]:
         """(role, model name) in engine order: base, ref, fine-tunes."""
@@ -290,7 +474,8 @@ class Config:
             "eft": {**dataclasses.asdict(self.eft), "fine_tuned": list(self.eft.fine_tuned),
                     "weights": list(self.eft.weights)},
             "sampling": {**{k: v for k, v in dataclasses.asdict(self.sampling).items() if k != "given"},
-                         "stop_token_ids": list(self.sampling.stop_token_ids), "stop": list(self.sampling.stop)},
+                         "stop_token_ids": list(self.sampling.stop_token_ids), "stop": list(self.sampling.stop),
+                         "logit_bias": dict(self.sampling.logit_bias)},
             "mesh": dataclasses.asdict(self.mesh),
             "job": dataclasses.asdict(self.job),
             "speculative": dataclasses.asdict(self.speculative),
@@ -326,6 +511,11 @@ class Config:
                 payload["sampling"]["stop"] = sorted(set(self.sampling.stop))
             for key in ("given", "use_generation_config"):  # their effect is in the sampling values
                 payload["sampling"].pop(key)
+            # The per-request settings only when not neutral, so that older outputs keep their fingerprint.
+            for key in PER_REQUEST_DEFAULTS:
+                value = payload["sampling"].pop(key)
+                if value != _neutral(key):
+                    payload["sampling"][key] = [list(p) for p in value] if key == "logit_bias" else value
             payload["seed"] = self.job.seed
             payload["max_new_tokens"] = self.job.max_new_tokens
             if self.speculative.k:  # same distribution, but other random draws: other samples
@@ -338,388 +528,44 @@ class Config:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# --- YAML -------------------------------------------------------------------------------------------------
+# --- Reading a config: YAML, overrides (``eft_jax.overrides``), the schema, refusals in our words -----------
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe YAML loader that refuses duplicate keys and reads 1e-3 as a float (YAML 1.2 style)."""
+_ADAPTER = TypeAdapter(Config)
+_INTERNAL = {"source", "given"}  # set by parse_config, never by a file
+_SECTIONS: dict[str, type | None] = {"": Config, "models": None, "models.*": ModelEntry, "eft": EFTConfig,
+                                      "sampling": SamplingConfig, "mesh": MeshConfig, "job": JobConfig,
+                                      "speculative": SpeculativeConfig}
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(f"{where}: not valid YAML: {at}{problem}") from None
-
-
-# --- Overrides ---------------------------------------------------------------------------------------------
-
-
-def _apply_override(raw: dict, override: str) -> str:
-    """Apply one ``key.sub=value`` to the raw dict in place; returns the dotted key."""
-    where = f"command-line override {override!r}"
-    if "=" not in override:
-        raise ConfigError(f"{where}: expected key.sub=value (e.g. sampling.temperature=0.5)")
-    key, _, text = override.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not key or any(not p for p in parts):
-        raise ConfigError(f"{where}: {key!r} is not a dotted key like sampling.temperature")
-    value = _yaml(text, where) if text.strip() else None
-    node: Any = raw
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{where}: {here}: the list has {len(node)} element(s); use an index below that "
-                                  f"or set the whole list, e.g. {'.'.join(parts[:depth])}=[...]")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is a value, not a section, so it has no key {part!r}")
-        if last:
-            node[part] = value
-        else:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-    return key
-
-
-# --- Validation ---------------------------------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    """A value is not allowed; the message says what is."""
-
-
-class _Ctx:
-    """Where a key's value came from: the file, or the command-line override that set it (or a parent)."""
-
-    def __init__(self, source: str, overridden: dict[str, str]):
-        self.source = source
-        self.overridden = overridden
-
-    def where(self, key: str) -> str:
-        parts = key.split(".")
-        for i in range(len(parts), 0, -1):
-            prefix = ".".join(parts[:i])
-            if prefix in self.overridden:
-                return f"{self.source} (command-line override {self.overridden[prefix]!r})"
-        below = [o for k, o in self.overridden.items() if k.startswith(key + ".")]
-        if below:  # e.g. an unknown section created by an override
-            return f"{self.source} (command-line override {below[0]!r})"
-        return self.source
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where(key)}: {key}: {message}")
-
-    def section(self, raw: Any, key: str, allowed: Sequence[str], required: Sequence[str] = ()) -> dict:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise self.fail(key, f"must be a mapping with keys {', '.join(allowed)}; got {_show(raw)}")
-        for k in raw:
-            if k not in allowed:
-                hint = difflib.get_close_matches(str(k), allowed, n=1)
-                dotted = f"{key}.{k}" if key else str(k)
-                raise self.fail(dotted, "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                + f"; allowed {'keys in ' + key if key else 'top-level keys'}: {', '.join(allowed)}")
-        for k in required:
-            if raw.get(k) is None:
-                raise self.fail(f"{key}.{k}" if key else k, "is required")
-        return raw
-
-    def get(self, raw: dict, key: str, name: str, conv: Callable[[Any], Any], default: Any) -> Any:
-        if name not in raw:
-            return default
-        try:
-            return conv(raw[name])
-        except _Bad as e:
-            raise self.fail(f"{key}.{name}", f"{e}; got {_show(raw[name])}") from None
-
-
-def _show(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{text if len(text) < 60 else text[:57] + '...'} ({kind})"
-
-
-def _int(lo: int | None = None, *, also: Sequence[int] = (), what: str = "") -> Callable[[Any], int]:
-    def conv(v: Any) -> int:
-        desc = what or ("an integer" + (f" >= {lo}" if lo is not None else ""))
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _Bad(f"must be {desc}")
-        if v not in also and lo is not None and v < lo:
-            raise _Bad(f"must be {desc}")
-        return v
-    return conv
-
-
-def _float(check: Callable[[float], bool], desc: str) -> Callable[[Any], float]:
-    def conv(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not check(float(v)):
-            raise _Bad(f"must be {desc}")
-        return float(v)
-    return conv
-
-
-def _optional(conv: Callable[[Any], Any], desc: str) -> Callable[[Any], Any]:
-    def wrapped(v: Any) -> Any:
-        if v is None:
-            return None
-        try:
-            return conv(v)
-        except _Bad:
-            raise _Bad(f"must be {desc}") from None
-    return wrapped
-
-
-def _choice(options: Sequence[str]) -> Callable[[Any], str]:
-    def conv(v: Any) -> str:
-        if v not in options:
-            raise _Bad(f"must be one of {', '.join(map(repr, options))}")
-        return v
-    return conv
-
-
-def _compile_cache(v: Any) -> str:
-    if v is False:  # YAML 1.1 reads a bare `off` as false
-        return "off"
-    if not isinstance(v, str) or not v.strip():
-        raise _Bad("must be 'auto' (the EFT_JAX_COMPILE_CACHE environment variable, else the per-user cache "
-                   "directory), 'off', or a directory for JAX's compilation cache")
-    return v.strip()
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad("must be true or false")
-    return v
-
-
-def _text(v: Any) -> str:
-    if not isinstance(v, str):
-        raise _Bad("must be a string")
-    return v
-
-
-def _path(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise _Bad("must be a non-empty string: an HF checkpoint directory, a .gguf file, an eft-jax "
-                   f"checkpoint directory, or {PKG_PREFIX}<package>/<file>")
-    if v.startswith(PKG_PREFIX):
-        rest = v[len(PKG_PREFIX):]
-        package, _, inner = rest.partition("/")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", package) or not inner:
-            raise _Bad(f"must have the form {PKG_PREFIX}<python package>/<file inside it>")
-    return v
-
-
-def _prompt_format(v: Any) -> str:
-    if not isinstance(v, str) or (v not in ("chat", "plain") and "{prompt}" not in v):
-        raise _Bad("must be 'chat' (the tokenizer's chat template), 'plain' (the text as is), or a template "
-                   "containing {prompt}, e.g. 'Question: {prompt}\\nAnswer:'")
-    return v
-
-
-def _parse_models(ctx: _Ctx, raw: Any) -> dict[str, ModelEntry]:
-    if not isinstance(raw, dict) or not raw:
-        raise ctx.fail("models", "must be a non-empty mapping of model names to {path, prompt_format, dtype, "
-                       f"sharding}}; got {_show(raw)}")
-    models = {}
-    fields = ("path", "prompt_format", "dtype", "sharding", "quantize")
-    for name, entry in raw.items():
-        key = f"models.{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ctx.fail(key, "a model name may use only letters, digits, '_' and '-'")
-        entry = ctx.section(entry, key, fields, required=("path",))
-        models[name] = ModelEntry(
-            path=ctx.get(entry, key, "path", _path, None),
-            prompt_format=ctx.get(entry, key, "prompt_format", _prompt_format, "plain"),
-            dtype=ctx.get(entry, key, "dtype", _optional(_choice(DTYPES), f"one of {', '.join(DTYPES)} or null "
-                                                          "(the checkpoint's own)"), None),
-            sharding=ctx.get(entry, key, "sharding", _choice(SHARDINGS), "tensor_parallel"),
-            quantize=ctx.get(entry, key, "quantize", _optional(_choice(QUANTIZE_MODES), f"one of "
-                             f"{', '.join(QUANTIZE_MODES)} or null (weights as loaded)"), None),
-        )
-    return models
-
-
-def _parse_eft(ctx: _Ctx, raw: Any, models: Mapping[str, ModelEntry]) -> EFTConfig:
-    raw = ctx.section(raw, "eft", ("base", "ref", "fine_tuned", "weights", "base_top_p"), required=("base",))
-    known = ", ".join(models)
-
-    def model_name(v: Any) -> str:
-        if not isinstance(v, str) or v not in models:
-            raise _Bad(f"must name an entry of models ({known})")
-        return v
-
-    def names(v: Any) -> tuple[str, ...]:
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list):
-            raise _Bad(f"must be a list of entries of models ({known})")
-        out = tuple(model_name(x) for x in v)
-        if len(set(out)) != len(out):
-            raise _Bad("must not list a model twice (give it one weight: the sum)")
-        return out
-
-    base = ctx.get(raw, "eft", "base", model_name, None)
-    ref = ctx.get(raw, "eft", "ref", _optional(model_name, f"null or an entry of models ({known})"), None)
-    fts = ctx.get(raw, "eft", "fine_tuned", lambda v: () if v is None else names(v), ())
-    if (ref is None) != (not fts):
-        raise ctx.fail("eft.ref" if ref is None else "eft.fine_tuned",
-                       "EFT needs both a reference model (eft.ref) and at least one fine-tuned model "
-                       "(eft.fine_tuned), or neither (plain decoding of eft.base)")
-
-    def weights(v: Any) -> tuple[float, ...]:
-        finite = _float(lambda x: True, "a finite number")
-        if v is None:
-            v = []
-        if not isinstance(v, list):  # one number: the same weight for every fine-tune
-            return (finite(v),) * len(fts)
-        return tuple(finite(x) for x in v)
-
-    try:
-        ws = weights(raw["weights"]) if "weights" in raw else (1.0,) * len(fts)
-    except _Bad:
-        raise ctx.fail("eft.weights", f"must be a list of finite numbers, one per fine-tuned model "
-                       f"({len(fts)}), or one number for all; got {_show(raw['weights'])}") from None
-    if len(ws) != len(fts):
-        raise ctx.fail("eft.weights", f"has {len(ws)} value(s) but eft.fine_tuned lists {len(fts)} model(s); "
-                       "give one weight per fine-tuned model")
-    top_p = ctx.get(raw, "eft", "base_top_p",
-                    _optional(_float(lambda x: 0 < x <= 1, "in (0, 1]"), "null (off) or a number in (0, 1]"), None)
-    return EFTConfig(base=base, ref=ref, fine_tuned=fts, weights=ws, base_top_p=top_p)
-
-
-def _parse_sampling(ctx: _Ctx, raw: Any) -> SamplingConfig:
-    raw = ctx.section(raw, "sampling", ("temperature", "top_k", "top_p", "min_p", "stop_token_ids", "end_tokens",
-                                        "stop", "use_generation_config"))
-    g = lambda name, conv, default: ctx.get(raw, "sampling", name, conv, default)  # noqa: E731
-
-    def stops(v: Any) -> tuple[int, ...]:
-        if v is None:
-            return ()
-        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
-            raise _Bad("must be a list of token ids (integers >= 0)")
-        return tuple(v)
-
-    def strings(v: Any) -> tuple[str, ...]:
-        if v is None:
-            return ()
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or any(not isinstance(x, str) or not x for x in v):
-            raise _Bad("must be a list of non-empty strings")
-        return tuple(v)
-
-    return SamplingConfig(
-        temperature=g("temperature", _float(lambda x: x >= 0, "a number >= 0 (0 = greedy)"), 1.0),
-        top_k=g("top_k", _int(0, what="an integer >= 0 (0 = off)"), 0),
-        top_p=g("top_p", _float(lambda x: 0 < x <= 1, "a number in (0, 1] (1 = off)"), 1.0),
-        min_p=g("min_p", _float(lambda x: 0 <= x < 1, "a number in [0, 1) (0 = off)"), 0.0),
-        stop_token_ids=g("stop_token_ids", stops, ()),
-        end_tokens=g("end_tokens", _choice(END_TOKEN_POLICIES), "all"),
-        stop=g("stop", strings, ()),
-        use_generation_config=g("use_generation_config", _bool, True),
-        given=tuple(k for k in ("temperature", "top_k", "top_p", "min_p") if raw.get(k) is not None),
-    )
-
-
-def _parse_mesh(ctx: _Ctx, raw: Any) -> MeshConfig:
-    raw = ctx.section(raw, "mesh", ("data", "model", "distributed", "device_memory_gb"))
-    return MeshConfig(
-        data=ctx.get(raw, "mesh", "data", _int(1, also=(-1,), what="an integer >= 1, or -1 (all devices not "
-                                                                  "used by mesh.model)"), -1),
-        model=ctx.get(raw, "mesh", "model", _int(1), 1),
-        distributed=ctx.get(raw, "mesh", "distributed", _bool, False),
-        device_memory_gb=ctx.get(raw, "mesh", "device_memory_gb", _optional(
-            _float(lambda x: x > 0, "a number > 0"), "null (detect) or a number of GB > 0 (memory of one device, "
-            "e.g. 16 for a TPU v5e chip)"), None),
-    )
-
-
-def _parse_job(ctx: _Ctx, raw: Any) -> JobConfig:
-    raw = ctx.section(raw, "job", ("batch_size", "max_new_tokens", "n", "seed", "chunk_size", "on_long_prompt",
-                                   "compile_cache", "response_prefix"))
-    g = lambda name, conv, default: ctx.get(raw, "job", name, conv, default)  # noqa: E731
-    return JobConfig(
-        batch_size=g("batch_size", _int(1), 8),
-        max_new_tokens=g("max_new_tokens", _int(1), 128),
-        n=g("n", _int(1), 1),
-        seed=g("seed", _int(0, what="an integer in [0, 2**31)"), 0),
-        chunk_size=g("chunk_size", _int(1), 16),
-        on_long_prompt=g("on_long_prompt", _choice(LONG_PROMPT_POLICIES), "truncate_left"),
-        compile_cache=g("compile_cache", _compile_cache, "auto"),
-        response_prefix=g("response_prefix", lambda v: "" if v is None else _text(v), ""),
-    )
-
-
-def _parse_speculative(ctx: _Ctx, raw: Any, models: Mapping[str, ModelEntry], eft: EFTConfig) -> SpeculativeConfig:
-    raw = ctx.section(raw, "speculative", ("k", "drafter"))
-    known = ", ".join(models)
-
-    def model_name(v: Any) -> str:
-        if not isinstance(v, str) or v not in models:
-            raise _Bad(f"must name an entry of models ({known})")
-        return v
-
-    k = ctx.get(raw, "speculative", "k", _int(0, what="an integer >= 0 (0 = off)"), 0)
-    drafter = ctx.get(raw, "speculative", "drafter", _optional(model_name, f"null or an entry of models ({known})"), None)
-    if k and drafter is None and not eft.fine_tuned:
-        raise ctx.fail("speculative.drafter", "plain decoding (no eft.fine_tuned) needs a drafter model to speculate "
-                       "with; name one, or set speculative.k=0")
-    return SpeculativeConfig(k=k, drafter=drafter)
+def _keys(cls: type) -> list[str]:
+    """The keys a file may give in a section."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
 
 
 def parse_config(raw: Any, source: str = "<config>", overridden: Mapping[str, str] | None = None) -> Config:
     """Validate plain data (as read from YAML) into a :class:`Config`."""
-    ctx = _Ctx(source, dict(overridden or {}))
-    raw = ctx.section(raw, "", ("description", "models", "eft", "sampling", "mesh", "job", "speculative"),
-                      required=("models", "eft"))
-    models = _parse_models(ctx, raw["models"])
-    eft = _parse_eft(ctx, raw["eft"], models)
-    cfg = Config(
-        models=models,
-        eft=eft,
-        speculative=_parse_speculative(ctx, raw.get("speculative"), models, eft),
-        sampling=_parse_sampling(ctx, raw.get("sampling")),
-        mesh=_parse_mesh(ctx, raw.get("mesh")),
-        job=_parse_job(ctx, raw.get("job")),
-        description=ctx.get(raw, "", "description", lambda v: "" if v is None else _text(v), ""),
-        source=source,
-    )
-    if cfg.job.seed >= 2**31:
-        raise ctx.fail("job.seed", f"must be an integer in [0, 2**31); got {cfg.job.seed}")
-    return cfg
+    overridden = dict(overridden or {})
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(f"{ov.where(source, overridden, key)}: {key}: {message}")
+
+    if not isinstance(raw, dict):
+        raise fail("", f"must be a mapping with keys {', '.join(_keys(Config))}; got {ov.show(raw)}")
+    sampling = raw.get("sampling")
+    for section, cls, node in (("", Config, raw), ("sampling", SamplingConfig, sampling)):
+        for name in _INTERNAL & set(node if isinstance(node, dict) else ()):
+            raise fail(f"{section}.{name}".lstrip("."), ov.unknown_key(section, name, _keys(cls)).partition(": ")[2])
+    data = {**raw, "source": source}
+    if isinstance(sampling, dict):
+        data["sampling"] = {**sampling, "given": tuple(k for k in ("temperature", "top_k", "top_p", "min_p")
+                                                       if sampling.get(k) is not None)}
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise fail(*ov.refusal(e.errors()[0], raw, _SECTIONS, _keys)) from None
+    except _Fail as e:
+        raise fail(e.key, e.message) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -735,15 +581,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{p}: no such config file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: cannot read the config: {e}") from None
-    raw = _yaml(text, source)
+    raw = ov.read_yaml(text, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a config must be a YAML mapping (models, eft, sampling, mesh, job); "
-                          f"got {_show(raw)}")
-    overridden: dict[str, str] = {}
-    for o in overrides:
-        overridden[_apply_override(raw, o)] = o
+                          f"got {ov.show(raw)}")
+    raw, overridden = ov.apply_overrides(raw, overrides)
     return parse_config(raw, source, overridden)
 
 

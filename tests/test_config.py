@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,45 @@ def test_stop_strings_are_read_checked_and_fingerprinted_only_when_set():
     for bad in ('sampling.stop=[""]', "sampling.stop=[1]"):
         with pytest.raises(ConfigError, match="sampling.stop"):
             load_config(None, [bad])
+
+
+def test_per_request_sampling_defaults_are_checked_with_the_one_table_and_fingerprinted_only_when_set():
+    base = load_config(None)
+    s = base.sampling
+    assert (s.min_tokens, s.ignore_eos, dict(s.logit_bias), s.repetition_penalty, s.presence_penalty,
+            s.frequency_penalty) == (0, False, {}, 1.0, 0.0, 0.0)
+    payload = base.fingerprint_payload("generate")["sampling"]
+    assert not {"min_tokens", "ignore_eos", "logit_bias", "repetition_penalty"} & set(payload)
+    set_ = load_config(None, ["sampling.logit_bias={7: 5, 3: -100}", "sampling.min_tokens=2",
+                              "sampling.ignore_eos=true", "sampling.repetition_penalty=1.2",
+                              "sampling.presence_penalty=0.5", "sampling.frequency_penalty=-0.5"])
+    assert dict(set_.sampling.logit_bias) == {3: -100.0, 7: 5.0} and set_.sampling.min_tokens == 2
+    assert set_.sampling.ignore_eos is True and set_.sampling.repetition_penalty == 1.2
+    changed = ["sampling.logit_bias={7: 5}", "sampling.min_tokens=2", "sampling.ignore_eos=true",
+               "sampling.repetition_penalty=1.2", "sampling.presence_penalty=0.5", "sampling.frequency_penalty=0.5"]
+    assert len({base.fingerprint()} | {load_config(None, [o]).fingerprint() for o in changed}) == 1 + len(changed)
+    assert load_config(None, ["sampling.repetition_penalty=1"]).fingerprint() == base.fingerprint()
+    for bad, message in [("sampling.presence_penalty=3", "sampling.presence_penalty: must be a number in [-2, 2]"),
+                         ("sampling.repetition_penalty=0", "sampling.repetition_penalty: must be a number > 0"),
+                         ("sampling.min_tokens=-1", "sampling.min_tokens: must be an integer >= 0"),
+                         ("sampling.ignore_eos=1", "sampling.ignore_eos: must be true or false"),
+                         ("sampling.logit_bias={7: 101}", "sampling.logit_bias: must be a mapping of token ids"),
+                         ("sampling.logit_bias={x: 1}", "sampling.logit_bias: must be a mapping of token ids")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [bad])
+
+
+def test_the_schema_keeps_dataclass_updates_checked_and_internal_fields_out_of_files(tmp_path):
+    import dataclasses
+
+    config = load_config(None)
+    assert dataclasses.replace(config.sampling, temperature=0.5).temperature == 0.5
+    assert dataclasses.asdict(config.job)["batch_size"] == 16
+    with pytest.raises(ValueError):  # a replaced value is checked like one read from a file
+        dataclasses.replace(config.job, batch_size=0)
+    for override in ("sampling.given=[top_p]", "source=x"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=re.escape("sampling.stop_token_ids: must be a list of token ids "
+                                                    "(integers >= 0); got [1, -2] (a list)")):
+        load_config(None, ["sampling.stop_token_ids=[1, -2]"])

@@ -174,3 +174,24 @@ export_dtype: float32
     (tmp_path / "bad.yaml").write_text("init_from: x\nmodel: {}\ndata: {path: y}\ntrain: {steps: 1}\noutput: z\n")
     assert main(["--config", str(tmp_path / "bad.yaml")]) == 2
     assert main(["--config", str(tmp_path / "sft.yaml"), "train.stepz=3"]) == 2
+
+
+def test_train_config_refusals_name_the_file_or_override_and_the_key(tmp_path):
+    from eft_jax.config import ConfigError
+    from eft_jax.train.cli import TrainConfigError, load_train_config
+
+    assert issubclass(TrainConfigError, ConfigError)  # one error, one override grammar for every command
+    p = tmp_path / "t.yaml"
+    p.write_text("init_from: x\ndata: {path: y}\ntrain: {steps: 1}\noutput: z\n")
+    config = load_train_config(p, ["train.optimizer.learning_rate=1e-3", "data.seq_len=16"])
+    assert config["train"]["optimizer"]["learning_rate"] == 0.001 and config["data"]["seq_len"] == 16
+    for overrides, message in [
+        (["outptu=3"], "(command-line override 'outptu=3'): outptu: unknown key (did you mean 'output'?)"),
+        (["export_dtype=fp8"], "export_dtype: must be one of bfloat16, float16, float32; got 'fp8'"),
+        (["model={}"], f"{p}: init_from: give exactly one of init_from (fine-tune) or model"),
+        (["train.steps"], "command-line override 'train.steps': expected key.sub=value"),
+        (["output.x=1"], "output is a value, not a section"),
+    ]:
+        with pytest.raises(TrainConfigError) as e:
+            load_train_config(p, overrides)
+        assert message in str(e.value), (overrides, str(e.value))

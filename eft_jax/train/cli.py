@@ -26,66 +26,91 @@ The YAML file::
       alpha: 16                             # the update is scaled by alpha / rank
       targets: [q, k, v, o, gate, up, down] # default: every projection the model has
 
-``key=value`` arguments override entries (``train.steps=10``, ``train.optimizer.learning_rate=3e-4``).
+``key.sub=value`` arguments override entries (``train.steps=10``, ``train.optimizer.learning_rate=3e-4``), with the
+one override grammar of every command (``eft_jax.overrides``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
-import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
-_TOP_KEYS = {"init_from", "model", "tokenizer", "data", "train", "output", "export_dtype", "lora"}
+from eft_jax import overrides as ov
+from eft_jax.config import DTYPES
+
 _MODEL_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048}
 
 
-class TrainConfigError(ValueError):
-    """The training YAML is malformed; the message names the key."""
+class TrainConfigError(ov.ConfigError):
+    """The training YAML is malformed; the message names the file (or override) and the key."""
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+class _Fail(Exception):
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
 
 
-def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``a.b.c=value`` -> config["a"]["b"]["c"] = value (YAML-parsed)."""
-    config = json.loads(json.dumps(config))
-    for item in overrides:
-        if "=" not in item:
-            raise TrainConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        node = config
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"override {key}: {p} is not a mapping")
-        node[parts[-1]] = _parse_value(value)
-    return config
+_Text = Annotated[str, Strict(), Field(description="a string")]
+_Section = Annotated[dict[str, Any], Field(description="a mapping")]
+
+
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class TrainFile:
+    """The top level of a training YAML (the sections' own fields are checked by ``TrainConfig``,
+    ``LoraConfig`` and ``LlamaConfig`` when the run starts)."""
+
+    init_from: Annotated[Optional[str], Strict(), Field(description="a checkpoint path (fine-tune it)")] = None
+    model: Annotated[Optional[dict[str, Any]], Field(description="a mapping of model shape fields")] = None
+    tokenizer: Annotated[Optional[str], Strict(), Field(description="a tokenizer directory")] = None
+    data: _Section
+    train: _Section
+    output: _Text
+    export_dtype: Annotated[Literal[DTYPES], Field(description=f"one of {', '.join(DTYPES)}")] = "bfloat16"
+    lora: Annotated[Optional[dict[str, Any]], Field(description="a mapping {rank, alpha, targets}")] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_start(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if ("init_from" in data) == ("model" in data):
+                raise _Fail("init_from", "give exactly one of init_from (fine-tune) or model (train from scratch)")
+            if data.get("lora") is not None and "init_from" not in data:
+                raise _Fail("lora", "lora adapts given weights: it needs init_from (not model)")
+        return data
 
 
 def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise TrainConfigError(f"{path}: expected a mapping at the top level")
-    config = apply_overrides(raw, overrides)
-    unknown = sorted(set(config) - _TOP_KEYS)
-    if unknown:
-        raise TrainConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
-    if ("init_from" in config) == ("model" in config):
-        raise TrainConfigError(f"{path}: give exactly one of init_from (fine-tune) or model (train from scratch)")
-    for key in ("data", "train", "output"):
-        if key not in config:
-            raise TrainConfigError(f"{path}: missing required key {key!r}")
+    """The training YAML with ``key.sub=value`` overrides applied (the grammar of ``eft_jax.overrides``),
+    checked; refusals name the file or override and the key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise TrainConfigError(f"{path}: cannot read the training config: {e}") from None
+    try:
+        raw = ov.read_yaml(text, str(path)) or {}
+        if not isinstance(raw, dict):
+            raise TrainConfigError(f"{path}: expected a mapping at the top level; got {ov.show(raw)}")
+        config, overridden = ov.apply_overrides(raw, overrides)
+    except TrainConfigError:
+        raise
+    except ov.ConfigError as e:
+        raise TrainConfigError(str(e)) from None
+    try:
+        TypeAdapter(TrainFile).validate_python(config)
+    except ValidationError as e:
+        key, message = ov.refusal(e.errors()[0], config, {"": TrainFile}, lambda c: [f.name for f in dataclasses.fields(c)])
+        raise TrainConfigError(f"{ov.where(str(path), overridden, key)}: {key}: {message}") from None
+    except _Fail as e:
+        raise TrainConfigError(f"{ov.where(str(path), overridden, e.key)}: {e.key}: {e.message}") from None
     if config.get("lora") is not None:
-        if "init_from" not in config:
-            raise TrainConfigError(f"{path}: lora adapts given weights: it needs init_from (not model)")
         _lora_config(config["lora"])  # refused here, before anything is loaded
     return config
 
@@ -233,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_train_config(args.config, args.overrides)
         run(config, log=lambda s: print(s, flush=True))
-    except (TrainConfigError, FileNotFoundError, CheckpointError, UnsupportedConfigError) as e:
+    except (ov.ConfigError, FileNotFoundError, CheckpointError, UnsupportedConfigError) as e:
         print(f"eft-jax train: error: {e}", file=sys.stderr)
         return 2
     return 0
