@@ -34,6 +34,7 @@ import numpy as np
 
 from eft_jax import decode, speculative
 from eft_jax.prompts import bucket_length, left_pad
+from eft_jax.sampling import RowValues, SamplingParams
 
 if TYPE_CHECKING:
     from eft_jax.engine import Engine
@@ -41,12 +42,17 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One prompt to sample: the caller's ``index``, each distinct model's prompt tokens, its limit and stream."""
+    """One prompt to sample: the caller's ``index``, each distinct model's prompt tokens, its limit and stream;
+    its sampling settings (traced per row where ``plan.features`` says so), reward weights (None: the run's)
+    and stop strings."""
 
     index: int
     tokens: Sequence[list[int]]
     max_new: int
     stream: int
+    sampling: SamplingParams = SamplingParams()
+    weights: tuple[float, ...] | None = None
+    stop: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -61,9 +67,9 @@ class RowOutput:
     stop_string: str | None = None  # the stop string that ended the row (its tokens end where it completes)
 
 
-# Given a live row's tokens so far and how many of them were already checked, the number of tokens to keep
-# and the stop string found (the row then ends there), or None.
-StopCheck = Callable[[np.ndarray, int], "tuple[int, str] | None"]
+# Given a live row's tokens so far, how many of them were already checked and the row's stop strings, the
+# number of tokens to keep and the stop string found (the row then ends there), or None.
+StopCheck = Callable[[np.ndarray, int, tuple[str, ...]], "tuple[int, str] | None"]
 
 
 class SlotLoop:
@@ -199,7 +205,14 @@ class SlotLoop:
         place = self.engine.place.rows
         stream = place(np.array([r.stream for r in padded], np.int32))
         max_new = place(np.array([r.max_new if r is not None else 0 for r in rows], np.int32))
-        return decode.NewRows(tuple(tokens), tuple(positions), stream, max_new, tuple(layouts), self.out_len)
+        values = RowValues(**{k: place(v) for k, v in RowValues.host([r.sampling for r in padded],
+                                                                       self.plan.features).items()})
+        weights = None
+        if self.plan.features.row_weights:
+            default = tuple(np.asarray(self.weights).tolist())
+            weights = place(np.array([r.weights if r.weights is not None else default for r in padded], np.float32))
+        return decode.NewRows(tuple(tokens), tuple(positions), stream, max_new, tuple(layouts), self.out_len,
+                              values, weights)
 
     def _decode_state(self, state: Any) -> decode.DecodeState:
         return state.decode if self.k else state
@@ -211,7 +224,8 @@ class SlotLoop:
         tokens = to_host(self._decode_state(state).tokens)
         found = {}
         for s in np.flatnonzero(live & (num_tokens > checked)):
-            hit = self.stop_check(tokens[s, : num_tokens[s]], int(checked[s]))
+            stop = self.occupant[s].stop
+            hit = self.stop_check(tokens[s, : num_tokens[s]], int(checked[s]), stop) if stop else None
             checked[s] = num_tokens[s]
             if hit is not None:
                 found[int(s)] = hit

@@ -1,8 +1,10 @@
 """The jitted core of EFT decoding: prefill, chunks of decode steps, and scoring.
 
 One step, for every model of the spec: feed the last sampled token at that model's own position,
-get next-token logits, then combine (``eft.eft_logprobs``), filter (``sampling.final_logprobs``) and
-sample once for all. Plain decoding is the one-model case of the same code.
+get next-token logits, then combine (``eft.eft_logprobs``, with each row's reward weights), apply each row's
+sampling settings (``sampling_distribution``: logit_bias, min_tokens, penalties, then the filters, static or
+per row as ``Plan.features`` says) and sample once for all. Each row's settings live in the state
+(``DecodeState.values``, set by ``start`` / ``refill`` from ``NewRows``), so continuous batching mixes them. Plain decoding is the one-model case of the same code.
 
 Everything here is a pure function of a static ``Plan`` (shapes, configs, sampling settings) and
 pytrees of arrays (params, caches, ``DecodeState``). The host loop lives in ``batching.py``: it calls
@@ -27,7 +29,9 @@ from eft_jax.eft import eft_logprobs, gather_logprobs
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
 from eft_jax.models.kv_cache import CacheLayout, KVCache
-from eft_jax.sampling import SamplingParams, final_logprobs, row_keys, safe_log_softmax, sample
+from eft_jax.sampling import (
+    Features, RowValues, SamplingParams, filter_rows, final_logprobs, process_rows, row_keys, safe_log_softmax, sample,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,10 @@ class Plan:
     record_distributions: also return every step's EFT distribution (analysis/tests; [B, T, vocab]).
     stop_early: end a chunk as soon as every row is done (``while_loop``) instead of running all its
       steps (``scan``). Worth it on CPU; on GPU a data-dependent loop exit syncs with the host each step.
+    sampling: the filters, static, when every row shares them (``features.row_filters`` False).
+    features: which per-row sampling steps any row uses (``sampling.Features``; the values are in the state).
+    stop_ids: the ids that stop a row; eos_ids: those of them a row with ``ignore_eos`` does not stop at
+      (used when rows differ in ignore_eos, ``features.ignore_eos``).
     """
 
     configs: tuple[LlamaConfig, ...]
@@ -55,6 +63,8 @@ class Plan:
     record_distributions: bool = False
     sources: tuple[int, ...] = ()
     stop_early: bool = False
+    features: Features = Features()
+    eos_ids: tuple[int, ...] = ()
 
     @property
     def rule_size(self) -> int:
@@ -88,9 +98,14 @@ class DecodeState:
     logprobs: Float[Array, "batch out"]
     components: Float[Array, "models batch out"]  # empty when not recorded
     distributions: Float[Array, "batch out vocab"]  # empty when not recorded
+    values: RowValues  # each row's sampling values (sampling.RowValues)
+    weights: Float[Array, "n_ft batch"]  # per-row reward weights; empty unless plan.features.row_weights
+    counts: Int[Array, "batch vocab"]  # generated tokens per id (penalties); empty unless plan.features.penalties
+    prompt_seen: Bool[Array, "batch vocab"]  # ids in the prompt (repetition penalty); empty likewise
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "positions", "stream", "max_new"],
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "positions", "stream", "max_new", "values", "weights"],
                    meta_fields=["layouts", "out_len"])
 @dataclasses.dataclass(frozen=True)
 class NewRows:
@@ -104,6 +119,44 @@ class NewRows:
     max_new: Int[Array, " rows"]
     layouts: tuple[CacheLayout, ...]
     out_len: int
+    values: RowValues | None = None  # each row's sampling values (None: plan.sampling's for every row)
+    weights: Float[Array, "rows n_ft"] | None = None  # per-row reward weights (plan.features.row_weights)
+
+
+def row_weights(plan: Plan, state: DecodeState, weights: Float[Array, " n_ft"]) -> Array:
+    """The reward weights of each row ([n_ft, batch]) or the run's ([n_ft])."""
+    return state.weights if plan.features.row_weights else weights
+
+
+def stop_mask(plan: Plan, values: RowValues, vocab: int) -> Bool[Array, "rows vocab"]:
+    """Each row's ids that stop it (explicit stop ids, and end ids unless the row ignores them)."""
+    ids = jnp.arange(vocab)
+    mask = jnp.broadcast_to(jnp.isin(ids, jnp.asarray(plan.stop_ids or (-1,), jnp.int32))[None],
+                            (values.min_tokens.shape[0], vocab))
+    if plan.features.ignore_eos and plan.eos_ids:
+        mask = mask & ~(values.ignore_eos[:, None] & jnp.isin(ids, jnp.asarray(plan.eos_ids, jnp.int32))[None])
+    return mask
+
+
+def sampling_distribution(plan: Plan, lp: Float[Array, "rows vocab"], values: RowValues, out_index: Int[Array, " rows"],
+                          counts: Array, prompt_seen: Array) -> Float[Array, "rows vocab"]:
+    """The exact distribution each row samples from (normalised log-probs): the per-row processors and then the
+    filters (static ``plan.sampling`` or per-row), see ``sampling``'s module docstring. ``lp``: EFT log-probs."""
+    f = plan.features
+    x = lp
+    if f.processors:
+        x = process_rows(x, values, f, out_index, stop_mask(plan, values, x.shape[-1]) if f.min_tokens else None,
+                         counts if f.penalties else None, prompt_seen if f.penalties else None)
+    if f.row_filters:
+        return filter_rows(x, values, f)
+    # The EFT log-probs are already normalised: skip the filter pass when it would change nothing.
+    return x if plan.sampling.is_identity and not f.processors else final_logprobs(x, plan.sampling)
+
+
+def default_values(plan: Plan, rows: int) -> RowValues:
+    """``plan.sampling``'s values for ``rows`` rows (callers that give no per-row values)."""
+    host = RowValues.host([plan.sampling] * rows, plan.features)
+    return RowValues(**{k: jnp.asarray(v) for k, v in host.items()})
 
 
 def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array, " n_ft"]) -> Float[Array, "batch vocab"]:
@@ -126,6 +179,8 @@ def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed
     what it decides) and which candidates were emitted."""
     j = jnp.arange(tokens.shape[1])[None, :]
     is_stop = jnp.isin(tokens, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros(tokens.shape, bool)
+    if plan.features.ignore_eos and plan.eos_ids:
+        is_stop = is_stop & ~(state.values.ignore_eos[:, None] & jnp.isin(tokens, jnp.asarray(plan.eos_ids, jnp.int32)))
     after_stop = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
     emitted = (proposed & ~after_stop & (j < (state.max_new - state.num_tokens)[:, None])
                & ~state.done[:, None])
@@ -140,12 +195,15 @@ def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed
         components = components.at[:, rows, at].set(per_model, mode="drop")
     if plan.record_distributions:
         distributions = put(distributions, lp)
+    counts = state.counts
+    if plan.features.penalties:
+        counts = counts.at[rows, tokens].add(emitted.astype(jnp.int32), mode="drop")
     num_tokens = state.num_tokens + jnp.sum(emitted, axis=1)
     done = state.done | jnp.any(is_stop & emitted, axis=1) | (num_tokens >= state.max_new)
     return dataclasses.replace(
         state, done=done, num_tokens=num_tokens, tokens=put(state.tokens, tokens),
         logprobs=put(state.logprobs, take(lp)), components=components,
-        distributions=distributions,
+        distributions=distributions, counts=counts,
     ), emitted
 
 
@@ -155,10 +213,10 @@ def _choose_and_record(plan: Plan, state: DecodeState, logits: tuple[Array, ...]
 
     A row's randomness is keyed by (seed, stream, its own output index), so a sample does not depend
     on when its row started or what its neighbours do."""
-    lp = eft_distribution(plan, logits, weights)
+    lp = eft_distribution(plan, logits, row_weights(plan, state, weights))
     keys = row_keys(seed, state.stream, state.num_tokens)
-    # The EFT log-probs are already normalised: skip the filter pass when it would change nothing.
-    tok = sample(lp if plan.sampling.is_identity else final_logprobs(lp, plan.sampling), keys)
+    tok = sample(sampling_distribution(plan, lp, state.values, state.num_tokens, state.counts, state.prompt_seen),
+                 keys)
     state, emitted = emit(plan, state, tok[:, None], jnp.ones((tok.shape[0], 1), bool), lp[:, None],
                           tuple(x[:, None] for x in logits))
     return dataclasses.replace(state, token=jnp.where(emitted[:, 0], tok, plan.pad_id))
@@ -189,8 +247,21 @@ def start_state(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Flo
         logprobs=jnp.zeros((batch, out_len), jnp.float32),
         components=jnp.zeros((plan.rule_size, batch, out_len) if plan.record_components else (0,), jnp.float32),
         distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
+        values=rows.values if rows.values is not None else default_values(plan, batch),
+        weights=(jnp.asarray(rows.weights, jnp.float32).T if plan.features.row_weights
+                 else jnp.zeros((0,), jnp.float32)),
+        counts=jnp.zeros((batch, plan.vocab) if plan.features.penalties else (0,), jnp.int32),
+        prompt_seen=_prompt_seen(plan, rows) if plan.features.penalties else jnp.zeros((0,), bool),
     )
     return _choose_and_record(plan, state, tuple(logits), weights, seed)
+
+
+def _prompt_seen(plan: Plan, rows: NewRows) -> Bool[Array, "rows vocab"]:
+    """The ids of each row's prompt, as the first model (the base) renders it (repetition penalty)."""
+    toks, pos = rows.tokens[0], rows.positions[0]
+    ids = jnp.where((pos >= 0) & (toks < plan.vocab), toks, plan.vocab)  # padding: out of range, dropped
+    seen = jnp.zeros((toks.shape[0], plan.vocab), bool)
+    return seen.at[jnp.arange(toks.shape[0])[:, None], ids].set(True, mode="drop")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -216,10 +287,11 @@ def put_rows(state: DecodeState, new: DecodeState, slots: Int[Array, " rows"]) -
                 length=set_rows(c.length, n.length, slots))
         for c, n in zip(state.caches, new.caches, strict=True)
     )
-    fields = {f.name: set_rows(getattr(state, f.name), getattr(new, f.name), slots)
-              for f in dataclasses.fields(DecodeState) if f.name not in ("caches", "next_pos", "components")}
-    return DecodeState(caches=caches, next_pos=set_rows(state.next_pos, new.next_pos, slots, 1),
-                       components=set_rows(state.components, new.components, slots, 1), **fields)
+    axis1 = ("next_pos", "components", "weights")  # [models | n_ft, batch, ...]
+    fields = {f.name: set_rows(getattr(state, f.name), getattr(new, f.name), slots, 1 if f.name in axis1 else 0)
+              for f in dataclasses.fields(DecodeState) if f.name not in ("caches", "values")}
+    values = jax.tree.map(lambda big, small: set_rows(big, small, slots), state.values, new.values)
+    return DecodeState(caches=caches, values=values, **fields)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("state",))

@@ -23,6 +23,7 @@ choose them (e.g. a job's own prompt ids combined with a sample index).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -36,7 +37,7 @@ from eft_jax.model import Model
 from eft_jax.prompts import Prompt, PromptError
 from eft_jax.requests import LongPromptPolicy, Rendered, Renderer
 from eft_jax.results import GenerationResult, ScoreResult, SpeculativeStats, Update
-from eft_jax.sampling import SamplingParams
+from eft_jax.sampling import Features, SamplingParams
 from eft_jax.scoring import score_pairs
 from eft_jax.sharding import HostPlacement
 from eft_jax.spec import Component, EFTSpec
@@ -163,27 +164,50 @@ class Engine:
         kept are those the sample would have had anyway (a sample depends on its position only).
         continuous: refill a finished row with the next request at once (continuous batching); False waits
         until every row of the batch is done (static batching). Samples are the same either way.
+
+        Per request: ``Rendered.sampling`` (else ``sampling``), ``Rendered.weights`` (else ``weights``) and
+        ``Rendered.stop`` (added to ``stop``). Requests with different settings share one batch: the values are
+        traced per row, and the compiled program depends only on which features some request uses
+        (``sampling.Features``); a run where every request has the same filters compiles them statically, as
+        before. A request gets exactly the sample it gets alone with its settings. Penalties are refused with
+        speculative decoding; logit_bias ids must be < the shared vocabulary (ValueError naming the request).
         """
         if end_tokens not in self.end_ids:
             raise ValueError(f"end_tokens must be one of {sorted(self.end_ids)}, got {end_tokens!r}")
         if not requests:
             return
-        plan = decode.Plan(
-            configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
-            vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p, sampling=sampling,
-            stop_ids=tuple(sorted((set() if ignore_eos else set(self.end_ids[end_tokens]))
-                                  | {int(t) for t in stop_token_ids})),
-            pad_id=self.pad_id, chunk=self.chunk_size, record_components=return_component_logprobs,
-            record_distributions=return_distributions, stop_early=self.stop_early,
-        )
-        rows = [Row(i, r.tokens, r.max_new, r.stream) for i, r in enumerate(requests)]
-        # Longest prompts first: they set the cache size, and later (shorter) ones fit in it.
-        rows.sort(key=lambda r: (-max(len(t) for t in r.tokens), r.index))
         stop = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        # Each request's effective settings: its own, else the run's; run-level ignore_eos applies to all.
+        settings = [r.sampling if r.sampling is not None else sampling for r in requests]
+        if ignore_eos:
+            settings = [dataclasses.replace(s, ignore_eos=True) for s in settings]
+        self._check_requests(requests, settings)
+        row_w = [r.weights for r in requests]
+        default_w = self.spec.weights if weights is None else tuple(float(x) for x in weights)
+        mixed_weights = bool(self.spec.fine_tuned) and len({w if w is not None else default_w for w in row_w}) > 1
+        if not mixed_weights and row_w[0] is not None:
+            weights = row_w[0]  # every request has the same weights: the run's, static shape
+        features = Features.of(settings, self.vocab, row_weights=mixed_weights)
+        explicit = {int(t) for t in stop_token_ids}
+        ends = set(self.end_ids[end_tokens])
+        all_ignore = all(s.ignore_eos for s in settings)
+        plan = decode.Plan(
+            configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
+            vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p,
+            sampling=SamplingParams() if features.row_filters else SamplingParams(*settings[0].filters),
+            stop_ids=tuple(sorted((set() if all_ignore else ends) | explicit)),
+            pad_id=self.pad_id, chunk=self.chunk_size, record_components=return_component_logprobs,
+            record_distributions=return_distributions, stop_early=self.stop_early, features=features,
+            eos_ids=tuple(sorted(ends - explicit)) if features.ignore_eos else (),
+        )
+        rows = [Row(i, r.tokens, r.max_new, r.stream, settings[i], r.weights, tuple(dict.fromkeys(stop + r.stop)))
+                for i, r in enumerate(requests)]
+        # Longest prompts first: they set the cache size, and later (shorter) ones fit in it.
+        rows.sort(key=lambda r: (-max(len(t) for t in r.tokens), r.index))
         slots = SlotLoop(self, plan, rows, self._batch_size(batch_size), self._weights(weights), seed, continuous,
-                         self._stop_check(stop) if stop else None)
+                         self._stop_check() if any(r.stop for r in rows) else None)
         for finished, tokens in slots.run():
             yield Update([self._result(plan, requests[row.index], row, out) for row, out in finished], tokens)
 
@@ -291,14 +315,31 @@ class Engine:
             raise ValueError(f"{len(w)} weights for {len(self.spec.fine_tuned)} fine-tuned model(s)")
         return self.place.replicated(np.asarray(w if w else (0.0,), np.float32))
 
-    def _stop_check(self, stop: tuple[str, ...]) -> Any:
+    def _check_requests(self, requests: Sequence[Rendered], settings: Sequence[SamplingParams]) -> None:
+        """Per-request values the engine must refuse: logit_bias ids outside the shared vocabulary, weights of
+        the wrong length, penalties under speculative decoding, empty stop strings."""
+        n_ft = len(self.spec.fine_tuned)
+        for i, (r, s) in enumerate(zip(requests, settings, strict=True)):
+            if s.logit_bias and s.logit_bias[-1][0] >= self.vocab:
+                raise ValueError(f"request {i}: logit_bias token id {s.logit_bias[-1][0]} is outside the shared "
+                                 f"vocabulary (ids must be < {self.vocab})")
+            if r.weights is not None and len(r.weights) != n_ft:
+                raise ValueError(f"request {i}: {len(r.weights)} weights for {n_ft} fine-tuned model(s)")
+            if self.speculative_k and s.penalties:
+                raise ValueError(f"request {i}: repetition/presence/frequency penalties are not supported with "
+                                 "speculative decoding (their token counts change inside a round); set them to "
+                                 "their neutral values (1, 0, 0) or decode without speculative_k")
+            if any(not isinstance(x, str) or not x for x in r.stop):
+                raise ValueError(f"request {i}: stop strings must be non-empty strings, got {list(r.stop)!r}")
+
+    def _stop_check(self) -> Any:
         """For ``SlotLoop``: the first prefix of a row's tokens, beyond those already checked, whose decoded
-        text contains a stop string: (its length, the string that appears first in it), or None."""
+        text contains one of the row's stop strings: (its length, the string that appears first in it), or None."""
 
         def text(tokens: np.ndarray) -> str:
             return self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
 
-        def check(tokens: np.ndarray, checked: int) -> tuple[int, str] | None:
+        def check(tokens: np.ndarray, checked: int, stop: tuple[str, ...]) -> tuple[int, str] | None:
             if not any(s in text(tokens) for s in stop):
                 return None
             for n in range(checked + 1, len(tokens) + 1):
@@ -313,7 +354,8 @@ class Engine:
     def _result(self, plan: decode.Plan, request: Rendered, row: Row, out: RowOutput) -> GenerationResult:
         """A finished row's ``GenerationResult`` (text decoded without the stop token or stop string)."""
         toks = out.tokens.tolist()
-        stopped = bool(toks) and toks[-1] in plan.stop_ids and out.stop_string is None
+        stop_ids = set(plan.stop_ids) - (set(plan.eos_ids) if row.sampling.ignore_eos else set())
+        stopped = bool(toks) and toks[-1] in stop_ids and out.stop_string is None
         text = self.tokenizer.decode(toks[:-1] if stopped else toks, skip_special_tokens=True)
         if out.stop_string is not None:
             text = text[: text.find(out.stop_string)]

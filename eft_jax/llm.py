@@ -14,9 +14,10 @@ field names (``RequestOutput.outputs[i].text``, ``token_ids``, ``cumulative_logp
 (``CompletionOutput.eft.component_logprobs``) and the per-token implicit reward of each fine-tune
 (fine-tune minus reference).
 
-``SamplingParams`` here is vLLM's request-level one (``n``, ``max_tokens``, ``seed``, ``stop``...);
-``eft_jax.sampling.SamplingParams`` is the engine's compiled-in part (temperature and filters), which
-this one builds.
+``SamplingParams`` here is vLLM's request-level one (``n``, ``max_tokens``, ``seed``, ``stop``, the filters,
+``min_tokens``, ``logit_bias`` and the penalties); ``eft_jax.sampling.SamplingParams`` is the engine's per-row
+part, which this one builds. ``generate`` takes one SamplingParams, or one per prompt (as vLLM does): prompts
+with different settings share the batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 from eft_jax import sampling as _sampling
 from eft_jax.engine import Engine
+from eft_jax.prompts import PromptError
 from eft_jax.spec import EFTSpec
 
 
@@ -41,8 +43,9 @@ class SamplingParams:
     filters. max_tokens: new tokens per sample. seed: the random seed (samples depend only on seed, prompt
     index and sample index). stop: stop strings. stop_token_ids: extra stop tokens. ignore_eos: stop only
     at those. logprobs: also return the top-``logprobs`` alternatives of every sampled token (None: only
-    the sampled token's log-prob). Log-probs are those of the EFT distribution (temperature 1, before the
-    filters).
+    the sampled token's log-prob). min_tokens, logit_bias ({token id: bias in [-100, 100]}),
+    repetition_penalty, presence_penalty, frequency_penalty: vLLM's (see ``eft_jax.sampling``). Log-probs are those
+    of the EFT distribution (temperature 1, before logit_bias, the penalties and the filters).
     """
 
     n: int = 1
@@ -56,6 +59,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -70,9 +78,12 @@ class SamplingParams:
         self.engine_sampling()  # the filters' own checks, now rather than at the first call
 
     def engine_sampling(self) -> _sampling.SamplingParams:
-        """The engine's (compiled) part: temperature and filters."""
-        return _sampling.SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
-                                        min_p=self.min_p)
+        """The engine's per-row part: filters, min_tokens, ignore_eos, logit_bias and penalties."""
+        return _sampling.SamplingParams(
+            temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p, min_p=self.min_p,
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logit_bias=tuple((self.logit_bias or {}).items()),
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty)
 
 
 @dataclasses.dataclass
@@ -133,33 +144,55 @@ class LLM:
             self.batch_size = batch_size or job_config.job.batch_size
         self.labels = self.engine.labels
 
-    def generate(self, prompts: str | Sequence[Any], sampling_params: SamplingParams | None = None, *,
+    def generate(self, prompts: str | Sequence[Any],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Sample ``n`` completions of each prompt (a string, or a list of chat messages), in input order."""
-        params = sampling_params or SamplingParams()
+        """Sample ``n`` completions of each prompt (a string, or a list of chat messages), in input order.
+        ``sampling_params``: one for every prompt, or a list with one per prompt (vLLM's form)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        n = params.n
-        rows = [p for p in prompts for _ in range(n)]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            per_prompt = list(sampling_params)
+            if len(per_prompt) != len(prompts):
+                raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one "
+                                 "per prompt")
         # One random stream per (prompt index, sample index): a sample does not depend on the others.
-        streams = [_stream(i, j) for i in range(len(prompts)) for j in range(n)]
-        results = [None] * len(rows)
-        bar = _progress(use_tqdm, len(prompts) * n * params.max_tokens)
+        rows = [(i, j) for i, p in enumerate(per_prompt) for j in range(p.n)]
+        requests = []
+        for i, j in rows:
+            p = per_prompt[i]
+            try:
+                r = self.engine.render(prompts[i], p.max_tokens, stream=_stream(i, j))
+            except PromptError as e:
+                raise PromptError(f"prompt {i}: {e}") from None
+            requests.append(dataclasses.replace(r, sampling=p.engine_sampling(), stop=p.stop))
+        results: dict[tuple[int, int], Any] = {}
+        bar = _progress(use_tqdm, sum(p.n * p.max_tokens for p in per_prompt))
         try:
-            for update in self.engine.stream(
-                rows, params.engine_sampling(), max_new_tokens=params.max_tokens, ids=streams,
-                batch_size=self.batch_size, seed=params.seed, stop=params.stop, stop_token_ids=params.stop_token_ids,
-                ignore_eos=params.ignore_eos, return_component_logprobs=True,
-                return_distributions=params.logprobs is not None and params.logprobs > 0,
-            ):
-                for r in update.finished:
-                    results[r.index] = r
-                if bar is not None:
-                    bar.update(update.tokens)
+            # One run per distinct (seed, stop token ids, what is recorded): run-level settings of the engine.
+            keys = sorted({self._run_key(p) for p in per_prompt})
+            for key in keys:
+                seed, stop_ids, top = key
+                picked = [k for k, (i, _) in enumerate(rows) if self._run_key(per_prompt[i]) == key]
+                for update in self.engine.run(
+                    [requests[k] for k in picked], batch_size=self.batch_size, seed=seed, stop_token_ids=stop_ids,
+                    return_component_logprobs=True, return_distributions=top,
+                ):
+                    for r in update.finished:
+                        results[rows[picked[r.index]]] = r
+                    if bar is not None:
+                        bar.update(update.tokens)
         finally:
             if bar is not None:
                 bar.close()
-        return [RequestOutput(str(i), prompt, [self._completion(j, results[i * n + j], params) for j in range(n)])
+        return [RequestOutput(str(i), prompt, [self._completion(j, results[(i, j)], per_prompt[i])
+                                               for j in range(per_prompt[i].n)])
                 for i, prompt in enumerate(prompts)]
+
+    @staticmethod
+    def _run_key(p: SamplingParams) -> tuple[int, tuple[int, ...], bool]:
+        return p.seed, p.stop_token_ids, p.logprobs is not None and p.logprobs > 0
 
     def chat(self, messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
              sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True) -> list[RequestOutput]:

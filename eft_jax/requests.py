@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from eft_jax.sampling import SamplingParams
 from eft_jax.prompts import Prompt, PromptError, context_overflow, render_tokens, validate_prompt
 from eft_jax.spec import Component
 
@@ -39,6 +40,11 @@ class Rendered:
     the engine runs, in the engine's order. max_new: the most tokens to generate (for scoring, the
     response's length). stream: the random stream. cut: prompt tokens removed by ``truncate_left`` (the
     most over the models). response: for scoring, the response's token ids.
+
+    Per-request generation settings (``Engine.run`` decodes requests with different ones in one batch):
+    sampling: this request's ``sampling.SamplingParams`` (None: the run's); weights: its reward weights, one
+    per fine-tune (None: the run's); stop: its stop strings (added to the run's). Set them with
+    ``dataclasses.replace`` on a rendered request.
     """
 
     prompt: Prompt
@@ -47,6 +53,9 @@ class Rendered:
     stream: int
     cut: int = 0
     response: tuple[int, ...] = ()
+    sampling: SamplingParams | None = None
+    weights: tuple[float, ...] | None = None
+    stop: tuple[str, ...] = ()
 
 
 def stream_id(prompt: Any, sample_index: int = 0) -> int:

@@ -15,7 +15,8 @@ class GenerationResult:
     a stop string: ``tokens`` then end with the token that completed it).
 
     ``logprob`` is the sum of ``token_logprobs``: each sampled token's log-prob under the EFT
-    distribution (temperature 1, before top-k/top-p/min-p, after the conservative base nucleus).
+    distribution (temperature 1, before logit_bias, min_tokens, penalties and top-k/top-p/min-p, after the
+    conservative base nucleus and with the request's reward weights; see ``eft_jax.sampling``).
     ``component_logprobs`` maps each model's role to its per-token log-probs (on request); their
     difference ft - ref is the per-token implicit reward. ``error`` is set (and nothing else) for a
     prompt that could not be run.

@@ -24,6 +24,28 @@ that are ``-inf`` (masked ids) are never kept.
 
 Greedy decoding (``temperature == 0``) is represented as a one-hot distribution on the argmax (log-prob
 0 there, ``-inf`` elsewhere; on ties, the lowest id); ``sample`` then returns that id for any key.
+
+Per-request settings and the whole pipeline of one step, for one row (every value may differ per row)::
+
+    x = EFT log-probs (log p_base + w * (log p_ft - log p_ref), renormalised; per-row weights w)
+        -> reported ``logprob`` of the sampled token (and ``distributions``): x itself, i.e. temperature 1,
+           BEFORE logit_bias, penalties, min_tokens and the filters
+    1. logit_bias:          x[id] += bias                   (ids the EFT rule masked stay -inf)
+    2. min_tokens:          x[stop and end ids] = -inf while the row has fewer than min_tokens output tokens
+                            (end ids are not masked for an ignore_eos row: they do not stop it)
+    3. repetition_penalty:  for ids in the prompt (the base model's rendering) or generated so far:
+                            x / r where x > 0, x * r where x <= 0 (the EFT "logits" are its log-probs, <= 0
+                            unless a bias made them positive: in effect the penalty multiplies them)
+    4. presence/frequency:  x -= presence * [count > 0] + frequency * count   (counts of generated tokens)
+    5. temperature, top-k, top-p, min-p (as above); temperature 0: greedy on the result of 1-4
+    6. sample
+
+Static and traced parts: the engine compiles one program per :class:`Features` (which of these steps any
+row of a run uses); the values are per row arrays (:class:`RowValues`), so a batch mixes settings without
+recompiling. A run whose rows all share the filters (e.g. all defaults) keeps them static
+(:func:`final_logprobs`: the fast path, ``lax.top_k`` with a static k); per-row filters take the values
+from one sort (``lax.top_k`` with the largest k when every top-p row also has a top-k; else a full sort).
+Penalty counts are in the decode state only when some row uses a penalty.
 """
 
 from __future__ import annotations
@@ -37,7 +59,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Key
 
 __all__ = [
+    "Features",
+    "RowValues",
     "SETTINGS",
+    "check_logit_bias",
+    "filter_rows",
+    "process_rows",
     "SamplingParams",
     "Setting",
     "check_setting",
@@ -98,6 +125,32 @@ def check_setting(name: str, value: object) -> object:
     return value
 
 
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's allowed bias values
+
+
+def check_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (a mapping token id -> bias; ids as ints or decimal strings, as in JSON), as
+    (id, bias) pairs sorted by id; or ValueError ``"must be ..., got ..."``. The vocabulary bound is checked
+    by the engine (it knows the shared vocabulary)."""
+    lo, hi = LOGIT_BIAS_RANGE
+    bad = ValueError(f"must be an object mapping token ids (integers >= 0) to numbers in [{lo:g}, {hi:g}], "
+                     f"got {value!r}")
+    if isinstance(value, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
+        value = dict(value)  # pairs (the config's form)
+    if not isinstance(value, dict):
+        raise bad
+    out = {}
+    for key, bias in value.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise bad
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not lo <= bias <= hi:
+            raise bad
+        out[int(key)] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Static (hashable) sampling configuration; pass it as a static argument to ``jax.jit``.
@@ -106,15 +159,28 @@ class SamplingParams:
     top_k: keep the k most likely ids (ties at the k-th value kept); 0 = off.
     top_p: nucleus sampling, in (0, 1]; 1 = off.
     min_p: keep ids with probability >= min_p * max probability, in [0, 1); 0 = off.
+    min_tokens, ignore_eos, logit_bias, repetition_penalty, presence_penalty, frequency_penalty: see the
+    module docstring (logit_bias: a mapping or (id, bias) pairs; kept as pairs sorted by id).
+    As the engine's default it is static; per request (``requests.Rendered.sampling``) its values are traced.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_k", "top_p", "min_p"):
+        try:
+            object.__setattr__(self, "logit_bias", check_logit_bias(self.logit_bias) if self.logit_bias else ())
+        except ValueError as e:
+            raise ValueError(f"SamplingParams.logit_bias {e}") from None
+        for name in SETTINGS:
             try:
                 # Normalised types, so equal configurations hash equally (1 vs 1.0, numpy scalars).
                 object.__setattr__(self, name, check_setting(name, getattr(self, name)))
@@ -123,8 +189,16 @@ class SamplingParams:
 
     @property
     def is_identity(self) -> bool:
-        """True when sampling draws from the input distribution unchanged (no temperature, no filter)."""
+        """True when the filters change nothing (temperature 1, no top-k/top-p/min-p)."""
         return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0 and self.min_p == 0.0
+
+    @property
+    def filters(self) -> tuple[float, int, float, float]:
+        return (self.temperature, self.top_k, self.top_p, self.min_p)
+
+    @property
+    def penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -160,7 +234,7 @@ def safe_log_softmax(x: Float[Array, "*b n"]) -> Float[Array, "*b n"]:
 
 
 def _nucleus_threshold(
-    sorted_desc: Float[Array, "batch n"], log_norm: Float[Array, "batch"], p: float
+    sorted_desc: Float[Array, "batch n"], log_norm: Float[Array, "batch"], p: float | Float[Array, "batch"]
 ) -> Float[Array, "batch"]:
     """Per-row value threshold of the top-p nucleus.
 
@@ -173,6 +247,7 @@ def _nucleus_threshold(
     probs = jnp.where(valid, jnp.exp(jnp.where(valid, sorted_desc - log_norm[:, None], -jnp.inf)), 0.0)
     cum = jnp.cumsum(probs, axis=-1)
     before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
+    p = p if isinstance(p, float) else jnp.asarray(p, jnp.float32).reshape(-1, 1)  # per-row: [batch, 1]
     count = jnp.sum((before < p) & valid, axis=-1)
     count = jnp.clip(count, 1, sorted_desc.shape[-1])
     return jnp.take_along_axis(sorted_desc, (count - 1)[:, None], axis=-1)[:, 0]
@@ -239,6 +314,156 @@ def final_logprobs(logprobs: Float[Array, "batch vocab"], params: SamplingParams
 
     x = jnp.where(x >= threshold[:, None], x, -jnp.inf)
     return safe_log_softmax(x)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Static: which steps of the pipeline any row of a run uses (part of the compiled program's key).
+
+    row_filters: the rows' temperature/top-k/top-p/min-p differ (per-row filters; else ``Plan.sampling``'s,
+    static). top_k: the largest k of a row (0: none); full_sort: some top-p row has no top-k (sort the whole
+    vocabulary). greedy / top_p / min_p: some row uses it. logit_bias: the most bias entries of a row (padded).
+    min_tokens / penalties: some row uses them. ignore_eos: rows differ in ignore_eos. row_weights: rows
+    differ in reward weights.
+    """
+
+    row_filters: bool = False
+    top_k: int = 0
+    full_sort: bool = False
+    greedy: bool = False
+    top_p: bool = False
+    min_p: bool = False
+    logit_bias: int = 0
+    min_tokens: bool = False
+    penalties: bool = False
+    ignore_eos: bool = False
+    row_weights: bool = False
+
+    @classmethod
+    def of(cls, rows: list[SamplingParams], vocab: int, row_weights: bool = False) -> Features:
+        """The features of a run's rows (their effective settings)."""
+        mixed = len({r.filters for r in rows}) > 1
+        ks = [min(r.top_k, vocab) for r in rows if 0 < r.top_k]
+        return cls(
+            row_filters=mixed,
+            top_k=max(ks) if mixed and ks else 0,
+            full_sort=mixed and any(r.top_p < 1.0 and not 0 < r.top_k < vocab for r in rows),
+            greedy=mixed and any(r.greedy for r in rows),
+            top_p=mixed and any(r.top_p < 1.0 for r in rows),
+            min_p=mixed and any(r.min_p > 0.0 for r in rows),
+            logit_bias=max(len(r.logit_bias) for r in rows),
+            min_tokens=any(r.min_tokens > 0 for r in rows),
+            penalties=any(r.penalties for r in rows),
+            ignore_eos=len({r.ignore_eos for r in rows}) > 1,
+            row_weights=row_weights,
+        )
+
+    @property
+    def processors(self) -> bool:
+        """Some row changes the EFT distribution before the filters (bias, min_tokens, penalties)."""
+        return bool(self.logit_bias) or self.min_tokens or self.penalties
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class RowValues:
+    """Each row's traced sampling values ([rows] each; ``bias_ids`` / ``bias`` [rows, Features.logit_bias],
+    padded with id -1 and bias 0)."""
+
+    temperature: Float[Array, " rows"]
+    top_k: Int[Array, " rows"]
+    top_p: Float[Array, " rows"]
+    min_p: Float[Array, " rows"]
+    min_tokens: Int[Array, " rows"]
+    ignore_eos: Bool[Array, " rows"]
+    repetition: Float[Array, " rows"]
+    presence: Float[Array, " rows"]
+    frequency: Float[Array, " rows"]
+    bias_ids: Int[Array, "rows nb"]
+    bias: Float[Array, "rows nb"]
+
+    @staticmethod
+    def host(rows: list[SamplingParams], features: Features) -> dict[str, object]:
+        """The numpy arrays of ``rows``' values (the caller places them on devices)."""
+        import numpy as np
+
+        nb = features.logit_bias
+        ids = np.full((len(rows), nb), -1, np.int32)
+        bias = np.zeros((len(rows), nb), np.float32)
+        for i, r in enumerate(rows):
+            for j, (t, b) in enumerate(r.logit_bias):
+                ids[i, j], bias[i, j] = t, b
+        col = lambda name, dtype: np.array([getattr(r, name) for r in rows], dtype)  # noqa: E731
+        return dict(temperature=col("temperature", np.float32), top_k=col("top_k", np.int32),
+                    top_p=col("top_p", np.float32), min_p=col("min_p", np.float32),
+                    min_tokens=col("min_tokens", np.int32), ignore_eos=col("ignore_eos", bool),
+                    repetition=col("repetition_penalty", np.float32), presence=col("presence_penalty", np.float32),
+                    frequency=col("frequency_penalty", np.float32), bias_ids=ids, bias=bias)
+
+    def repeat(self, n: int) -> RowValues:
+        """Each row's values ``n`` times in a row (for the [rows * n] flattened positions of speculative rounds)."""
+        return jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), self)
+
+
+def process_rows(
+    x: Float[Array, "rows vocab"], values: RowValues, features: Features, out_index: Int[Array, " rows"],
+    stop_mask: Bool[Array, "rows vocab"] | None, counts: Int[Array, "rows vocab"] | None,
+    prompt_seen: Bool[Array, "rows vocab"] | None,
+) -> Float[Array, "rows vocab"]:
+    """Steps 1-4 of the module docstring (logit_bias, min_tokens, repetition, presence/frequency) on the EFT
+    log-probs ``x``. ``out_index``: the output index of the token being sampled; ``stop_mask``: each row's ids
+    that would stop it (for min_tokens); ``counts``: generated tokens per id; ``prompt_seen``: ids in the prompt.
+    Only the steps ``features`` names are traced."""
+    x = jnp.asarray(x, jnp.float32)
+    rows, vocab = x.shape
+    if features.logit_bias:
+        ids = jnp.where(values.bias_ids >= 0, values.bias_ids, vocab)  # padding: out of range, dropped
+        x = x.at[jnp.arange(rows)[:, None], ids].add(values.bias, mode="drop")
+    if features.min_tokens and stop_mask is not None:
+        x = jnp.where(stop_mask & (out_index < values.min_tokens)[:, None], -jnp.inf, x)
+    if features.penalties:
+        r = values.repetition[:, None]
+        seen = prompt_seen | (counts > 0)
+        x = jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
+        x = x - values.presence[:, None] * (counts > 0) - values.frequency[:, None] * counts.astype(jnp.float32)
+    return jnp.where(jnp.isnan(x), -jnp.inf, x)
+
+
+def filter_rows(x: Float[Array, "rows vocab"], values: RowValues, features: Features) -> Float[Array, "rows vocab"]:
+    """Per-row :func:`final_logprobs`: each row's own temperature, top-k, top-p, min-p (same definitions, tie
+    rule and order); rows with temperature 0 are greedy. Static ``features`` say which filters to trace."""
+    x = jnp.asarray(x, jnp.float32)
+    x = jnp.where(_valid(x), x, -jnp.inf)
+    rows, vocab = x.shape
+    t = values.temperature
+    scaled = x / jnp.where(t > 0, t, 1.0)[:, None]
+    threshold = jnp.full((rows,), -jnp.inf, jnp.float32)
+    if features.top_k or features.top_p:
+        # One sort serves every row: the largest k of the run, or the whole vocabulary when a top-p row has
+        # no top-k (its nucleus may reach any id).
+        width = vocab if features.full_sort or not features.top_k else min(features.top_k, vocab)
+        sorted_desc = (jnp.flip(jnp.sort(scaled, axis=-1), axis=-1) if width == vocab
+                       else jax.lax.top_k(scaled, width)[0])
+        k = values.top_k
+        use_k = (k > 0) & (k < vocab)
+        kth = jnp.take_along_axis(sorted_desc, (jnp.clip(k, 1, width) - 1)[:, None], axis=-1)[:, 0]
+        threshold = jnp.where(use_k, kth, -jnp.inf)
+        if features.top_p:
+            in_top_k = scaled >= threshold[:, None]
+            log_norm = _safe_logsumexp(jnp.where(in_top_k, scaled, -jnp.inf))
+            restricted = jnp.where(sorted_desc >= threshold[:, None], sorted_desc, -jnp.inf)
+            nucleus = _nucleus_threshold(restricted, log_norm, values.top_p)
+            threshold = jnp.where(values.top_p < 1.0, jnp.maximum(threshold, nucleus), threshold)
+    if features.min_p:
+        row_max = jnp.max(scaled, axis=-1)
+        log_min_p = jnp.log(jnp.where(values.min_p > 0, values.min_p, 1.0))
+        threshold = jnp.where(values.min_p > 0, jnp.maximum(threshold, row_max + log_min_p), threshold)
+    out = safe_log_softmax(jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
+    if features.greedy:
+        best = jnp.argmax(x, axis=-1)
+        one_hot = jnp.where(jnp.arange(vocab)[None, :] == best[:, None], 0.0, -jnp.inf).astype(jnp.float32)
+        out = jnp.where((t == 0)[:, None], one_hot, out)
+    return out
 
 
 _BLOCK = 256  # inverse-CDF block width: one pass over the vocabulary, then two short cumsums

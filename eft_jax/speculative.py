@@ -4,7 +4,9 @@ One round, for every row of the batch at once (static shapes, inside ``jit``):
 
 1. Draft: the drafter (by default the small fine-tune of an up-scaling spec, which is one of the
    models of the rule anyway) samples ``d_1..d_k`` autoregressively from its own filtered
-   distribution ``q`` (same temperature / top-k / top-p / min-p as the target).
+   distribution ``q`` (each row's own logit_bias, min_tokens - at the drafted position -, temperature,
+   top-k / top-p / min-p, as for the target: ``decode.sampling_distribution``). Penalties are refused
+   (``Engine.run``): their counts would change along the drafted prefix.
 2. Verify: each other model runs ONE forward over ``[last, d_1..d_k]``; the drafter feeds only
    ``d_k`` (its logits for the other positions come from drafting). This gives the exact final EFT
    sampling distribution ``p_0..p_k`` at the k + 1 positions.
@@ -30,11 +32,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from eft_jax.decode import (
-    DecodeState, NewRows, Plan, eft_distribution, emit, put_rows, run_steps, set_rows, start_state, unwindow_caches,
-    window_caches,
+    DecodeState, NewRows, Plan, eft_distribution, emit, put_rows, row_weights, run_steps, sampling_distribution,
+    set_rows, start_state, unwindow_caches, window_caches,
 )
 from eft_jax.models import llama
-from eft_jax.sampling import final_logprobs, row_keys, safe_log_softmax, sample
+from eft_jax.sampling import row_keys, safe_log_softmax, sample
 
 # Randomness tags: a row's draws for drafting, acceptance and the corrected token are independent
 # streams keyed by (seed, row stream, output index, tag).
@@ -93,8 +95,15 @@ def _keys(plan: Plan, seed: Array, stream: Array, index: Array, tag: int) -> Arr
     return row_keys(seed, stream, index * 4 + tag)
 
 
-def _filtered(plan: Plan, lp: Array) -> Array:
-    return lp if plan.sampling.is_identity else final_logprobs(lp, plan.sampling)
+def _filtered(plan: Plan, st: DecodeState, lp: Array, offset: Array | int, n: int = 1) -> Array:
+    """The exact sampling distribution of each row's output token ``num_tokens + offset`` (``lp``: [batch * n,
+    vocab], ``n`` consecutive positions per row, offsets 0..n-1; else [batch] at ``offset``): the same per-row
+    processors and filters for the target p and the draft q, so the rule stays lossless. Penalties are refused
+    with speculative decoding (``Engine.run``): their counts would change inside a round."""
+    if n == 1:
+        return sampling_distribution(plan, lp, st.values, st.num_tokens + offset, st.counts, st.prompt_seen)
+    index = (st.num_tokens[:, None] + jnp.arange(n)[None, :]).reshape(-1)
+    return sampling_distribution(plan, lp, st.values.repeat(n), index, st.counts, st.prompt_seen)
 
 
 def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weights: Array, seed: Array,
@@ -111,7 +120,7 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
         tok, cache = carry
         out, cache = llama.forward(d_cfg, d_params, tok[:, None], (st.next_pos[drafter] + j)[:, None], cache)
         logits = out[:, 0]
-        q = _filtered(plan, safe_log_softmax(logits[:, : plan.vocab]))
+        q = _filtered(plan, st, safe_log_softmax(logits[:, : plan.vocab]), j)
         d = sample(q, _keys(plan, seed, st.stream, st.num_tokens + j, _DRAFT))
         return (d, cache), (d, q, logits)
 
@@ -133,8 +142,10 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
         logits.append(out)
         caches.append(cache)
     flat = tuple(x.reshape(batch * (k + 1), -1) for x in logits)
-    lp = eft_distribution(plan, flat, weights)  # [B*(k+1), V] EFT log-probs (reported)
-    p = _filtered(plan, lp).reshape(batch, k + 1, -1)  # the exact sampling distribution
+    w = row_weights(plan, st, weights)
+    w = jnp.repeat(w, k + 1, axis=1) if w.ndim == 2 else w  # per-row weights: one column per flat position
+    lp = eft_distribution(plan, flat, w)  # [B*(k+1), V] EFT log-probs (reported)
+    p = _filtered(plan, st, lp, 0, k + 1).reshape(batch, k + 1, -1)  # the exact sampling distribution
     lp = lp.reshape(batch, k + 1, -1)
 
     # 3. Accept the longest prefix of drafts; then one token from the residual or the bonus.

@@ -45,10 +45,11 @@ def test_the_fine_tunes_file_fills_what_the_config_does_not_set(family, tmp_path
     resolved = generation_defaults(load_config(cfg), log)
     s = resolved.sampling
     # Set by the config: kept. Not set: the fine-tune's file (the base's file is not read).
-    assert (s.temperature, s.top_p, s.top_k, s.min_p) == (1.0, 0.95, 5, 0.0)
-    assert "top_k=5" in log.getvalue() and "repetition_penalty" in log.getvalue()
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (1.0, 0.95, 5, 0.0, 1.1)
+    assert "top_k=5" in log.getvalue() and "repetition_penalty=1.1" in log.getvalue()  # implemented (issue 15)
     # The fingerprint is the one of a config that sets those values itself.
-    explicit = config_with(tmp_path, family, {"temperature": 1.0, "top_p": 0.95, "top_k": 5}, "explicit",
+    explicit = config_with(tmp_path, family, {"temperature": 1.0, "top_p": 0.95, "top_k": 5,
+                                              "repetition_penalty": 1.1}, "explicit",
                            small_ft=ft, large_base=base)
     assert resolved.fingerprint() == load_config(explicit).fingerprint()
     assert resolved.fingerprint() != load_config(cfg).fingerprint()
@@ -67,7 +68,7 @@ def test_plain_decoding_reads_the_base_file_and_bad_values_are_refused(family, t
     assert generation_defaults(plain).sampling.temperature == 0.25
 
     ft = with_generation_config(family, tmp_path, "small_ft", {"top_p": 1.5})
-    with pytest.raises(JobError, match=r"small_ft/generation_config.json: top_p=1.5 must be in \(0, 1\].*"
+    with pytest.raises(JobError, match=r"small_ft/generation_config.json: top_p must be a number in \(0, 1\].*got 1.5.*"
                                        "use_generation_config=false"):
         generation_defaults(load_config(config_with(tmp_path, family, None, "bad", small_ft=ft)))
 

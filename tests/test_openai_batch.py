@@ -35,7 +35,7 @@ def write_lines(path, lines):
 
 
 GOOD = [  # (input line number, custom_id)
-    (1, "chat-a"), (2, "cmpl-b"), (4, "chat-n2"), (6, "cmpl-lp"), (8, "chat-stop"),
+    (1, "chat-a"), (2, "cmpl-b"), (4, "chat-n2"), (5, "chat-hot"), (6, "cmpl-lp"), (8, "chat-stop"),
 ] + [(14 + i, f"more-{i}") for i in range(10)]
 LINES = 23
 
@@ -51,7 +51,7 @@ def batch_lines():
         completion_line("chat-a", "duplicate id"),                                         # 7 duplicate custom_id
         chat_line("chat-stop", "Say something long", stop=["e"], max_tokens=8),            # 8 stop string
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},  # 9
-        chat_line("penalty", "x", presence_penalty=0.5),                                   # 10 unsupported field
+        chat_line("penalty", "x", presence_penalty=2.5),                                   # 10 out of range
         completion_line("no-prompt", None),                                                # 11 missing prompt
         {"method": "POST", "url": CHAT, "body": {"messages": [{"role": "user", "content": "x"}]}},  # 12 no custom_id
         chat_line("weights-bad", "x", eft={"weights": [1.0, 2.0]}),                        # 13 two weights, one ft
@@ -59,7 +59,7 @@ def batch_lines():
 
 
 
-BAD = {3: "malformed_json", 5: "unsupported_field", 7: "duplicate_id", 9: "invalid_field", 10: "unsupported_field",
+BAD = {3: "malformed_json", 7: "duplicate_id", 9: "invalid_field", 10: "invalid_field",
        11: "missing_field", 12: "missing_field", 13: "invalid_field"}
 
 
@@ -75,7 +75,7 @@ def test_openai_batch_runs_resumes_after_sigkill_and_parses_with_openai_types(fa
 
     # Killed after its first written lines, then resumed: the same bytes as the uninterrupted run.
     out = tmp_path / "out.jsonl"
-    # the 8 error lines come first
+    # the 7 error lines come first
     kill_after_lines(env, ["generate", "--config", config, "--prompts", batch, "--out", out, "--no-progress"], out,
                      len(BAD) + 1)
     done_before = sum(1 for r in read_jsonl_prefix(out) if r["response"] is not None)
@@ -105,7 +105,7 @@ def test_openai_batch_runs_resumes_after_sigkill_and_parses_with_openai_types(fa
     assert [r["custom_id"] for r in records] == [
         "chat-a", "cmpl-b", None, "chat-n2", "chat-hot", "cmpl-lp", "chat-a", "chat-stop", "bad-url", "penalty",
         "no-prompt", None, "weights-bad"] + [f"more-{i}" for i in range(10)]
-    assert "sampling.temperature" in records[4]["error"]["message"]  # says where the setting goes
+    assert "body.presence_penalty must be a number in [-2, 2]" in records[9]["error"]["message"]  # field, allowed
 
     errors = {e["line"]: e["kind"] for e in read_jsonl(tmp_path / "out.errors.jsonl")}
     assert errors == BAD
@@ -228,8 +228,11 @@ DEFAULTS = JobDefaults(temperature=0.7, top_p=0.9, top_k=0, min_p=0.0, fine_tune
 
 
 @pytest.mark.parametrize("body, kind, words", [
-    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0.5}, "unsupported_field", "sampling.top_p"),
-    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1}}, "unsupported_field", "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "invalid_field", r"body.top_p must be a number in \(0, 1\]"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "invalid_field",
+     r"body.logit_bias must be an object mapping token ids .* in \[-100, 100\]"),
+    ({"messages": [{"role": "user", "content": "x"}], "min_tokens": -1}, "invalid_field", "body.min_tokens must be"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": True}, "unsupported_field", "stream"),
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "unsupported_field", "unknown body field"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "invalid_field", "logprobs=true"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "unsupported_field",
@@ -254,6 +257,7 @@ def test_honoured_and_neutral_fields_are_accepted():
         "user": "someone", "frequency_penalty": None}}, DEFAULTS)
     assert p.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     assert (p.n, p.seed, p.max_new_tokens, p.stop, p.weights) == (3, 4, 9, ("END",), (0.5,))
+    assert p.sampling == {"temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.0}
     assert p.api.chat and p.api.logprobs and p.api.top_logprobs == 1 and p.api.model == "m"
 
 

@@ -10,11 +10,13 @@ Input line::
               "temperature": ..., "top_p": ..., "eft": {"weights": [...]}}}
 
 Honoured per line: the prompt, ``max_tokens`` / ``max_completion_tokens``, ``n``, ``seed``, ``stop`` (added to the
-config's ``sampling.stop``), ``logprobs`` / ``top_logprobs`` and ``eft.weights`` (per-request reward weights).
-The sampling filters are per job in eft-jax (one compiled program per job): ``temperature``, ``top_p``, ``top_k``
-and ``min_p`` are accepted when they equal the job's values and refused otherwise, with a message saying to set
-them in the config. Fields eft-jax does not implement (penalties, ``logit_bias``, tools, streaming, ...) are
-accepted at their neutral value and refused otherwise; unknown body fields are refused. Nothing is silently ignored
+config's ``sampling.stop``), ``logprobs`` / ``top_logprobs``, ``eft.weights`` (per-request reward weights) and the
+per-request sampling settings (:data:`SAMPLING_FIELDS`, default: the config's ``sampling``): OpenAI's
+``temperature``, ``top_p``, ``logit_bias``, ``presence_penalty``, ``frequency_penalty`` and vLLM's extensions
+``top_k`` (-1: off), ``min_p``, ``min_tokens``, ``ignore_eos``, ``repetition_penalty``; checked with
+``sampling.check_setting`` / ``check_logit_bias``. Lines with different settings run in one batch (the values are
+per row). Fields eft-jax does not implement (tools, streaming, ...) are accepted at their neutral value and
+refused otherwise; unknown body fields are refused. Nothing is silently ignored
 but ``model``, ``user`` and ``metadata`` (echoed or informational).
 
 Output line (one per input line, all ``n`` choices together)::
@@ -50,18 +52,19 @@ COMPLETIONS_URL = "/v1/completions"
 _URLS = (CHAT_URL, COMPLETIONS_URL)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (and what we allow for completions' logprobs)
 
-# Sampling filters eft-jax fixes per job: a line may repeat the job's value, never change it.
-_PER_JOB = ("temperature", "top_p", "top_k", "min_p")
+# Per-request sampling settings of a line (native field or OpenAI body field of the same name).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "ignore_eos", "logit_bias",
+                   "repetition_penalty", "presence_penalty", "frequency_penalty")
 # Features eft-jax does not implement, with their neutral value (accepted; anything else is refused).
 _NEUTRAL: dict[str, Any] = {
-    "stream": False, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {},
-    "echo": False, "suffix": "", "min_tokens": 0, "ignore_eos": False, "tools": [], "tool_choice": "none",
+    "stream": False,
+    "echo": False, "suffix": "", "tools": [], "tool_choice": "none",
     "parallel_tool_calls": None, "response_format": {"type": "text"}, "stream_options": None,
     "best_of": 1, "modalities": ["text"], "service_tier": "auto", "store": False,
 }
 _INFORMATIONAL = ("model", "user", "metadata")
 _HONOURED = ("messages", "prompt", "max_tokens", "max_completion_tokens", "n", "seed", "stop", "logprobs",
-             "top_logprobs", "eft")
+             "top_logprobs", "eft", *SAMPLING_FIELDS)
 
 
 class LineProblem(Exception):
@@ -74,8 +77,8 @@ class LineProblem(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class JobDefaults:
-    """What an OpenAI line is checked against: the job's sampling filters (after generation_config defaults)
-    and the number of fine-tuned models (the length of ``eft.weights``)."""
+    """What a line is checked against: the number of fine-tuned models (the length of ``eft.weights``). The
+    job's filters (after generation_config defaults) are informational: a line's own settings override them."""
 
     temperature: float
     top_p: float
@@ -112,6 +115,28 @@ class ParsedLine:
     seed: int | None
     stop: tuple[str, ...]
     weights: tuple[float, ...] | None
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def sampling_fields(obj: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The per-request sampling settings a line gives (``SAMPLING_FIELDS``), checked with the one table of allowed
+    values (``sampling.check_setting``, ``check_logit_bias``); ``prefix`` names the field in a message ("field "
+    for native lines, "body." for OpenAI ones). ``top_k`` -1 (vLLM's "off") becomes 0."""
+    from eft_jax.sampling import check_logit_bias, check_setting
+
+    out: dict[str, Any] = {}
+    for name in SAMPLING_FIELDS:
+        value = obj.get(name)
+        if value is None:
+            continue
+        if name == "top_k" and value == -1 and not isinstance(value, bool):
+            value = 0
+        try:
+            out[name] = check_logit_bias(value) if name == "logit_bias" else check_setting(name, value)
+        except ValueError as e:
+            where = f"field {name!r}" if prefix == "field " else f"{prefix}{name}"
+            raise LineProblem("invalid_field", f"{where} {e}") from None
+    return out
 
 
 def is_openai_line(obj: Any) -> bool:
@@ -151,25 +176,19 @@ def parse_line(obj: dict[str, Any], defaults: JobDefaults) -> ParsedLine:
         api=OpenAIRequest(custom_id, chat, model if isinstance(model, str) else None, logprobs, top, digest),
         prompt=prompt, max_new_tokens=_max_tokens(body), n=_int(body, "n", 1), seed=_int(body, "seed", 0),
         stop=stop_strings(body.get("stop"), "body.stop"), weights=_eft_weights(body.get("eft"), defaults.fine_tuned),
+        sampling=sampling_fields(body, "body."),
     )
 
 
 def _check_fields(body: dict[str, Any], defaults: JobDefaults) -> None:
-    for name in _PER_JOB:
-        if name in body:
-            value, job = body[name], getattr(defaults, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != float(job):
-                raise LineProblem("unsupported_field", f"body.{name}={value!r}: eft-jax sets {name} per job, not per "
-                                  f"request (this job's is {job}); set sampling.{name} in the config, or drop "
-                                  f"{name!r} from the line")
     for name, neutral in _NEUTRAL.items():
         if name in body and body[name] != neutral and not (name == "best_of" and body[name] == body.get("n", 1)):
             raise LineProblem("unsupported_field", f"body.{name}={body[name]!r} is not supported by eft-jax (only "
                               f"{json.dumps(neutral)} is accepted); drop it from the line")
-    unknown = sorted(set(body) - set(_PER_JOB) - set(_NEUTRAL) - set(_INFORMATIONAL) - set(_HONOURED))
+    unknown = sorted(set(body) - set(_NEUTRAL) - set(_INFORMATIONAL) - set(_HONOURED))
     if unknown:
         raise LineProblem("unsupported_field", f"unknown body field(s) {unknown}; eft-jax honours "
-                          f"{', '.join(_HONOURED)} (and {', '.join(_PER_JOB)} equal to the config's)")
+                          f"{', '.join(_HONOURED)}")
 
 
 def _chat_prompt(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -421,7 +440,7 @@ def _token_bytes(tokenizer: Any, token: int, text: str) -> list[int] | None:
 
 def _choice_logprobs(ctx: ResponseContext, api: OpenAIRequest, r: Any, count: int) -> dict[str, Any]:
     """OpenAI's logprobs object over the first ``count`` tokens (those of the text): the EFT log-probs at
-    temperature 1, before the top-k/top-p/min-p filters (as ``GenerationResult.token_logprobs``)."""
+    temperature 1, before logit_bias, penalties and the filters (as ``GenerationResult.token_logprobs``)."""
     tok = ctx.tokenizer
     ids = [int(t) for t in r.tokens[:count]]
     tokens = [_token_text(tok, t) for t in ids]

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from eft_jax.jobs.openai_batch import (
-    JobDefaults, LineProblem, OpenAIRequest, error_key, is_openai_line, parse_line, reward_weights, stop_strings,
+    JobDefaults, LineProblem, OpenAIRequest, error_key, is_openai_line, parse_line, reward_weights, sampling_fields,
+    stop_strings,
 )
 from eft_jax.prompts import PromptError, validate_prompt
 
@@ -69,6 +70,8 @@ class Request:
     stop: stop strings of this line (added to the config's). weights: this line's reward weights (None: the
     config's). response_prefix: text the response starts with (None: the config's ``job.response_prefix``).
     api: the OpenAI Batch part of an OpenAI line (its ``id`` is the ``custom_id``), None for a native line.
+    sampling: the per-request sampling settings the line gives (``openai_batch.SAMPLING_FIELDS``, checked; the
+    config's ``sampling`` gives the others).
     """
 
     line: int
@@ -82,6 +85,7 @@ class Request:
     weights: tuple[float, ...] | None = None
     response_prefix: str | None = None
     api: OpenAIRequest | None = None
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -203,7 +207,9 @@ def read_requests(path: Path, *, score: bool = False, defaults: JobDefaults | No
 
     A native line is ``{"id": str|int, "prompt": str}`` or ``{"id": ..., "messages": [{role, content}, ...]}``,
     with optional ``n``, ``max_new_tokens``, ``seed``, ``stop`` (a string or a list), ``weights`` (one reward
-    weight per fine-tune) and ``response_prefix`` (generate), or a required ``response`` and an optional
+    weight per fine-tune), ``response_prefix`` and the per-request sampling settings ``temperature``, ``top_p``,
+    ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``logit_bias``, ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty`` (default: the config's ``sampling``) (generate), or a required ``response`` and an optional
     ``response_prefix`` (score). Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line. ``path`` ``-`` reads standard
     input. OpenAI Batch lines: see :func:`read_input_file` (``defaults`` is needed for them).
     """
@@ -291,7 +297,8 @@ def _checked_prompt(prompt: Any) -> Any:
 def _openai_request(lineno: int, obj: dict, defaults: JobDefaults) -> Request:
     p = parse_line(obj, defaults)
     return Request(line=lineno, id=p.api.custom_id, prompt=_checked_prompt(p.prompt), n=p.n,
-                   max_new_tokens=p.max_new_tokens, seed=p.seed, stop=p.stop, weights=p.weights, api=p.api)
+                   max_new_tokens=p.max_new_tokens, seed=p.seed, stop=p.stop, weights=p.weights, api=p.api,
+                   sampling=p.sampling)
 
 
 def _native_request(lineno: int, obj: dict, score: bool, defaults: JobDefaults | None) -> Request:
@@ -319,7 +326,7 @@ def _native_request(lineno: int, obj: dict, score: bool, defaults: JobDefaults |
         max_new_tokens=_positive_int(obj, "max_new_tokens", 1), seed=_positive_int(obj, "seed", 0),
         stop=stop_strings(obj.get("stop"), "field 'stop'"),
         weights=reward_weights(obj.get("weights"), defaults.fine_tuned if defaults else None, "field 'weights'"),
-        response_prefix=_native_prefix(obj.get("response_prefix")),
+        response_prefix=_native_prefix(obj.get("response_prefix")), sampling=sampling_fields(obj, "field "),
     )
     if req.seed is not None and req.seed >= 2**63:
         raise _LineError("invalid_field", "field 'seed' must be below 2**63")

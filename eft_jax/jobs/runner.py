@@ -22,10 +22,14 @@ the id, ``records.shard_of``) into ``out.shard-i-of-N.jsonl``, otherwise exactly
 
 Input formats: native lines, or OpenAI Batch lines (``jobs.openai_batch``), detected per file; an OpenAI
 line's output is one line holding its ``n`` samples, written when all of them are done. Lines with their
-own stop strings or reward weights run in groups (one ``Engine.run`` per distinct setting): a sample depends
-on (seed, stream, position) only, so grouping changes no sample.
+own stop strings, reward weights or sampling settings run together in ONE ``Engine.run`` (the settings are
+per row); only OpenAI lines asking for ``top_logprobs`` run apart (their run records every step's
+distribution). A sample depends on (seed, stream, position) and its own settings only. Penalties
+(repetition/presence/frequency) are refused with speculative decoding: a JobError naming the config key, or
+the line's issue naming the field.
 
-generation_config.json: sampling settings the config does not set (temperature, top_p, top_k, min_p) come
+generation_config.json: sampling settings the config does not set (temperature, top_p, top_k, min_p,
+repetition_penalty) come
 from the first fine-tune's ``generation_config.json`` (the base's for plain decoding) unless
 ``sampling.use_generation_config`` is false; see :func:`generation_defaults`.
 """
@@ -50,6 +54,7 @@ from eft_jax.jobs.records import (
     select_shard,
 )
 from eft_jax.prompts import PromptError
+from eft_jax.sampling import SETTINGS, SamplingParams, check_setting
 
 
 @dataclasses.dataclass
@@ -194,8 +199,17 @@ def build_engine(config: Config, *, mesh: Any = None, tokenizers: dict[str, Any]
     return JobEngine(engine, roles)
 
 
-GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
-_NOT_IMPLEMENTED = ("repetition_penalty", "presence_penalty", "frequency_penalty", "no_repeat_ngram_size")
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_NOT_IMPLEMENTED = ("no_repeat_ngram_size",)
+PER_REQUEST = ("min_tokens", "ignore_eos", "logit_bias", "repetition_penalty", "presence_penalty",
+               "frequency_penalty")
+
+
+def job_sampling(config: Config) -> SamplingParams:
+    """The job's default per-request settings (``sampling:`` section): filters and the per-request defaults."""
+    s = config.sampling
+    extra = {name: getattr(s, name, () if name == "logit_bias" else SETTINGS[name].neutral) for name in PER_REQUEST}
+    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, **extra)
 
 
 def generation_defaults(config: Config, log: TextIO | None = None) -> Config:
@@ -204,7 +218,8 @@ def generation_defaults(config: Config, log: TextIO | None = None) -> Config:
     The file of the first fine-tune wins (the base's for plain decoding): EFT emulates that model, and its
     generation_config holds its authors' recommended decoding; the bases' files (pretrained models) rarely set
     any. Like vLLM's ``generation_config="auto"``, temperature, top_p, top_k and min_p are read whatever
-    ``do_sample`` says; other fields (repetition_penalty, ...) are not implemented and are named on ``log``.
+    ``do_sample`` says, and so is repetition_penalty; other fields (no_repeat_ngram_size) are not implemented
+    and are named on ``log``. Values are checked with ``sampling.check_setting``.
     ``sampling.use_generation_config: false`` turns this off. The end-token ids of every model's file are
     read at loading (``loading.hf_dir.declared_end_ids``). A GGUF file has no generation_config.
     """
@@ -223,19 +238,16 @@ def generation_defaults(config: Config, log: TextIO | None = None) -> Config:
         raise JobError(f"{path}: cannot read it ({e}); fix the file, or set sampling.use_generation_config=false"
                        ) from None
     raw = raw if isinstance(raw, dict) else {}
-    checks = {"temperature": (lambda v: v >= 0, "a number >= 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-              "top_k": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
-              "min_p": (lambda v: 0 <= v < 1, "in [0, 1)")}
     taken = {}
     for key in GENERATION_DEFAULTS:
         value = raw.get(key)
-        if value is None or key in config.sampling.given:
+        if value is None or key in config.sampling.given or not hasattr(config.sampling, key):
             continue
-        ok, allowed = checks[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise JobError(f"{path}: {key}={value!r} must be {allowed}; fix the file, set sampling.{key} in the "
-                           "config, or set sampling.use_generation_config=false")
-        taken[key] = int(value) if key == "top_k" else float(value)
+        try:
+            taken[key] = check_setting(key, value)
+        except ValueError as e:
+            raise JobError(f"{path}: {key} {e}; fix the file, set sampling.{key} in the config, or set "
+                           "sampling.use_generation_config=false") from None
     ignored = sorted(k for k in _NOT_IMPLEMENTED if raw.get(k) not in (None, 1, 0))  # 1 and 0: neutral
     if (taken or ignored) and log is not None:
         print(f"eft-jax: sampling defaults from models.{name} ({path}): "
@@ -286,6 +298,14 @@ def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite
         raise JobError(f"{config.source}: model file(s) not found:\n  " + "\n  ".join(missing))
     if command == "generate":
         config = generation_defaults(config, log)
+        if config.speculative.k:
+            defaults = job_sampling(config)
+            for key in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+                if getattr(defaults, key) != SETTINGS[key].neutral:
+                    raise JobError(f"{config.source}: sampling.{key}={getattr(defaults, key)} is not supported with "
+                                   f"speculative decoding (speculative.k={config.speculative.k}): penalties depend on "
+                                   "the tokens emitted inside a round; set it to its neutral value "
+                                   f"({SETTINGS[key].neutral}) or speculative.k=0")
     fingerprint = config.fingerprint(command)
     if shard is not None:
         out = shard.path(out)
@@ -405,9 +425,9 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
         # Continuous batching over each group: the batch stays full until the group runs out; finished
         # samples are written after every decode chunk, and progress is reported after every chunk.
         for group in groups:
-            for update in engine.run(group.requests, config.sampling.params(), batch_size=config.job.batch_size,
+            for update in engine.run(group.requests, job_sampling(config), batch_size=config.job.batch_size,
                                      seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
-                                     stop=group.stop, weights=group.weights, end_tokens=config.sampling.end_tokens,
+                                     stop=config.sampling.stop, end_tokens=config.sampling.end_tokens,
                                      return_component_logprobs=openai, return_distributions=group.top_logprobs):
                 if context is None:
                     records = [_sample_record(*group.origin[r.index], group.requests[r.index], r, summary)
@@ -446,13 +466,33 @@ def _samples_to_run(job: _Job, overwrite: bool) -> list[tuple[Request, list[int]
 
 def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]) -> list[_Group]:
     """Each line rendered once, for every model (the drafter too), with every check (a line that fails becomes
-    an issue); then one request per sample, in the group of lines that share its stop strings and weights."""
+    an issue); then one request per sample, carrying the line's sampling settings, weights and stop strings.
+    One group (one ``Engine.run``) for every line, and one apart for OpenAI lines asking for top_logprobs."""
     from eft_jax.requests import stream_id
 
     config, issues = job.config, job.issues
-    groups: dict[tuple[Any, ...], _Group] = {}
+    defaults = job_sampling(config)
+    groups: dict[bool, _Group] = {}
     same = _SameFailure(config.job.batch_size, len(todo))
     for req, samples in todo:
+        if config.speculative.k:
+            penalty = next((k for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")
+                            if req.sampling.get(k, SETTINGS[k].neutral) != SETTINGS[k].neutral), None)
+            if penalty is not None:
+                issues.append(Issue(req.line, req.id, "unsupported_field", f"{penalty}={req.sampling[penalty]} is "
+                                    "not supported with speculative decoding (speculative.k="
+                                    f"{config.speculative.k}); drop it from the line or run without speculative.k"))
+                continue
+        try:
+            sampling = dataclasses.replace(defaults, **req.sampling)
+        except ValueError as e:
+            issues.append(Issue(req.line, req.id, "invalid_field", str(e)))
+            continue
+        if sampling.logit_bias and sampling.logit_bias[-1][0] >= engine.vocab:
+            where = "body.logit_bias" if req.api is not None else "field 'logit_bias'"
+            issues.append(Issue(req.line, req.id, "invalid_field", f"{where}: token id {sampling.logit_bias[-1][0]} "
+                                f"is outside the shared vocabulary (ids must be < {engine.vocab})"))
+            continue
         max_new = req.max_new_tokens or config.job.max_new_tokens
         prefix = req.response_prefix if req.response_prefix is not None else config.job.response_prefix
         rendered = same.attempt(req, issues, lambda: engine.render(req.prompt, max_new, response_prefix=prefix,
@@ -461,9 +501,10 @@ def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]
             continue
         if rendered.cut:
             issues.append(_truncated(req, rendered.cut, f"max_new_tokens={max_new}"))
-        stop = tuple(dict.fromkeys(config.sampling.stop + req.stop))
+        rendered = dataclasses.replace(rendered, sampling=sampling, weights=req.weights,
+                                       stop=tuple(s for s in req.stop if s not in config.sampling.stop))
         top = bool(req.api is not None and req.api.top_logprobs)
-        group = groups.setdefault((stop, req.weights, top), _Group(stop, req.weights, top))
+        group = groups.setdefault(top, _Group(top))
         for k in samples:
             stream = stream_id(["seed", req.seed] if req.seed is not None else ["id", req.id], k)
             group.requests.append(dataclasses.replace(rendered, stream=stream))
@@ -476,12 +517,10 @@ def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]
 
 @dataclasses.dataclass
 class _Group:
-    """The samples of the lines that share stop strings, reward weights (None: the config's) and whether
-    every step's distribution is recorded (OpenAI top_logprobs): one ``Engine.run``. For OpenAI lines, the
-    finished samples of a line wait in ``pending`` until all of them (``samples[key]``) are done."""
+    """The samples of one ``Engine.run``: every line, or those that record every step's distribution (OpenAI
+    top_logprobs). Each request carries its line's settings. For OpenAI lines, the finished samples of a line
+    wait in ``pending`` until all of them (``samples[key]``) are done."""
 
-    stop: tuple[str, ...]
-    weights: tuple[float, ...] | None
     top_logprobs: bool
     requests: list[Any] = dataclasses.field(default_factory=list)  # Rendered, one per sample
     origin: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (line, sample) of each
