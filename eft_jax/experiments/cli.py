@@ -12,6 +12,10 @@ Three resumable stages, all files under ``DIR``:
    answer's shape (:func:`humaneval.answer_shape`: one fenced block with type hints and docstrings, nothing
    else); then pass@1 (the fraction of samples that pass), the fraction of answers of that shape
    (``answer_shape``) and the counts. Recomputed from the samples on every run (seconds).
+   ``generation.json`` sums the generated tokens and decoding seconds over (resumed) runs.
+
+``eft-jax experiments humaneval-grid --small S --large L --out DIR``: the issue-16 LoRA up-scaling grid
+(:mod:`eft_jax.experiments.grid`): SFT set, LoRA on both models, one humaneval run per row, results table.
 
 Exit status: 0 done, 1 the generation stopped on an error, 2 it could not start, 130 interrupted (re-run).
 """
@@ -73,6 +77,11 @@ def run_humaneval(config: Any, out_dir: Path, *, limit: int | None = None, promp
     write_prompts(problems, prompts, prompt_form)
     summary = run_generate(config, prompts, samples, progress=progress)
     log(summary.render())
+    if summary.tokens:  # decoding speed, accumulated over resumed runs (generation.json)
+        gen_path = out_dir / "generation.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {"tokens": 0, "run_s": 0.0, "runs": 0}
+        gen = {"tokens": gen["tokens"] + summary.tokens, "run_s": gen["run_s"] + summary.run_s, "runs": gen["runs"] + 1}
+        _write_atomically(gen_path, json.dumps(gen) + "\n")
     if summary.exit_status != 0:
         return summary.exit_status
     results = score_samples(problems, samples, limits, workers)
@@ -110,6 +119,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     h.add_argument("--workers", type=int, default=4, help="programs run at once (default 4)")
     h.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     h.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. sampling.temperature=0")
+    g = sub.add_parser("humaneval-grid", help="the issue-16 LoRA up-scaling grid on HumanEval (resumable)",
+                       description="Code SFT set, LoRA on SMALL and LARGE, HumanEval of small, small+LoRA, large, "
+                       "large+LoRA and up-scaling rows, results table (docs/experiments.md, eft_jax/experiments/grid.py).")
+    g.add_argument("--small", required=True, help="the small model (any source load_model reads, e.g. pkg:..., a dir)")
+    g.add_argument("--large", required=True, help="the large model")
+    g.add_argument("--out", required=True, help="directory for every stage's files")
+    g.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    g.add_argument("--stages", nargs="+", choices=["sft", "train", "eval", "results"],
+                   default=["sft", "train", "eval", "results"], help="stages to run (default: all)")
+    g.add_argument("--rows", nargs="+", default=None, help="only these rows in stage eval (default: all)")
+    g.add_argument("--steps", type=int, default=200, help="LoRA steps (default 200)")
+    g.add_argument("--batch-size", type=int, default=8, help="LoRA rows per step (default 8)")
+    g.add_argument("--seq-len", type=int, default=512, help="LoRA row length in tokens (default 512)")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16; alpha = 2 x rank)")
+    g.add_argument("--learning-rate", type=float, default=2.0e-4, help="LoRA learning rate (default 2e-4)")
+    g.add_argument("--dtype", default="float32", help="decoding dtype of every model (default float32)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="per answer (default 512)")
+    g.add_argument("--batch", type=int, default=8, help="decoding batch size (default 8)")
+    g.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="up-scaling weights")
+    g.add_argument("--speculative-k", type=int, default=4, help="drafted tokens of the speculative row (0: no row)")
+    g.add_argument("--train-set", nargs="*", default=[], metavar="key=value", help="train config overrides")
+    g.add_argument("--job-set", nargs="*", default=[], metavar="key=value", help="job config overrides (every row)")
+    g.add_argument("--publish", default=None, help="also copy results.md/json and the training logs here (docs/...)")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    g.add_argument("--workers", type=int, default=4, help="programs run at once (default 4)")
+    g.add_argument("--no-progress", action="store_true", help="no generation progress line on stderr")
     args = p.parse_args(argv)
 
     from eft_jax.compile_cache import configure
@@ -125,6 +160,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModuleNotFoundError, FileNotFoundError) as e:
         print(f"eft-jax experiments {args.experiment}: error: {e}", file=sys.stderr)
         return 2
+    if args.experiment == "humaneval-grid":
+        from eft_jax.experiments.grid import GridSettings, run_grid
+        from eft_jax.train.cli import TrainConfigError
+
+        settings = GridSettings(lora_rank=args.rank, lora_alpha=2.0 * args.rank, steps=args.steps,
+                                batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.learning_rate,
+                                dtype=args.dtype, max_new_tokens=args.max_new_tokens, batch=args.batch,
+                                weights=tuple(args.weights), speculative_k=args.speculative_k,
+                                train_overrides=tuple(args.train_set), job_overrides=tuple(args.job_set))
+        try:
+            return run_grid(args.small, args.large, Path(args.out), settings=settings, limit=args.limit,
+                            stages=args.stages, only_rows=args.rows, workers=args.workers, timeout=args.timeout,
+                            progress=not args.no_progress, publish=Path(args.publish) if args.publish else None,
+                            log=lambda s: print(s, flush=True))
+        except (ConfigError, JobError, CheckpointError, UnsupportedConfigError, TrainConfigError, ValueError,
+                FileNotFoundError) as e:
+            print(f"eft-jax experiments {args.experiment}: error: {e}", file=sys.stderr)
+            return 2
     try:
         config = load_config(args.config, args.overrides)
         configure(config.job.compile_cache)  # JAX's persistent compilation cache, as for eft-jax generate
