@@ -126,32 +126,52 @@ class LLM:
     config: a job config YAML path (None: the embedded default), with ``overrides`` (``key.sub=value``) as on
     the command line; or ``spec``: an ``EFTSpec`` of loaded models (then ``speculative_k``/``chunk_size`` set
     the engine). batch_size: rows decoded together (default: the config's ``job.batch_size``, else 8).
+    response_prefix: text every reply starts with, appended after each model's rendered prompt (default: the
+    config's ``job.response_prefix``, else none); ``generate`` may override it per call.
+
+    With a config, :meth:`get_default_sampling_params` (what ``generate`` uses when given no SamplingParams)
+    holds the config's sampling settings, with those it leaves out taken from the fine-tune's
+    ``generation_config.json`` exactly as ``eft-jax generate`` takes them (``jobs.runner.generation_defaults``;
+    ``sampling.use_generation_config=false`` turns it off), and its ``max_new_tokens``, stop strings, stop ids
+    and seed. vLLM's ``LLM`` does the same with the model's generation_config.
     """
 
     def __init__(self, config: str | None = None, *, overrides: Sequence[str] = (), spec: EFTSpec | None = None,
-                 speculative_k: int = 0, chunk_size: int = 16, batch_size: int | None = None):
+                 speculative_k: int = 0, chunk_size: int = 16, batch_size: int | None = None,
+                 response_prefix: str | None = None):
         if spec is not None:
             if config is not None or overrides:
                 raise ValueError("give a config or a spec, not both")
             self.engine = Engine(spec, chunk_size=chunk_size, speculative_k=speculative_k)
             self.batch_size = batch_size or 8
+            self._defaults = SamplingParams()
+            self.response_prefix = response_prefix or ""
         else:
             from eft_jax.config import load_config
-            from eft_jax.jobs.runner import build_engine
+            from eft_jax.jobs.runner import build_engine, generation_defaults
 
-            job_config = load_config(config, overrides)
+            job_config = generation_defaults(load_config(config, overrides))
             self.engine = build_engine(job_config).engine
             self.batch_size = batch_size or job_config.job.batch_size
+            self._defaults = _from_config(job_config)
+            self.response_prefix = job_config.job.response_prefix if response_prefix is None else response_prefix
         self.labels = self.engine.labels
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams ``generate`` uses when given none (see the class docstring)."""
+        return self._defaults
 
     def generate(self, prompts: str | Sequence[Any],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, response_prefix: str | None = None) -> list[RequestOutput]:
         """Sample ``n`` completions of each prompt (a string, or a list of chat messages), in input order.
-        ``sampling_params``: one for every prompt, or a list with one per prompt (vLLM's form)."""
+        ``sampling_params``: one for every prompt, or a list with one per prompt (vLLM's form); None:
+        :meth:`get_default_sampling_params`. response_prefix: this call's reply prefix (default: the LLM's);
+        it is part of the prompt, not of the returned text."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prefix = self.response_prefix if response_prefix is None else response_prefix
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
+            per_prompt = [sampling_params or self._defaults] * len(prompts)
         else:
             per_prompt = list(sampling_params)
             if len(per_prompt) != len(prompts):
@@ -163,7 +183,7 @@ class LLM:
         for i, j in rows:
             p = per_prompt[i]
             try:
-                r = self.engine.render(prompts[i], p.max_tokens, stream=_stream(i, j))
+                r = self.engine.render(prompts[i], p.max_tokens, stream=_stream(i, j), response_prefix=prefix)
             except PromptError as e:
                 raise PromptError(f"prompt {i}: {e}") from None
             requests.append(dataclasses.replace(r, sampling=p.engine_sampling(), stop=p.stop))
@@ -195,11 +215,12 @@ class LLM:
         return p.seed, p.stop_token_ids, p.logprobs is not None and p.logprobs > 0
 
     def chat(self, messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
-             sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
+             response_prefix: str | None = None) -> list[RequestOutput]:
         """Like :meth:`generate` for one conversation (a list of messages) or a list of them. Each model
         renders a conversation its own way (its prompt format in the config: chat template or plain)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self.generate(conversations, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(conversations, sampling_params, use_tqdm=use_tqdm, response_prefix=response_prefix)
 
     def _completion(self, index: int, result: Any, params: SamplingParams) -> CompletionOutput:
         components = result.component_logprobs or {}
@@ -220,6 +241,16 @@ class LLM:
             index=index, text=result.text, token_ids=list(result.tokens), cumulative_logprob=float(result.logprob),
             logprobs=logprobs, finish_reason=result.finish_reason, stop_reason=result.stop_reason,
             eft=EFTOutputs(components, rewards) if components else None)
+
+
+def _from_config(config: Any) -> SamplingParams:
+    """A job config's sampling settings, limits and seed as vLLM-style SamplingParams (n = ``job.n``)."""
+    c, job = config.sampling, config.job
+    return SamplingParams(
+        n=job.n, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p, max_tokens=job.max_new_tokens,
+        seed=job.seed, stop=tuple(c.stop), stop_token_ids=tuple(c.stop_token_ids), ignore_eos=c.ignore_eos,
+        min_tokens=c.min_tokens, logit_bias=dict(c.logit_bias), repetition_penalty=c.repetition_penalty,
+        presence_penalty=c.presence_penalty, frequency_penalty=c.frequency_penalty)
 
 
 def _stream(prompt_index: int, sample: int) -> int:

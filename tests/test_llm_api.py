@@ -64,3 +64,49 @@ def test_llm_from_the_embedded_default_config():
 def test_bad_sampling_params_are_refused_when_made(bad, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**bad)
+
+
+def test_response_prefix_is_part_of_every_models_prompt(spec):
+    # The LLM's prefix (or one call's) is rendered after each model's prompt, exactly as Engine.render does it.
+    from eft_jax.llm import _stream
+    llm = LLM(spec=spec, chunk_size=4, response_prefix="Answer:")
+    params = SamplingParams(max_tokens=5, temperature=0.7, seed=2)
+    engine = Engine(spec, chunk_size=4)
+    for prefix, outs in (("Answer:", llm.generate(PROMPTS, params, use_tqdm=False)),
+                         ("Sure,", llm.generate(PROMPTS, params, use_tqdm=False, response_prefix="Sure,"))):
+        want = list(engine.run([engine.render(p, 5, stream=_stream(i, 0), response_prefix=prefix)
+                                for i, p in enumerate(PROMPTS)], params.engine_sampling(), seed=2))
+        by_index = {r.index: r for u in want for r in u.finished}
+        assert [o.outputs[0].token_ids for o in outs] == [by_index[i].tokens for i in range(len(PROMPTS))]
+    plain = LLM(spec=spec, chunk_size=4).generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in outs]
+
+
+def test_defaults_come_from_the_config_and_its_generation_config(family, tmp_path):
+    # No SamplingParams given: the config's settings, with what it leaves out from the fine-tune's
+    # generation_config.json (as `eft-jax generate` does), and the config's limits and response prefix.
+    import json
+    import shutil
+
+    import yaml
+
+    from job_helpers import trio_config
+
+    ft = tmp_path / "small_ft"
+    shutil.copytree(family["small_ft"][0], ft)
+    (ft / "generation_config.json").write_text(json.dumps({"top_k": 7, "temperature": 0.4, "repetition_penalty": 1.2}))
+    cfg = trio_config(family, tmp_path / "c.yaml")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["models"]["small_ft"]["path"] = str(ft)
+    raw["sampling"] = {"top_p": 0.9}
+    raw["job"] = {**raw.get("job", {}), "max_new_tokens": 5, "seed": 4, "response_prefix": "A:"}
+    cfg.write_text(yaml.safe_dump(raw))
+    llm = LLM(str(cfg))
+    d = llm.get_default_sampling_params()
+    assert (d.temperature, d.top_p, d.top_k, d.repetition_penalty, d.max_tokens, d.seed) == (0.4, 0.9, 7, 1.2, 5, 4)
+    assert llm.response_prefix == "A:"
+    off = LLM(str(cfg), overrides=["sampling.use_generation_config=false"]).get_default_sampling_params()
+    assert (off.temperature, off.top_k, off.repetition_penalty) == (1.0, 0, 1.0)
+    [out] = llm.generate(["hi"], use_tqdm=False)
+    [same] = llm.generate(["hi"], d, use_tqdm=False)
+    assert out.outputs[0].token_ids == same.outputs[0].token_ids and len(out.outputs[0].token_ids) <= 5
