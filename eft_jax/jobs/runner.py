@@ -208,8 +208,8 @@ PER_REQUEST = ("min_tokens", "ignore_eos", "logit_bias", "repetition_penalty", "
 def job_sampling(config: Config) -> SamplingParams:
     """The job's default per-request settings (``sampling:`` section): filters and the per-request defaults."""
     s = config.sampling
-    extra = {name: getattr(s, name, () if name == "logit_bias" else SETTINGS[name].neutral) for name in PER_REQUEST}
-    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, **extra)
+    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                          **{name: getattr(s, name) for name in PER_REQUEST})
 
 
 def generation_defaults(config: Config, log: TextIO | None = None) -> Config:
