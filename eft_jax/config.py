@@ -352,7 +352,10 @@ class SamplingConfig:
     frequency_penalty: _S["frequency_penalty"] = 0.0
 
     def params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        """The engine's settings for a request that sets none of its own: the filters and the per-request
+        defaults (``eft_jax.sampling.SamplingParams``)."""
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              **{name: getattr(self, name) for name in PER_REQUEST_DEFAULTS})
 
 
 @dataclass(frozen=True, config=_SCHEMA)

@@ -54,7 +54,7 @@ from eft_jax.jobs.records import (
     select_shard,
 )
 from eft_jax.prompts import PromptError
-from eft_jax.sampling import SETTINGS, SamplingParams, check_setting
+from eft_jax.sampling import SETTINGS, check_setting
 
 
 @dataclasses.dataclass
@@ -201,17 +201,6 @@ def build_engine(config: Config, *, mesh: Any = None, tokenizers: dict[str, Any]
 
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _NOT_IMPLEMENTED = ("no_repeat_ngram_size",)
-PER_REQUEST = ("min_tokens", "ignore_eos", "logit_bias", "repetition_penalty", "presence_penalty",
-               "frequency_penalty")
-
-
-def job_sampling(config: Config) -> SamplingParams:
-    """The job's default per-request settings (``sampling:`` section): filters and the per-request defaults."""
-    s = config.sampling
-    return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                          **{name: getattr(s, name) for name in PER_REQUEST})
-
-
 def generation_defaults(config: Config, log: TextIO | None = None) -> Config:
     """``config`` with the sampling settings it does not set taken from a model's ``generation_config.json``.
 
@@ -299,7 +288,7 @@ def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite
     if command == "generate":
         config = generation_defaults(config, log)
         if config.speculative.k:
-            defaults = job_sampling(config)
+            defaults = config.sampling.params()
             for key in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
                 if getattr(defaults, key) != SETTINGS[key].neutral:
                     raise JobError(f"{config.source}: sampling.{key}={getattr(defaults, key)} is not supported with "
@@ -425,7 +414,7 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
         # Continuous batching over each group: the batch stays full until the group runs out; finished
         # samples are written after every decode chunk, and progress is reported after every chunk.
         for group in groups:
-            for update in engine.run(group.requests, job_sampling(config), batch_size=config.job.batch_size,
+            for update in engine.run(group.requests, config.sampling.params(), batch_size=config.job.batch_size,
                                      seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
                                      stop=config.sampling.stop, end_tokens=config.sampling.end_tokens,
                                      return_component_logprobs=openai, return_distributions=group.top_logprobs):
@@ -471,7 +460,7 @@ def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]
     from eft_jax.requests import stream_id
 
     config, issues = job.config, job.issues
-    defaults = job_sampling(config)
+    defaults = config.sampling.params()
     groups: dict[bool, _Group] = {}
     same = _SameFailure(config.job.batch_size, len(todo))
     for req, samples in todo:
