@@ -179,14 +179,14 @@ class LLM:
                                  "per prompt")
         # One random stream per (prompt index, sample index): a sample does not depend on the others.
         rows = [(i, j) for i, p in enumerate(per_prompt) for j in range(p.n)]
-        requests = []
-        for i, j in rows:
-            p = per_prompt[i]
+        rendered = []  # each prompt rendered once, with its settings; its samples differ in their stream only
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt, strict=True)):
             try:
-                r = self.engine.render(prompts[i], p.max_tokens, stream=_stream(i, j), response_prefix=prefix)
+                r = self.engine.render(prompt, p.max_tokens, response_prefix=prefix)
             except PromptError as e:
                 raise PromptError(f"prompt {i}: {e}") from None
-            requests.append(dataclasses.replace(r, sampling=p.engine_sampling(), stop=p.stop))
+            rendered.append(dataclasses.replace(r, sampling=p.engine_sampling(), stop=p.stop))
+        requests = [dataclasses.replace(rendered[i], stream=_stream(i, j)) for i, j in rows]
         results: dict[tuple[int, int], Any] = {}
         bar = _progress(use_tqdm, sum(p.n * p.max_tokens for p in per_prompt))
         try:
