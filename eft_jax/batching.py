@@ -14,6 +14,11 @@ jitted chunks of decode steps (or speculative rounds):
 depends only on (seed, stream, its own output index), never on the slot, the neighbours or when its row
 started, so both give the same samples as batch size 1.
 
+On a mesh that spans processes (``mesh.distributed``) each process runs its own rows (``lockstep.Peers``):
+the slots its devices hold, filled from its own requests; the decisions that shape a program (the cache
+size, when to start over or refill and with what prompt length, the attention window, when to stop) are
+made alike on every process from a few integers gathered from all of them after each chunk.
+
 Shapes are fixed per call so that few programs compile: the caches hold the longest prompt (rows are
 sorted longest first, so the first fill sets it) plus the longest ``max_new_tokens`` rounded up to whole
 chunks; a refill prefills a fixed number of rows (a quarter of the batch, or the whole batch when more
@@ -63,6 +68,9 @@ class RowOutput:
     logprobs: np.ndarray
     components: np.ndarray | None = None  # [rule members, tokens]
     distributions: np.ndarray | None = None  # [tokens, vocab]
+    top_ids: np.ndarray | None = None  # [tokens, K] the K most likely ids per step (plan.top_logprobs)
+    top_logprobs: np.ndarray | None = None  # [tokens, K] their EFT log-probs
+    top_components: np.ndarray | None = None  # [rule members, tokens, K] their log-probs under each member
     speculative: dict[str, Any] | None = None  # rounds, drafted, accepted, rejected, round_of, from_draft
     stop_string: str | None = None  # the stop string that ended the row (its tokens end where it completes)
 
@@ -80,12 +88,19 @@ class SlotLoop:
         self.engine, self.plan, self.weights, self.continuous = engine, plan, weights, continuous
         self.stop_check = stop_check
         self.k = engine.speculative_k
+        self.peers = peers = engine.peers
+        models = len(engine.runs)
+        # The geometry every process shares: from the most rows, the longest answer and prompts of any.
+        facts = peers.ints([len(rows), max((r.max_new for r in rows), default=1),
+                            *(max((len(r.tokens[m]) for r in rows), default=1) for m in range(models))]).max(0)
         # No slot for a row that does not exist: a small call runs a small batch.
-        self.num_slots = min(batch_size, _round_up(len(rows), engine.place.data_size))
+        self.num_slots = min(batch_size, _round_up(int(facts[0]) * peers.groups, engine.place.data_size))
+        self.owned = peers.owned(self.num_slots)  # the slots this process fills and reads
         self.queue = collections.deque(rows)
-        self.out_len = 1 + plan.chunk * math.ceil((max(r.max_new for r in rows) - 1) / plan.chunk)
+        self.blank = Row(-1, [[engine.pad_id]] * models, 0, 0)  # fills the rows of a process with none left
+        self.out_len = 1 + plan.chunk * math.ceil((int(facts[1]) - 1) / plan.chunk)
         extra = self.k + 1 if self.k else 0  # a speculative round writes k + 1 entries before rewinding
-        self.prompt_len = [bucket_length(max(len(r.tokens[m]) for r in rows)) for m in range(len(engine.runs))]
+        self.prompt_len = [bucket_length(int(n)) for n in facts[2:]]
         self.cache_slots = [length + self.out_len + extra for length in self.prompt_len]
         self.params = tuple(c.model.run_params for c in engine.runs)  # the fastest layout here (Model.run_params)
         self.seed = engine.place.replicated(np.asarray(seed, np.int32))
@@ -98,13 +113,14 @@ class SlotLoop:
     def run(self) -> Iterator[tuple[list[tuple[Row, RowOutput]], int]]:
         """After each chunk (and the first prefill), yield the rows that finished with their outputs, and
         the tokens decoded since the last yield over every row; until every row is done."""
+        local = self.peers.local
         state = self._start()
         counted = np.zeros(self.num_slots, np.int64)  # each slot's tokens already reported
         checked = np.zeros(self.num_slots, np.int64)  # each slot's tokens already searched for stop strings
         while True:
             st = self._decode_state(state)
-            done, num_tokens = to_host(st.done), to_host(st.num_tokens)
-            self.lengths = [np.array(to_host(c.length)) for c in st.caches]
+            done, num_tokens = local(st.done), local(st.num_tokens)
+            self.lengths = [np.array(local(c.length)) for c in st.caches]
             live = np.array([row is not None for row in self.occupant])
             tokens = int(np.sum(np.where(live, num_tokens - counted, 0)))
             counted = np.where(live, num_tokens, 0)
@@ -114,38 +130,49 @@ class SlotLoop:
             for s in finished:
                 self.occupant[s] = None
                 counted[s] = checked[s] = 0
-            free = [s for s, row in enumerate(self.occupant) if row is None]
-            if self.queue and len(free) == self.num_slots:
+            free = [s for s in np.flatnonzero(self.owned) if self.occupant[s] is None]
+            every = self.peers.ints([len(self.queue), len(free), sum(row is not None for row in self.occupant)])
+            waiting, busy = every[:, 0].sum() > 0, every[:, 2].sum() > 0
+            if waiting and not busy:
                 state = self._start()  # a whole new batch: the start program, no refill needed
-            elif self.queue and free and self.continuous:
-                state = self._refill(state, free)
-            if all(row is None for row in self.occupant):
+            elif waiting and self.continuous and np.minimum(every[:, 0], every[:, 1]).sum() > 0:
+                state = self._refill(state, free, np.minimum(every[:, 0], every[:, 1]))
+            live = [s for s, row in enumerate(self.occupant) if row is not None]
+            longest = self.peers.ints([len(live), *(int(lengths[live].max(initial=0)) for lengths in self.lengths)])
+            if longest[:, 0].sum() == 0:
                 return
-            state = self._chunk(state)
+            state = self._chunk(state, longest[:, 1:].max(0))
 
     # --- the jitted programs ---------------------------------------------------------------------------
 
     def _start(self) -> Any:
-        rows = self._take(range(self.num_slots))
+        rows: list[Row | None] = [None] * self.num_slots
+        for s, row in zip(np.flatnonzero(self.owned), self._take(np.flatnonzero(self.owned)), strict=True):
+            rows[s] = row
         # Prompts padded to the longest of the call: one start program, however often a batch starts over.
         new = self._new_rows(rows, self.num_slots, self.prompt_len)
         self._record_lengths(range(self.num_slots), new)
         return (speculative.start if self.k else decode.start)(self.plan, self.params, new, self.weights, self.seed)
 
-    def _refill(self, state: Any, free: list[int]) -> Any:
-        """Refill ``free`` slots, ``refill_rows`` at a time (or all at once when more than half of the
-        batch is free): at most two refill programs per prompt-length bucket, whatever the number of
-        free slots; padding rows prefill a repeated prompt and write nothing."""
+    def _refill(self, state: Any, free: list[int], usable: np.ndarray) -> Any:
+        """Refill free slots, ``refill_rows`` at a time (or all at once when more than half of the batch is
+        free): at most two refill programs per prompt-length bucket, whatever the number of free slots;
+        padding rows prefill a repeated prompt and write nothing. ``usable[g]``: the slots group ``g`` fills
+        (its free slots it has rows for); this process fills its own, in the positions of a refill's rows
+        that it owns."""
         refill = speculative.refill if self.k else decode.refill
-        free = free[: len(self.queue)]
         # Many free slots at once (short answers finishing together): one call for the whole batch rather
         # than several quarter-batch calls (a second refill program, compiled only if ever needed).
-        size = self.num_slots if len(free) > 2 * self.refill_rows else self.refill_rows
-        for i in range(0, len(free), size):
-            group = free[i: i + size]
-            rows = self._take(group)
-            slots = np.array(group + [self.num_slots] * (size - len(group)), np.int32)  # out of range: dropped
-            new = self._new_rows(rows + [None] * (size - len(group)), size)
+        size = self.num_slots if usable.sum() > 2 * self.refill_rows else self.refill_rows
+        positions = np.flatnonzero(self.peers.owned(size))
+        mine = free[: usable[self.peers.group]]
+        for i in range(0, int(usable.max()), len(positions)):
+            group = mine[i: i + len(positions)]
+            rows: list[Row | None] = [None] * size
+            slots = np.full(size, self.num_slots, np.int32)  # out of range: dropped
+            for position, slot, row in zip(positions, group, self._take(group), strict=False):
+                rows[position], slots[position] = row, slot
+            new = self._new_rows(rows, size)
             self._record_lengths(group, new)
             state = refill(self.plan, self.params, new, self.weights, self.seed, self.engine.place.rows(slots), state)
         return state
@@ -155,22 +182,22 @@ class SlotLoop:
         for m, tokens in enumerate(new.tokens):
             self.lengths[m][list(slots)] = tokens.shape[1]
 
-    def _chunk(self, state: Any) -> Any:
+    def _chunk(self, state: Any, longest: np.ndarray) -> Any:
+        """The next chunk; ``longest[m]``: model m's longest live cache (over every process)."""
         plan, params, weights = self.plan, self.params, self.weights
         if not self.k:
-            return decode.decode_chunk(plan, params, weights, self.seed, state, self._windows(plan.chunk))
+            return decode.decode_chunk(plan, params, weights, self.seed, state, self._windows(plan.chunk, longest))
         rounds = max(1, plan.chunk // (self.k + 1))
         drafter = self.engine.sources[self.engine.drafter_index]
         # A round writes at most k + 1 cache slots past a row's length before rolling back.
         return speculative.spec_chunk(plan, self.k, drafter, rounds, params, weights, self.seed, state,
-                                      self._windows(rounds * (self.k + 1)))
+                                      self._windows(rounds * (self.k + 1), longest))
 
-    def _windows(self, writes: int) -> tuple[int, ...] | None:
+    def _windows(self, writes: int, longest: np.ndarray) -> tuple[int, ...] | None:
         """The cache slots each model's attention reads this chunk: the longest live row plus what the
         chunk writes, rounded up to a power of two (few programs); None when that is the whole cache."""
-        live = [s for s, row in enumerate(self.occupant) if row is not None]
-        windows = tuple(min(size, bucket_length(int(lengths[live].max()) + writes))
-                        for lengths, size in zip(self.lengths, self.cache_slots, strict=True))
+        windows = tuple(min(size, bucket_length(int(length) + writes))
+                        for length, size in zip(longest, self.cache_slots, strict=True))
         # A window is its own program: worth it only where it skips at least half of a cache.
         if all(2 * w > size for w, size in zip(windows, self.cache_slots, strict=True)):
             return None
@@ -192,12 +219,15 @@ class SlotLoop:
         ``max_new = 0`` (done at once, writes nothing). Prompts are left-padded to ``prompt_len[m]``, or
         else to a power of two."""
         real = [r for r in rows if r is not None]
-        filler = real[0]
+        filler = real[0] if real else self.blank
         padded = [r if r is not None else filler for r in rows]
+        # Prompts padded alike on every process: to the longest of the call's rows on any of them.
+        longest = prompt_len or self.peers.ints([max(len(r.tokens[m]) for r in padded)
+                                                 for m in range(len(self.engine.runs))]).max(0)
         tokens, positions, layouts = [], [], []
         for m, model_run in enumerate(self.engine.runs):
             seqs = [r.tokens[m] for r in padded]
-            length = prompt_len[m] if prompt_len else bucket_length(max(len(x) for x in seqs))
+            length = prompt_len[m] if prompt_len else bucket_length(int(longest[m]))
             t, p = left_pad(seqs, length, self.engine.pad_id)
             tokens.append(self.engine.place.rows(t))
             positions.append(self.engine.place.rows(p))
@@ -221,7 +251,7 @@ class SlotLoop:
                       checked: np.ndarray) -> dict[int, tuple[int, str]]:
         """Live rows whose new tokens complete a stop string: slot -> (tokens to keep, the string). Updates
         ``checked``. A row the device also finished in this chunk is cut too, where the string came first."""
-        tokens = to_host(self._decode_state(state).tokens)
+        tokens = self.peers.local(self._decode_state(state).tokens)
         found = {}
         for s in np.flatnonzero(live & (num_tokens > checked)):
             stop = self.occupant[s].stop
@@ -234,11 +264,14 @@ class SlotLoop:
     def _outputs(self, state: Any, slots: list[int],
                  stops: dict[int, tuple[int, str]] | None = None) -> list[tuple[Row, RowOutput]]:
         stops = stops or {}
+        local = self.peers.local  # this process's rows: no collective (other processes may have none)
         st = self._decode_state(state)
-        tokens, logprobs, counts = (to_host(x) for x in (st.tokens, st.logprobs, st.num_tokens))
-        comps = to_host(st.components) if self.plan.record_components else None
-        dists = to_host(st.distributions) if self.plan.record_distributions else None
-        spec = ({name: to_host(getattr(state, name)) for name in
+        tokens, logprobs, counts = (local(x) for x in (st.tokens, st.logprobs, st.num_tokens))
+        comps = local(st.components) if self.plan.record_components else None
+        dists = local(st.distributions) if self.plan.record_distributions else None
+        top = ((local(st.top_ids), local(st.top_logprobs), local(st.top_components))
+               if self.plan.top_logprobs else None)
+        spec = ({name: local(getattr(state, name)) for name in
                  ("rounds", "drafted", "accepted", "rejected", "round_of", "from_draft")} if self.k else None)
         out = []
         for s in slots:
@@ -247,6 +280,8 @@ class SlotLoop:
                 tokens=tokens[s, :n], logprobs=logprobs[s, :n],
                 components=None if comps is None else comps[:, s, :n],
                 distributions=None if dists is None else dists[s, :n],
+                top_ids=None if top is None else top[0][s, :n], top_logprobs=None if top is None else top[1][s, :n],
+                top_components=None if top is None else top[2][:, s, :n],
                 speculative=None if spec is None else _speculative_stats(spec, s, n, self.k, cut=stop is not None),
                 stop_string=stop,
             )))
@@ -270,11 +305,3 @@ def _speculative_stats(spec: dict[str, np.ndarray], slot: int, n: int, k: int, c
 def _round_up(n: int, multiple: int) -> int:
     return math.ceil(n / multiple) * multiple
 
-
-def to_host(x: Any) -> np.ndarray:
-    """The whole array on this host (gathered from the other processes on a multi-host mesh)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

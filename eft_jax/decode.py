@@ -42,7 +42,13 @@ class Plan:
     sources: for each member of the EFT rule (base, ref, fine-tunes, in that order), its index in
       ``configs``; empty means "the first rule_size configs, in order". vocab: the common vocabulary size.
     record_components: also return each model's log-prob of every sampled token.
-    record_distributions: also return every step's EFT distribution (analysis/tests; [B, T, vocab]).
+    record_distributions: also return every step's EFT distribution (analysis/tests only: [B, T, vocab] float32
+      on device and copied to the host, 10 GB for 32 rows x 512 tokens of a 152k vocabulary).
+    top_logprobs: K > 0 also records, per step, the K most likely ids of the reported EFT distribution (the one
+      ``logprobs`` holds: temperature 1, before logit_bias, penalties and filters), computed on device
+      (``top_logprobs``): their ids [B, T, K], EFT log-probs [B, T, K] and each rule member's log-probs of those
+      ids [members, B, T, K]. Order: descending log-prob, lower id first among equal values (a stable
+      descending argsort's).
     stop_early: end a chunk as soon as every row is done (``while_loop``) instead of running all its
       steps (``scan``). Worth it on CPU; on GPU a data-dependent loop exit syncs with the host each step.
     sampling: the filters, static, when every row shares them (``features.row_filters`` False).
@@ -61,6 +67,7 @@ class Plan:
     chunk: int
     record_components: bool = False
     record_distributions: bool = False
+    top_logprobs: int = 0
     sources: tuple[int, ...] = ()
     stop_early: bool = False
     features: Features = Features()
@@ -98,6 +105,9 @@ class DecodeState:
     logprobs: Float[Array, "batch out"]
     components: Float[Array, "models batch out"]  # empty when not recorded
     distributions: Float[Array, "batch out vocab"]  # empty when not recorded
+    top_ids: Int[Array, "batch out k"]  # the K most likely ids per step; empty unless plan.top_logprobs
+    top_logprobs: Float[Array, "batch out k"]  # their EFT log-probs; empty likewise
+    top_components: Float[Array, "models batch out k"]  # their log-prob under each rule member; empty likewise
     values: RowValues  # each row's sampling values (sampling.RowValues)
     weights: Float[Array, "n_ft batch"]  # per-row reward weights; empty unless plan.features.row_weights
     counts: Int[Array, "batch vocab"]  # generated tokens per id (penalties); empty unless plan.features.penalties
@@ -167,6 +177,13 @@ def eft_distribution(plan: Plan, logits: tuple[Array, ...], weights: Float[Array
     return eft_logprobs(sliced[0], sliced[1], jnp.stack(sliced[2:]), weights, base_top_p=plan.base_top_p)
 
 
+def top_logprobs(lp: Float[Array, "... vocab"], k: int) -> tuple[Float[Array, "... k"], Int[Array, "... k"]]:
+    """The ``k`` largest log-probs of each row and their ids, in descending order, the lower id first among
+    equal values (``lax.top_k``'s documented order: a stable descending argsort's). ``+ 0.0`` makes -0.0 equal
+    to 0.0 for a total-order comparison."""
+    return jax.lax.top_k(lp + 0.0, k)
+
+
 def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed: Bool[Array, "batch n"],
          lp: Float[Array, "batch n vocab"], logits: tuple[Array, ...]) -> tuple[DecodeState, Bool[Array, "batch n"]]:
     """Write each row's new output tokens: the one emit/stop bookkeeping of plain and speculative decoding.
@@ -174,7 +191,8 @@ def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed
     ``tokens[b, j]`` is row b's candidate output token ``num_tokens[b] + j``, ``proposed`` says which
     candidates the caller emits (a prefix of each row), ``lp`` their EFT log-probs (``[batch, n, vocab]``)
     and ``logits`` each model's raw logits at them (``[batch, n, padded vocab]``, for the per-model
-    log-probs). A row emits its proposed tokens up to and including the first stop token, at most up to
+    log-probs; with ``plan.top_logprobs`` also the top K of ``lp`` and each model's log-probs of those ids, at
+    the same output indices). A row emits its proposed tokens up to and including the first stop token, at most up to
     its ``max_new``, nothing once done. Returns the new state (``token`` unchanged: the caller feeds
     what it decides) and which candidates were emitted."""
     j = jnp.arange(tokens.shape[1])[None, :]
@@ -190,11 +208,19 @@ def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed
     put = lambda buf, value: buf.at[rows, at].set(value, mode="drop")  # noqa: E731
     take = lambda dist: jnp.take_along_axis(dist, tokens[..., None], axis=-1)[..., 0]  # noqa: E731
     components, distributions = state.components, state.distributions
+    top_ids, top_lps, top_components = state.top_ids, state.top_logprobs, state.top_components
+    if plan.record_components or plan.top_logprobs:
+        members = [safe_log_softmax(x[..., : plan.vocab]) for x in plan.rule(logits)]  # each [batch, n, vocab]
     if plan.record_components:
-        per_model = jnp.stack([take(safe_log_softmax(x[..., : plan.vocab])) for x in plan.rule(logits)])
+        per_model = jnp.stack([take(m) for m in members])
         components = components.at[:, rows, at].set(per_model, mode="drop")
     if plan.record_distributions:
         distributions = put(distributions, lp)
+    if plan.top_logprobs:
+        values, ids = top_logprobs(lp, plan.top_logprobs)  # [batch, n, K]
+        top_ids, top_lps = put(top_ids, ids), put(top_lps, values)
+        per_model = jnp.stack([jnp.take_along_axis(m, ids, axis=-1) for m in members])  # [members, batch, n, K]
+        top_components = top_components.at[:, rows, at].set(per_model, mode="drop")
     counts = state.counts
     if plan.features.penalties:
         counts = counts.at[rows, tokens].add(emitted.astype(jnp.int32), mode="drop")
@@ -203,7 +229,8 @@ def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed
     return dataclasses.replace(
         state, done=done, num_tokens=num_tokens, tokens=put(state.tokens, tokens),
         logprobs=put(state.logprobs, take(lp)), components=components,
-        distributions=distributions, counts=counts,
+        distributions=distributions, top_ids=top_ids, top_logprobs=top_lps, top_components=top_components,
+        counts=counts,
     ), emitted
 
 
@@ -247,6 +274,10 @@ def start_state(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Flo
         logprobs=jnp.zeros((batch, out_len), jnp.float32),
         components=jnp.zeros((plan.rule_size, batch, out_len) if plan.record_components else (0,), jnp.float32),
         distributions=jnp.zeros((batch, out_len, plan.vocab) if plan.record_distributions else (0,), jnp.float32),
+        top_ids=jnp.zeros((batch, out_len, plan.top_logprobs) if plan.top_logprobs else (0,), jnp.int32),
+        top_logprobs=jnp.zeros((batch, out_len, plan.top_logprobs) if plan.top_logprobs else (0,), jnp.float32),
+        top_components=jnp.zeros((plan.rule_size, batch, out_len, plan.top_logprobs) if plan.top_logprobs else (0,),
+                                 jnp.float32),
         values=rows.values if rows.values is not None else default_values(plan, batch),
         weights=(jnp.asarray(rows.weights, jnp.float32).T if plan.features.row_weights
                  else jnp.zeros((0,), jnp.float32)),
@@ -287,7 +318,7 @@ def put_rows(state: DecodeState, new: DecodeState, slots: Int[Array, " rows"]) -
                 length=set_rows(c.length, n.length, slots))
         for c, n in zip(state.caches, new.caches, strict=True)
     )
-    axis1 = ("next_pos", "components", "weights")  # [models | n_ft, batch, ...]
+    axis1 = ("next_pos", "components", "top_components", "weights")  # [models | n_ft, batch, ...]
     fields = {f.name: set_rows(getattr(state, f.name), getattr(new, f.name), slots, 1 if f.name in axis1 else 0)
               for f in dataclasses.fields(DecodeState) if f.name not in ("caches", "values")}
     values = jax.tree.map(lambda big, small: set_rows(big, small, slots), state.values, new.values)

@@ -1,19 +1,17 @@
 """Multi-controller JAX: one job over the devices of several processes (one per host), ``mesh.distributed``.
 
 Every process runs the same command. :func:`initialize` joins them (``jax.distributed.initialize``) before
-anything touches JAX's devices; the job's ``(data, model)`` mesh then spans every process's devices. Every
-process reads the whole input and the output already written, so all of them compute the same batch
-schedule with no communication; each places only its own devices' slices of a batch
-(``sharding.HostPlacement``) and gathers finished rows back (``batching.to_host``); process 0 alone writes
-the output, the errors file and the progress line. (Not a slice of the input per process: prompts weigh
-kilobytes to megabytes against gigabytes of weights, and continuous batching decides on the host, after every
-chunk, which rows to refill; a schedule every process computes alike keeps their programs in step with no
-messages, and still only each device's slice of a batch is placed on it.)
+anything touches JAX's devices; the job's ``(data, model)`` mesh then spans every process's devices. The
+processes that hold different rows of a batch (one group per host, usually) each take their own slice of the
+input (a shard of it, by id hash), place only their own rows, read back only their own rows and write their
+own part (``out.shard-g-of-G.jsonl``); the host decisions that shape each program are agreed with a small
+allgather per decode chunk (``eft_jax.lockstep``), and process 0 merges the parts into ``out`` at the end
+(``jobs.runner``, ``jobs.merge``).
 
 So the processes must agree on the job: :func:`check_same_job` compares, over all processes, the config
-fingerprint, the number of processes each was told (``JAX_NUM_PROCESSES``), the mesh, the input's bytes and
-the output lines already done, and refuses (JobError, exit 2)
-naming the processes that differ and what differs - before any weights are loaded.
+fingerprint, the number of processes each was told (``JAX_NUM_PROCESSES``), the mesh and the input's bytes,
+and refuses (JobError, exit 2) naming the processes that differ and what differs - before any weights are
+loaded. (What each has already done is its own part's business: each resumes from its own file.)
 
 Where the processes come from (read by :func:`initialize`):
 
@@ -99,8 +97,7 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def job_digests(fingerprint: str, mesh_shape: Mapping[str, int], inputs: bytes,
-                done: Mapping[tuple[str, int], Any], processes: int) -> dict[str, bytes]:
+def job_digests(fingerprint: str, mesh_shape: Mapping[str, int], inputs: bytes, processes: int) -> dict[str, bytes]:
     """What every process of a job must agree on, each as 32 bytes, by name: the config fingerprint itself
     (16 hex digits, zero-padded, so a refusal can show it), digests of the others."""
     return {
@@ -108,12 +105,10 @@ def job_digests(fingerprint: str, mesh_shape: Mapping[str, int], inputs: bytes,
         "number of processes": str(processes).encode().ljust(32, b"\0"),
         "mesh": _digest(json.dumps(dict(mesh_shape), sort_keys=True).encode()),
         "input file": _digest(inputs),
-        "output lines already done": _digest(json.dumps(sorted(map(list, done))).encode()),
     }
 
 
-def check_same_job(fingerprint: str, mesh_shape: Mapping[str, int], inputs: Path,
-                   done: Mapping[tuple[str, int], Any]) -> None:
+def check_same_job(fingerprint: str, mesh_shape: Mapping[str, int], inputs: Path) -> None:
     """Refuse (JobError) a multi-process job whose processes disagree; nothing to do in a single process.
 
     One allgather of :func:`job_digests` over the processes; the message names each thing that differs and
@@ -127,7 +122,7 @@ def check_same_job(fingerprint: str, mesh_shape: Mapping[str, int], inputs: Path
         raise JobError("a multi-process job (mesh.distributed) cannot read standard input: every process reads "
                        "the input, so pass a file every host can read")
     declared = _declared_processes if _declared_processes is not None else jax.process_count()
-    digests = job_digests(fingerprint, mesh_shape, inputs.read_bytes(), done, declared)
+    digests = job_digests(fingerprint, mesh_shape, inputs.read_bytes(), declared)
     from jax.experimental import multihost_utils
 
     mine = np.frombuffer(b"".join(digests.values()), np.uint8)
@@ -152,8 +147,7 @@ def check_same_job(fingerprint: str, mesh_shape: Mapping[str, int], inputs: Path
     if problems:
         raise JobError("the processes of this multi-process job disagree, so they would not run the same batches: "
                        + " | ".join(problems) + ". Run the same command with the same config, input file and --out "
-                       "(on a filesystem every host reads: the output already written decides what is left to do) "
-                       "on every host")
+                       "(on a filesystem every host reads: process 0 merges every group's part there) on every host")
 
 
 def peer_failure(error: BaseException) -> str | None:

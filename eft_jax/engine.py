@@ -15,6 +15,11 @@ handful of programs: per batch shape ``start`` (empty caches, prefill and token 
 speculative chunk (one per attention window), and the ``refill`` programs of continuous batching; nothing
 else, since no array is computed eagerly on the way (each eager op would compile a program of its own).
 
+On a mesh that spans processes (multi-controller JAX), every process calls ``run`` / ``score_rendered``
+together, each with its own requests, decoded in the rows of the batch its devices hold
+(``eft_jax.lockstep``); each gets its own requests' results. (Each process may pass the same requests: it
+then decodes all of them itself.)
+
 Randomness is per request: a sample depends on (seed, its stream id, position) only, never on batch
 size, batch neighbours, scheduling or sharding. By default a prompt's stream is a hash of its content
 (the same prompt gives the same sample wherever it sits in the input); pass ``ids`` / ``stream`` to
@@ -33,6 +38,7 @@ import numpy as np
 
 from eft_jax import decode
 from eft_jax.batching import Row, RowOutput, SlotLoop
+from eft_jax.lockstep import Peers
 from eft_jax.model import Model
 from eft_jax.prompts import Prompt, PromptError
 from eft_jax.requests import LongPromptPolicy, Rendered, Renderer
@@ -94,6 +100,7 @@ class Engine:
         self.tokenizer = comps[-1].model.tokenizer  # any one will do: the vocabularies agree
         self.mesh = spec.base.model.mesh
         self.place = HostPlacement(self.mesh, spec.base.model.rules.mesh_axis("batch"))
+        self.peers = Peers(self.place)  # the processes sharing the mesh (one, mostly)
         # On CPU a chunk ends as soon as every row is done (no host sync to fear); elsewhere it runs its
         # fixed length (a data-dependent loop exit would sync with the host every step).
         self.stop_early = self.mesh.devices.flat[0].platform == "cpu"
@@ -148,6 +155,7 @@ class Engine:
         end_tokens: Literal["all", "declared"] = "all",
         return_component_logprobs: bool = False,
         return_distributions: bool = False,
+        top_logprobs: int = 0,
         continuous: bool = True,
     ) -> Iterator[Update]:
         """Decode rendered requests; after every chunk, yield the samples that finished in it (``index``: the
@@ -164,6 +172,10 @@ class Engine:
         kept are those the sample would have had anyway (a sample depends on its position only).
         continuous: refill a finished row with the next request at once (continuous batching); False waits
         until every row of the batch is done (static batching). Samples are the same either way.
+        top_logprobs: K > 0 records, per step and on device, the K most likely tokens of the reported EFT
+        distribution with their EFT log-prob and each model's (``GenerationResult.top_ids``, ``top_logprobs``,
+        ``top_component_logprobs``); K is static (one program per K). return_distributions: every step's whole
+        EFT distribution ([tokens, vocab] per sample, copied to the host: tests and analysis only).
 
         Per request: ``Rendered.sampling`` (else ``sampling``), ``Rendered.weights`` (else ``weights``) and
         ``Rendered.stop`` (added to ``stop``). Requests with different settings share one batch: the values are
@@ -174,8 +186,11 @@ class Engine:
         """
         if end_tokens not in self.end_ids:
             raise ValueError(f"end_tokens must be one of {sorted(self.end_ids)}, got {end_tokens!r}")
-        if not requests:
-            return
+        if (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer))
+                or not 0 <= top_logprobs <= self.vocab):
+            raise ValueError(f"top_logprobs must be an integer in [0, {self.vocab}] (the shared vocabulary), "
+                             f"got {top_logprobs!r}")
+        top_logprobs = int(top_logprobs)
         stop = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
@@ -183,23 +198,29 @@ class Engine:
         settings = [r.sampling if r.sampling is not None else sampling for r in requests]
         if ignore_eos:
             settings = [dataclasses.replace(s, ignore_eos=True) for s in settings]
-        self._check_requests(requests, settings)
-        row_w = [r.weights for r in requests]
+        self.peers.agree(lambda: self._check_requests(requests, settings), ValueError)
         default_w = self.spec.weights if weights is None else tuple(float(x) for x in weights)
-        mixed_weights = bool(self.spec.fine_tuned) and len({w if w is not None else default_w for w in row_w}) > 1
-        if not mixed_weights and row_w[0] is not None:
-            weights = row_w[0]  # every request has the same weights: the run's, static shape
-        features = Features.of(settings, self.vocab, row_weights=mixed_weights)
+        row_w = {r.weights if r.weights is not None else default_w for r in requests}
+        # The compiled program depends on the settings of every process's requests (each decodes its own).
+        every = self.peers.gather((set(settings), row_w))
+        settings_all = [s for mine, _ in every for s in mine]
+        weights_all = {w for _, theirs in every for w in theirs}
+        if not settings_all:
+            return
+        mixed_weights = bool(self.spec.fine_tuned) and len(weights_all) > 1
+        if not mixed_weights:
+            weights = next(iter(weights_all))  # every request has the same weights: the run's, static shape
+        features = Features.of(settings_all, self.vocab, row_weights=mixed_weights)
         explicit = {int(t) for t in stop_token_ids}
         ends = set(self.end_ids[end_tokens])
-        all_ignore = all(s.ignore_eos for s in settings)
+        all_ignore = all(s.ignore_eos for s in settings_all)
         plan = decode.Plan(
             configs=tuple(c.model.config for c in self.runs), sources=self.sources[: len(self.spec.components)],
             vocab=self.vocab, n_ft=len(self.spec.fine_tuned), base_top_p=self.spec.base_top_p,
-            sampling=SamplingParams() if features.row_filters else SamplingParams(*settings[0].filters),
+            sampling=SamplingParams() if features.row_filters else SamplingParams(*settings_all[0].filters),
             stop_ids=tuple(sorted((set() if all_ignore else ends) | explicit)),
             pad_id=self.pad_id, chunk=self.chunk_size, record_components=return_component_logprobs,
-            record_distributions=return_distributions, stop_early=self.stop_early, features=features,
+            record_distributions=return_distributions, top_logprobs=top_logprobs, stop_early=self.stop_early, features=features,
             eos_ids=tuple(sorted(ends - explicit)) if features.ignore_eos else (),
         )
         rows = [Row(i, r.tokens, r.max_new, r.stream, settings[i], r.weights, tuple(dict.fromkeys(stop + r.stop)))
@@ -298,7 +319,7 @@ class Engine:
             stop_ids=(), pad_id=self.pad_id, chunk=1,
         )
         params = tuple(c.model.run_params for c in self.score_runs)
-        yield from score_pairs(plan, params, self.place, self.labels, pairs, self._batch_size(batch_size),
+        yield from score_pairs(plan, params, self.peers, self.labels, pairs, self._batch_size(batch_size),
                                self._weights(weights))
 
     # --- internals -----------------------------------------------------------------------------------
@@ -368,7 +389,9 @@ class Engine:
             logprob=float(sum(lps)), token_logprobs=lps,
             component_logprobs=None if out.components is None else {
                 label: out.components[m].astype(float).tolist() for m, label in enumerate(self.labels)},
-            distributions=out.distributions,
+            distributions=out.distributions, top_ids=out.top_ids, top_logprobs=out.top_logprobs,
+            top_component_logprobs=None if out.top_components is None else {
+                label: out.top_components[m] for m, label in enumerate(self.labels)},
             speculative=None if spec is None else SpeculativeStats(
                 rounds=int(spec["rounds"]), drafted=int(spec["drafted"]), accepted=int(spec["accepted"]),
                 rejected=int(spec["rejected"]), from_draft=spec["from_draft"].tolist(),

@@ -195,9 +195,11 @@ class LLM:
             for key in keys:
                 seed, stop_ids, top = key
                 picked = [k for k, (i, _) in enumerate(rows) if self._run_key(per_prompt[i]) == key]
+                # The top alternatives are computed on device: K, the most any prompt of the run asks for.
+                k_top = max((per_prompt[rows[k][0]].logprobs or 0 for k in picked), default=0) if top else 0
                 for update in self.engine.run(
                     [requests[k] for k in picked], batch_size=self.batch_size, seed=seed, stop_token_ids=stop_ids,
-                    return_component_logprobs=True, return_distributions=top,
+                    return_component_logprobs=True, top_logprobs=k_top,
                 ):
                     for r in update.finished:
                         results[rows[picked[r.index]]] = r
@@ -232,10 +234,10 @@ class LLM:
             logprobs = []
             for j, token in enumerate(result.tokens):
                 entry = {int(token): float(result.token_logprobs[j])}
-                if params.logprobs:
-                    row = result.distributions[j]
-                    for t in np.argsort(-row, kind="stable")[: params.logprobs]:
-                        entry.setdefault(int(t), float(row[t]))
+                if params.logprobs:  # the step's most likely ids (on device), descending, lower id first on ties
+                    for t, v in zip(result.top_ids[j, : params.logprobs], result.top_logprobs[j, : params.logprobs],
+                                    strict=True):
+                        entry.setdefault(int(t), float(v))
                 logprobs.append(entry)
         return CompletionOutput(
             index=index, text=result.text, token_ids=list(result.tokens), cumulative_logprob=float(result.logprob),

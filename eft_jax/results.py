@@ -20,6 +20,12 @@ class GenerationResult:
     ``component_logprobs`` maps each model's role to its per-token log-probs (on request); their
     difference ft - ref is the per-token implicit reward. ``error`` is set (and nothing else) for a
     prompt that could not be run.
+
+    Per-step analysis (``Engine.run(top_logprobs=K)``, computed on device): ``top_ids[j]`` are the K most likely
+    ids of step j's EFT distribution (the one ``token_logprobs`` reports), in descending order of log-prob, the
+    lower id first among equal values; ``top_logprobs[j]`` their EFT log-probs; ``top_component_logprobs`` maps
+    each model's role (as ``component_logprobs``) to their log-probs under that model ([tokens, K] each).
+    ``distributions`` (``return_distributions``) holds every step's whole EFT distribution (tests, analysis).
     """
 
     index: int
@@ -33,6 +39,9 @@ class GenerationResult:
     component_logprobs: dict[str, list[float]] | None = None
     error: str | None = None
     distributions: np.ndarray | None = None  # [tokens, vocab] EFT log-probs per step, on request
+    top_ids: np.ndarray | None = None  # [tokens, K] int32, on request (top_logprobs=K)
+    top_logprobs: np.ndarray | None = None  # [tokens, K] float32 EFT log-probs of top_ids
+    top_component_logprobs: dict[str, np.ndarray] | None = None  # role label -> [tokens, K] log-probs of top_ids
     speculative: SpeculativeStats | None = None
 
 

@@ -28,7 +28,7 @@ Greedy decoding (``temperature == 0``) is represented as a one-hot distribution 
 Per-request settings and the whole pipeline of one step, for one row (every value may differ per row)::
 
     x = EFT log-probs (log p_base + w * (log p_ft - log p_ref), renormalised; per-row weights w)
-        -> reported ``logprob`` of the sampled token (and ``distributions``): x itself, i.e. temperature 1,
+        -> reported ``logprob`` of the sampled token (and ``distributions``, ``top_logprobs``): x itself, i.e. temperature 1,
            BEFORE logit_bias, penalties, min_tokens and the filters
     1. logit_bias:          x[id] += bias                   (ids the EFT rule masked stay -inf)
     2. min_tokens:          x[stop and end ids] = -inf while the row has fewer than min_tokens output tokens

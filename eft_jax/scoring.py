@@ -4,6 +4,9 @@
 Pairs are grouped longest first (prompt + response) so that similar lengths share a batch; each model's sequences are
 left-padded to a power-of-two length and responses to a power of two (at least 8), so a job compiles a
 few programs. A short last batch repeats its first pair (the copies' outputs are dropped).
+
+On a mesh that spans processes each process scores its own pairs in the rows of a batch it owns
+(``lockstep.Peers``); the number of batches and each batch's padded lengths are agreed over the processes.
 """
 
 from __future__ import annotations
@@ -15,32 +18,44 @@ import jax
 import numpy as np
 
 from eft_jax import decode
-from eft_jax.batching import to_host
 from eft_jax.prompts import bucket_length, left_pad
 from eft_jax.requests import Rendered
 from eft_jax.results import ScoreResult
-from eft_jax.sharding import HostPlacement
+from eft_jax.lockstep import Peers
 
 
-def score_pairs(plan: decode.Plan, params: tuple[Any, ...], place: HostPlacement, labels: Sequence[str],
+def score_pairs(plan: decode.Plan, params: tuple[Any, ...], peers: Peers, labels: Sequence[str],
                 pairs: Sequence[Rendered], batch_size: int, weights: jax.Array) -> Iterator[list[ScoreResult]]:
     """Score ``pairs`` (``Rendered`` with ``response`` set, tokens for each model of ``plan``), yielding
     each batch's results (``index``: the pair's position in ``pairs``). ``labels``: the rule members' names
     for ``component_logprobs``."""
     order = sorted(range(len(pairs)), key=lambda i: (-max(len(t) for t in pairs[i].tokens) - len(pairs[i].response), i))
-    for start in range(0, len(order), batch_size):
-        batch = order[start: start + batch_size]
-        yield _score_batch(plan, params, place, labels, pairs, batch, batch_size, weights)
+    owned = np.flatnonzero(peers.owned(batch_size))  # the rows of a batch this process fills
+    batches = int(peers.ints([-(-len(order) // len(owned))]).max())
+    for b in range(batches):
+        batch = order[b * len(owned): (b + 1) * len(owned)]
+        yield _score_batch(plan, params, peers, labels, pairs, batch, owned, batch_size, weights)
 
 
-def _score_batch(plan: decode.Plan, params: tuple[Any, ...], place: HostPlacement, labels: Sequence[str],
-                 pairs: Sequence[Rendered], batch: list[int], batch_size: int, weights: jax.Array) -> list[ScoreResult]:
-    rows = [pairs[i] for i in batch + [batch[0]] * (batch_size - len(batch))]
-    resp_len = bucket_length(max(len(r.response) for r in rows), minimum=8)
+def _score_batch(plan: decode.Plan, params: tuple[Any, ...], peers: Peers, labels: Sequence[str],
+                 pairs: Sequence[Rendered], batch: list[int], owned: np.ndarray, batch_size: int,
+                 weights: jax.Array) -> list[ScoreResult]:
+    # A process with no pair left fills its rows with a one-token stand-in (its outputs are dropped).
+    filler = pairs[batch[0]] if batch else Rendered("", ((plan.pad_id,),) * len(plan.configs), 1, 0,
+                                                   response=(plan.pad_id,))
+    rows = [filler] * batch_size
+    for position, i in zip(owned, batch, strict=False):
+        rows[position] = pairs[i]
+    # Lengths padded alike on every process: the longest of the batch's rows on any of them.
+    longest = peers.ints([max(len(r.response) for r in rows),
+                          *(max(len(r.tokens[m]) + len(r.response) for r in rows) for m in range(len(plan.configs)))
+                          ]).max(0)
+    resp_len = bucket_length(int(longest[0]), minimum=8)
+    place = peers.place
     tokens, positions, predict_at = [], [], []
     for m in range(len(plan.configs)):
         seqs = [list(r.tokens[m]) + list(r.response) for r in rows]
-        length = bucket_length(max(len(s) for s in seqs))
+        length = bucket_length(int(longest[1 + m]))
         t, p = left_pad(seqs, length, plan.pad_id)
         # Left padding puts each response at the end: token j is predicted at length - r - 1 + j.
         at = np.zeros((len(rows), resp_len), np.int32)
@@ -55,9 +70,9 @@ def _score_batch(plan: decode.Plan, params: tuple[Any, ...], place: HostPlacemen
         target[b, : len(r.response)] = r.response
     eft, comps = decode.score_batch(plan, params, tuple(tokens), tuple(positions), tuple(predict_at),
                                     place.rows(target), weights)
-    eft, comps = to_host(eft), to_host(comps)
+    eft, comps = peers.local(eft), peers.local(comps)
     out = []
-    for b, i in enumerate(batch):
+    for b, i in zip(owned, batch, strict=False):
         n = len(pairs[i].response)
         lps = eft[b, :n].astype(float).tolist()
         out.append(ScoreResult(

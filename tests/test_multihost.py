@@ -7,7 +7,9 @@ processes). The reference is one process with 8 CPU devices and the same 2x4 mes
 same layout. Every sample (response, tokens, finish reason) must be identical; ``logprob`` only up to
 float32 rounding, because the tensor-parallel sums over ``model`` are all-reduced by gloo between processes
 and in another order inside one process (with replicated models, e.g. the default toy config, the files
-were byte for byte equal: docs/scale-out.md). Process 0 alone writes.
+were byte for byte equal: docs/scale-out.md). Each process takes its own half of the input (shard g/2 by id
+hash), decodes it in its own rows of the batch and writes it to ``out.shard-g-of-2.jsonl``; process 0 merges
+the halves into ``out`` at the end.
 
 SIGKILL of either process mid-job stops the other (heartbeat timeout 10 s here): process 1 killed, process 0
 fails in its next collective and exits 1 with a message (or, if it runs no collective within the heartbeat
@@ -27,7 +29,7 @@ import time
 import pytest
 
 from eft_jax.distributed import check_same_job, initialize, job_digests, peer_failure
-from eft_jax.jobs.records import STDIN, JobError
+from eft_jax.jobs.records import STDIN, JobError, shard_of
 from job_helpers import REPO, read_jsonl, trio_config
 from tolerances import assert_within, eft_logprob_tolerance
 
@@ -59,15 +61,18 @@ class Job:
 
         return load_config(self.config, [*MESH, *overrides]).fingerprint("generate")
 
-    def argv(self, out, *overrides):
-        return [sys.executable, "-m", "eft_jax.cli", "generate", "--config", str(self.config), "--prompts",
-                str(self.prompts), "--out", str(out), "--no-progress", *MESH, *overrides]
+    def argv(self, out, *overrides, task=None):
+        """The command line; ``task``: the command and its input (default: generate over the 30 lines)."""
+        task = task or ("generate", "--prompts", self.prompts)
+        return [sys.executable, "-m", "eft_jax.cli", task[0], "--config", str(self.config), *map(str, task[1:]),
+                "--out", str(out), "--no-progress", *MESH, *overrides]
 
-    def single(self, out) -> subprocess.CompletedProcess:
+    def single(self, out, task=None) -> subprocess.CompletedProcess:
         env = {**self.env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-        return subprocess.run(self.argv(out), env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+        return subprocess.run(self.argv(out, task=task), env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
 
-    def start(self, out, overrides=((), ()), envs=({}, {})) -> list[subprocess.Popen]:
+    def start(self, out, overrides=((), ()), envs=({}, {}), task=None) -> list[subprocess.Popen]:
         """Both processes of a 2-process job (stdout and stderr to files beside ``out``)."""
         port = free_port()
         procs = []
@@ -77,7 +82,7 @@ class Job:
                    "JAX_PROCESS_ID": str(index), "EFT_JAX_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S),
                    "EFT_JAX_INIT_TIMEOUT_S": "120", **envs[index]}
             log = open(out.parent / f"{out.stem}.p{index}.log", "w")
-            procs.append(subprocess.Popen(self.argv(out, "mesh.distributed=true", *overrides[index]), env=env,
+            procs.append(subprocess.Popen(self.argv(out, "mesh.distributed=true", *overrides[index], task=task), env=env,
                                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True))
             log.close()
         self.procs += procs
@@ -109,10 +114,20 @@ def reference(job):
     return out
 
 
+def parts(out) -> list:
+    """The two processes' parts of the output."""
+    return [out.with_name(f"{out.stem}.shard-{g}-of-2.jsonl") for g in range(2)]
+
+
+def lines_written(out) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in parts(out) if p.exists())
+
+
 def wait_for_more_lines(out, than: int, procs) -> None:
-    """Until ``out`` has more than ``than`` lines (a batch written mid-job); fail if a process ended first."""
+    """Until the parts of ``out`` have more than ``than`` lines (a batch written mid-job); fail if a process
+    ended first."""
     deadline = time.monotonic() + TIMEOUT_S
-    while not (out.exists() and out.read_bytes().count(b"\n") > than):
+    while lines_written(out) <= than:
         assert all(p.poll() is None for p in procs), "a process ended before the kill"
         assert time.monotonic() < deadline, "no output line was written in time"
         time.sleep(0.05)
@@ -138,7 +153,53 @@ def test_two_processes_write_the_single_process_output(job, reference, tmp_path,
     assert (tmp_path / "out.errors.jsonl").read_bytes() == (reference.parent / "out.errors.jsonl").read_bytes()
     assert [e["kind"] for e in read_jsonl(tmp_path / "out.errors.jsonl")] == ["malformed_json"]
     assert "30 run" in job.log(out, 0) and "samples written" not in job.log(out, 1)  # process 0 reports alone
+    # Each process ran and wrote only its own lines: those whose id hashes to its group.
+    for g, part in enumerate(parts(out)):
+        ids = [r["id"] for r in read_jsonl(part)]
+        assert ids and all(shard_of(i, 2) == g for i in ids), (g, ids)
     assert "mesh data=2 x model=4" in job.log(out, 1)
+
+
+@pytest.mark.slow
+def test_a_process_whose_part_is_empty_still_takes_part(job, tmp_path, family_logit_tol):
+    """Every line hashes to process group 0: process 1 has nothing of its own to decode, yet runs each
+    program with blank rows, and the job ends as one process's."""
+    prompts = tmp_path / "in.jsonl"
+    ids = [i for i in (f"only{k}" for k in range(64)) if shard_of(i, 2) == 0][:5]
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"word {i}"}) + "\n" for i in ids))
+    task = ("generate", "--prompts", prompts)
+    (tmp_path / "ref").mkdir()
+    ref = job.single(tmp_path / "ref" / "out.jsonl", task=task)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out.jsonl"
+    codes = [p.wait(timeout=TIMEOUT_S) for p in job.start(out, task=task)]
+    assert codes == [0, 0], [job.log(out, i)[-3000:] for i in range(2)]
+    assert_same_samples(out, tmp_path / "ref" / "out.jsonl", family_logit_tol)
+    assert read_jsonl(parts(out)[1]) == []
+
+
+@pytest.mark.slow
+def test_score_in_two_processes_equals_one_process(job, tmp_path, family_logit_tol):
+    """``score`` splits the pairs the same way; every pair's tokens equal the single process's, the summed
+    log-probs and rewards within float32 rounding (a sum over the response's tokens)."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "word " * (1 + i % 5), "response": f"{i} word"})
+                             + "\n" for i in range(11)))
+    task = ("score", "--pairs", pairs)
+    (tmp_path / "ref").mkdir()
+    ref = job.single(tmp_path / "ref" / "out.jsonl", task=task)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out.jsonl"
+    codes = [p.wait(timeout=TIMEOUT_S) for p in job.start(out, task=task)]
+    assert codes == [0, 0], [job.log(out, i)[-3000:] for i in range(2)]
+    got, want = read_jsonl(out), read_jsonl(tmp_path / "ref" / "out.jsonl")
+    assert [(r["id"], r["tokens"]) for r in got] == [(r["id"], r["tokens"]) for r in want]
+    per_token = eft_logprob_tolerance(family_logit_tol, [1.0])
+    bound = [r["tokens"] * per_token for r in want]
+    assert_within([r["logprob"] for r in got], [r["logprob"] for r in want], bound, "2-process vs 1-process score")
+    assert_within([r["reward"]["small_ft"] for r in got], [r["reward"]["small_ft"] for r in want], bound,
+                  "2-process vs 1-process reward")
+    assert all(read_jsonl(part) for part in parts(out))  # both processes scored a part
 
 
 @pytest.mark.slow
@@ -157,7 +218,8 @@ def test_sigkill_of_either_process_stops_the_other_and_a_rerun_resumes_identical
         assert "Traceback" not in log0 and "Check failure" not in log0  # a message, not a crash
     else:
         assert code == -6 and "another task died" in log0, (code, log0[-3000:])
-    written = out.read_bytes().count(b"\n")
+    written = lines_written(out)
+    assert not out.exists()  # merged only when every part is done
 
     # Process 0 (the coordinator) killed: JAX's coordination service terminates process 1.
     procs = job.start(out)  # the same output: it resumes, then dies again
@@ -222,13 +284,12 @@ def test_a_bad_process_environment_is_refused_before_joining(environ, message):
 
 
 def test_one_process_has_nothing_to_agree_on_and_no_peer_to_lose(tmp_path):
-    check_same_job("f", {"data": 1, "model": 1}, STDIN, {})  # returns at once: not even the input is read
+    check_same_job("f", {"data": 1, "model": 1}, STDIN)  # returns at once: not even the input is read
     assert peer_failure(RuntimeError("Gloo AllGather failed: Connection closed by peer")) is None
     # The digests tell apart exactly what must agree: a change in any one moves only its own digest.
-    args = ("f", {"data": 2, "model": 4}, b"line\n", {('"a"', 0): "p"}, 2)
+    args = ("f", {"data": 2, "model": 4}, b"line\n", 2)
     base = job_digests(*args)
     for i, value, name in ((0, "g", "config fingerprint"), (1, {"data": 1, "model": 8}, "mesh"),
-                           (2, b"line2\n", "input file"), (3, {}, "output lines already done"),
-                           (4, 3, "number of processes")):
+                           (2, b"line2\n", "input file"), (3, 3, "number of processes")):
         changed = job_digests(*args[:i], value, *args[i + 1:])
         assert [k for k in base if base[k] != changed[k]] == [name]

@@ -16,12 +16,14 @@ on (seed, id, sample) only - and the log-probabilities differ in the last float3
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
 import pytest
 
 from eft_jax import cli
+from eft_jax.jobs.openai_batch import error_line
 from eft_jax.jobs.records import JobError, Shard, id_key, select_shard, shard_of
 from job_helpers import read_jsonl, trio_config
 
@@ -227,6 +229,162 @@ def test_merge_refuses_missing_incomplete_disagreeing_and_foreign_shards(runs, t
     files[2].write_text(files[2].read_text() + '{"id": "cut')  # killed mid-write
     err = refused(*files)
     assert "partial line" in err and "re-run that shard" in err
+
+
+# --- OpenAI Batch input: shards and merge ---------------------------------------------------------------------
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+
+
+def oa_line(cid, text, chat=True, **body):
+    prompt = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+    return {"custom_id": cid, "method": "POST", "url": CHAT if chat else COMPLETIONS, "body": {**prompt, **body}}
+
+
+# Short prompts: one length bucket for every model (see the module docstring), chat template included.
+OA_LINES = [
+    oa_line("c0", "The fox", max_tokens=5),
+    oa_line("c1", "Hi there", n=2, logprobs=True),
+    '{"custom_id": "broken", "body": ',                                          # malformed: reported by shard 0
+    oa_line("k0", "count 0", chat=False, max_tokens=4),
+    oa_line("c0", "again", chat=False),                                          # duplicate custom_id: c0's shard
+    {"custom_id": "url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},  # bad url
+    {"method": "POST", "url": CHAT, "body": {"messages": [{"role": "user", "content": "x"}]}},  # no custom_id
+    oa_line("w2", "weights", eft={"weights": [1.0, 2.0]}),  # one fine-tune: refused by the job (merge has no config)
+    oa_line("bias", "biased", logit_bias={"99999": 1}),     # refused at run time: outside the vocabulary
+    *(oa_line(f"k{i}", f"count {i}", chat=i % 2 == 0, seed=i) for i in range(1, 8)),
+]
+OA_BAD = {3: "malformed_json", 5: "duplicate_id", 6: "invalid_field", 7: "missing_field", 8: "invalid_field",
+          9: "invalid_field"}
+OA_MORE = [oa_line(f"new{i}", f"new {i}", chat=i % 2 == 1) for i in (0, 1, 5, 6)] + [oa_line("nobody", "")]
+
+
+@pytest.fixture(scope="module")
+def oa_runs(family, tmp_path_factory):
+    """OpenAI Batch input: the unsharded reference, 3 shards and 1 shard (each run once, in-process)."""
+    root = tmp_path_factory.mktemp("oa_shards")
+    config = trio_config(family, root / "c.yaml", batch_size=1, max_new_tokens=5)
+    prompts = write_lines(root / "in.jsonl", OA_LINES)
+    assert generate(config, prompts, root / "ref" / "out.jsonl") == 0
+    for n in (3, 1):
+        for i in range(n):
+            assert generate(config, prompts, root / f"n{n}" / "out.jsonl", "--shard", f"{i}/{n}") == 0
+    return root, config, prompts
+
+
+def test_openai_shards_merge_to_the_unsharded_output_and_errors_byte_for_byte(oa_runs, tmp_path, capsys):
+    root, _, prompts = oa_runs
+    ref, ref_errors = (root / "ref" / "out.jsonl").read_bytes(), (root / "ref" / "out.errors.jsonl").read_bytes()
+    records = read_jsonl(root / "ref" / "out.jsonl")
+    # The reference: one line per input line in input order, error lines at the bad lines (w2 and bias too).
+    assert [r["custom_id"] for r in records] == [
+        x["custom_id"] if isinstance(x, dict) and "custom_id" in x else None for x in OA_LINES]
+    assert {i + 1 for i, r in enumerate(records) if r["response"] is None} == {*OA_BAD, 8, 9}
+    assert {e["line"]: e["kind"] for e in read_jsonl(root / "ref" / "out.errors.jsonl")} == {
+        **OA_BAD, 8: "invalid_field", 9: "invalid_field"}
+    assert len(records[1]["response"]["body"]["choices"]) == 2
+
+    seen = []
+    for i in range(3):
+        lines = read_jsonl(root / "n3" / f"out.shard-{i}-of-3.jsonl")
+        assert any(r["response"] is not None for r in lines), "every shard should run a line"
+        assert all(r["shard"] == f"{i}/3" and shard_of(r["custom_id"], 3) == i for r in lines
+                   if r["custom_id"] is not None)
+        assert all(e["shard"] == f"{i}/3" for e in read_jsonl(root / "n3" / f"out.shard-{i}-of-3.errors.jsonl"))
+        seen += [r["custom_id"] for r in lines]
+    assert sorted(map(str, seen)) == sorted(str(r["custom_id"]) for r in records)
+
+    for n in (3, 1):
+        work = tmp_path / f"n{n}"
+        shutil.copytree(root / f"n{n}", work)
+        out = work / "out.jsonl"
+        # An error line of an earlier run whose line ran since (a shard interrupted before its final sort): it goes,
+        # as the job's own sort drops it.
+        stale = {**error_line("c1", "prompt_too_long", "too long"), "shard": f"{shard_of('c1', n)}/{n}"}
+        with open(work / f"out.shard-{shard_of('c1', n)}-of-{n}.jsonl", "a") as f:
+            f.write(json.dumps(stale) + "\n")
+        assert merge(prompts, out) == 0
+        assert "written" in capsys.readouterr().out
+        assert out.read_bytes() == ref and (work / "out.errors.jsonl").read_bytes() == ref_errors
+        assert merge(prompts, out) == 0 and "unchanged" in capsys.readouterr().out
+
+
+def test_openai_shards_resume_a_grown_input_like_the_unsharded_job(oa_runs, tmp_path, capsys):
+    root, config, prompts = oa_runs
+    work, ref = tmp_path / "n3", tmp_path / "ref"
+    shutil.copytree(root / "n3", work)
+    shutil.copytree(root / "ref", ref)
+    grown = write_lines(tmp_path / "grown.jsonl", OA_LINES[:4] + OA_MORE + OA_LINES[4:])
+    stat = prompts.stat()
+    os.utime(grown, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # "created" is the input's mtime: the same for all
+    capsys.readouterr()
+    for i in range(3):
+        before = read_jsonl(work / f"out.shard-{i}-of-3.jsonl")
+        assert generate(config, grown, work / "out.jsonl", "--shard", f"{i}/3") == 0
+        counts = summary(capsys.readouterr().out)
+        assert counts["run"] == sum(1 for x in OA_MORE[:-1] if shard_of(x["custom_id"], 3) == i)
+        assert counts["done"] == sum(1 for r in before if r["response"] is not None)
+        after = read_jsonl(work / f"out.shard-{i}-of-3.jsonl")
+        assert all(r in after for r in before if r["response"] is not None)  # finished lines kept as they were
+    assert merge(grown, work / "out.jsonl") == 0
+    assert generate(config, grown, ref / "out.jsonl") == 0  # the unsharded job resumes over the grown input
+    assert (work / "out.jsonl").read_bytes() == (ref / "out.jsonl").read_bytes()
+    assert (work / "out.errors.jsonl").read_bytes() == (ref / "out.errors.jsonl").read_bytes()
+    assert any(r["custom_id"] == "nobody" and r["error"]["code"] == "empty_prompt"
+               for r in read_jsonl(ref / "out.jsonl"))
+
+
+def test_openai_merge_refuses_missing_incomplete_disagreeing_and_duplicate_shards(oa_runs, tmp_path, capsys):
+    root, _, prompts = oa_runs
+    n3 = tmp_path / "n3"
+    shutil.copytree(root / "n3", n3)
+    files = [n3 / f"out.shard-{i}-of-3.jsonl" for i in range(3)]
+    out = tmp_path / "merged.jsonl"
+
+    def refused(*args, prompts=prompts) -> str:
+        capsys.readouterr()
+        assert merge(prompts, out, *args) == 2
+        assert not out.exists()
+        return capsys.readouterr().err
+
+    err = refused(files[0], files[2])
+    assert "shard 1/3 is missing" in err and "out.shard-1-of-3.jsonl" in err and "--shard 1/3" in err
+
+    i = next(i for i, f in enumerate(files) if any(json.loads(x)["response"] is not None
+                                                  for x in f.read_text().splitlines()))
+    lines = files[i].read_text().splitlines(keepends=True)
+    k = next(k for k, x in enumerate(lines) if json.loads(x)["response"] is not None)
+    answered = json.loads(lines[k])
+    files[i].write_text("".join(lines[:k] + lines[k + 1:]))  # an answered line lost
+    err = refused(*files)
+    assert f"shard {i}/3" in err and "is incomplete" in err and f"(id {id_key(answered['custom_id'])})" in err
+    files[i].write_text("".join(lines + [lines[k]]))  # the line twice
+    err = refused(*files)
+    assert "is there twice" in err and id_key(answered["custom_id"]) in err
+    files[i].write_text("".join(lines))
+
+    zero = files[0].read_text().splitlines(keepends=True)
+    e = next(k for k, x in enumerate(zero) if json.loads(x)["custom_id"] is None)  # shard 0's error line of a bad line
+    files[0].write_text("".join(zero[:e] + zero[e + 1:]))
+    err = refused(*files)
+    assert "shard 0/3" in err and "is incomplete" in err and "(id null: its error line)" in err
+    files[0].write_text("".join(zero))
+
+    other = json.loads(lines[k])
+    other["response"]["body"]["eft"]["fingerprint"] = "0123456789abcdef"
+    files[i].write_text("".join(lines[:k]) + json.dumps(other) + "\n" + "".join(lines[k + 1:]))
+    err = refused(*files)
+    assert "different configs" in err and "0123456789abcdef" in err and str(files[i]) in err
+    files[i].write_text("".join(lines))
+
+    err = refused(*files, files[1])
+    assert "shard 1/3 given twice" in err
+    err = refused(files[0], files[1], root / "n1" / "out.shard-0-of-1.jsonl")
+    assert "disagree on the number of shards N" in err
+    native = write_lines(tmp_path / "native.jsonl", [{"id": "c0", "prompt": "The fox"}])
+    err = refused(*files, prompts=native)
+    assert "is native input, but the shard outputs hold OpenAI Batch output lines" in err
+    assert merge(prompts, out, *files) == 0  # the files as they were: merged
 
 
 def test_batch_neighbours_change_only_the_rounding_of_logprob(family, tmp_path):

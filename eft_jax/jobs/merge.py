@@ -8,9 +8,16 @@ order (samples of a line by index): byte for byte what an unsharded job writes; 
 holds the shards' error lines in input-line order. Both are written atomically, so merging again (or
 after a crash) gives the same files.
 
+OpenAI Batch input (``jobs.openai_batch``; the format is the input's, and the shard outputs must be of it):
+the same, with one output line per input line (all its choices; keyed by ``custom_id``), and each line its
+shard's errors file skips needs its error output line too (``{"custom_id", "response": null, "error"}``),
+which ranks at that input line. As ``OutputFile.sort`` does, an error line of a shard whose errors file no
+longer skips it (its line ran since) is dropped.
+
 Refused, with what to do (``JobError``, exit 2): shards of different N or fingerprints, a shard given
 twice, a missing or incomplete shard (its unfinished lines are named), an output line whose id is not
-in the input or not in the file's shard, a file that is not a shard output.
+in the input or not in the file's shard, a file that is not a shard output, outputs of the other format
+than the input's (native / OpenAI Batch).
 """
 
 from __future__ import annotations
@@ -21,21 +28,29 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
+from eft_jax.jobs.openai_batch import JobDefaults, error_key, error_line
 from eft_jax.jobs.records import (
+    NATIVE,
+    OPENAI,
     JobError,
     Shard,
+    _done_keys,
     _line,
     _write_atomically,
     errors_path,
     id_key,
-    read_requests,
+    read_input_file,
     select_shard,
 )
 
 _SHARD_NAME = re.compile(r"(?P<base>.*)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.jsonl")
 _SHOWN = 8  # lines named in a refusal
+# The merge has no config: OpenAI lines are read without checking the number of their eft.weights (a line the
+# job refused for it is a line its shard's errors file skips); the other fields are not used in reading.
+_ANY_CONFIG = JobDefaults(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, fine_tuned=None)  # type: ignore[arg-type]
+_FORMATS = {NATIVE: "native", OPENAI: "OpenAI Batch"}
 
 
 @dataclasses.dataclass
@@ -61,12 +76,24 @@ class MergeSummary:
         ])
 
 
+class _Out(NamedTuple):
+    """One output line of a shard: what the merge needs of it, and its bytes without ``"shard"``."""
+
+    key: str  # its input line's id key (native id, OpenAI custom_id); an OpenAI error line's error_key
+    sample: int  # 0 for a score line and an OpenAI line (one line holds all the samples of its input line)
+    ident: Any  # the id or custom_id (which shard owns the line)
+    fingerprint: str | None  # None: an OpenAI error line
+    scored: bool  # a score line (native, no "sample")
+    raw: bytes
+
+
 @dataclasses.dataclass
 class _ShardFile:
     path: Path
     shard: Shard
-    lines: list[tuple[dict[str, Any], bytes]]  # (record without "shard", its output bytes)
-    errors: list[tuple[dict[str, Any], bytes]]
+    format: str | None  # NATIVE or OPENAI; None: no output lines
+    lines: list[_Out]
+    errors: list[tuple[dict[str, Any], bytes]]  # (errors file record without "shard", its bytes)
     errors_found: bool
 
 
@@ -85,7 +112,7 @@ def find_shard_outputs(out: Path) -> list[Path]:
 
 def _strip_shard(raw: bytes, label: str) -> bytes:
     """The line as an unsharded job writes it: without its last field ``"shard": label``."""
-    suffix = b', "shard": ' + json.dumps(label).encode() + b"}"
+    suffix = b', "shard": ' + json.dumps(label).encode() + b"}\n"
     if raw.endswith(suffix):
         return raw[: -len(suffix)] + b"}\n"
     rec = json.loads(raw)
@@ -115,11 +142,30 @@ def _read_lines(path: Path, what: str) -> list[tuple[int, dict[str, Any], bytes]
     return out
 
 
+def _entry(rec: dict[str, Any]) -> tuple[str, str, int, Any, str | None]:
+    """An output line's format, key, sample, id and fingerprint (``records._done_keys``: as a resumed job reads
+    it); KeyError, TypeError, ... for a line that is not an eft-jax output line."""
+    fmt = OPENAI if "custom_id" in rec else NATIVE
+    if fmt == OPENAI and error_key(rec) is not None:
+        return fmt, error_key(rec), 0, rec["custom_id"], None
+    keys, fingerprint, _ = _done_keys(rec, fmt)
+    if not isinstance(fingerprint, str):
+        raise TypeError(fingerprint)
+    return fmt, keys[0][0], keys[0][1], rec["custom_id" if fmt == OPENAI else "id"], fingerprint
+
+
 def _read_shard_file(path: Path) -> _ShardFile:
     lines = _read_lines(path, "output")
+    entries = []
     for lineno, rec, _ in lines:
-        if "id" not in rec or "fingerprint" not in rec:
-            raise JobError(f"{path} line {lineno}: not an eft-jax output line (JSON with id and fingerprint)")
+        try:
+            entries.append(_entry(rec))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            raise JobError(f"{path} line {lineno}: not an eft-jax output line (JSON with id and fingerprint, or an "
+                           "OpenAI Batch output line)") from None
+    formats = sorted({fmt for fmt, *_ in entries})
+    if len(formats) > 1:
+        raise JobError(f"{path}: mixes native and OpenAI Batch output lines; re-run the shard with --overwrite")
     epath = errors_path(path)
     errors = _read_lines(epath, "errors file") if epath.exists() else []
     labels = {rec["shard"] for _, rec, _ in lines} | {rec["shard"] for _, rec, _ in errors}
@@ -136,10 +182,17 @@ def _read_shard_file(path: Path) -> _ShardFile:
         shard = Shard.parse(str(label))
     except JobError:
         raise JobError(f"{path}: invalid shard {label!r} in its lines") from None
-    return _ShardFile(path, shard,
-                      [(_without_shard(rec), _strip_shard(raw, shard.label)) for _, rec, raw in lines],
+    return _ShardFile(path, shard, formats[0] if formats else None,
+                      [_Out(key, sample, ident, fp, fmt == NATIVE and "sample" not in rec,
+                            _strip_shard(raw, shard.label))
+                       for (fmt, key, sample, ident, fp), (_, rec, raw) in zip(entries, lines, strict=True)],
                       [(_without_shard(rec), _strip_shard(raw, shard.label)) for _, rec, raw in errors],
                       epath.exists())
+
+
+def _error_key(issue: dict[str, Any]) -> str:
+    """The ``openai_batch.error_key`` of the error output line an OpenAI job writes for an errors file line."""
+    return error_key(error_line(issue.get("id"), issue.get("kind"), issue.get("error")))
 
 
 def _without_shard(rec: dict[str, Any]) -> dict[str, Any]:
@@ -190,8 +243,10 @@ def run_merge(prompts: Path, out: Path, shard_outputs: list[Path] | None = None,
         by_index[f.shard.index] = f
     fingerprints: dict[str, list[str]] = {}
     for f in files:
-        for rec, _ in f.lines:
-            names = fingerprints.setdefault(rec["fingerprint"], [])
+        for line in f.lines:
+            if line.fingerprint is None:
+                continue
+            names = fingerprints.setdefault(line.fingerprint, [])
             if str(f.path) not in names:
                 names.append(str(f.path))
     if len(fingerprints) > 1:
@@ -199,33 +254,50 @@ def run_merge(prompts: Path, out: Path, shard_outputs: list[Path] | None = None,
             f"fingerprint {fp} in {', '.join(names)}" for fp, names in fingerprints.items())
             + ". Re-run the odd shard(s) with the same config (with --overwrite), then merge again")
     fingerprint = next(iter(fingerprints), None)
-    kinds = {"sample" in rec for f in files for rec, _ in f.lines}
+    formats = {f.format for f in files} - {None}
+    if len(formats) > 1:
+        raise JobError("the shard outputs mix native and OpenAI Batch output lines: " + "; ".join(
+            f"{f.path}: {_FORMATS[f.format]}" for f in files if f.format) + ". Merge the outputs of one job")
+    kinds = {line.scored for f in files for line in f.lines}
     if len(kinds) > 1:
         raise JobError("the shard outputs mix generate lines (with \"sample\") and score lines")
-    score = kinds == {False}
+    score = kinds == {True}
 
-    requests, issues, _ = read_requests(prompts, score=score)
-    order = {req.key: i for i, req in enumerate(requests)}
+    read = read_input_file(prompts, score=score, defaults=_ANY_CONFIG)
+    requests, issues = read.requests, read.issues
+    openai = read.format == OPENAI
+    if formats and formats != {read.format}:
+        raise JobError(f"{prompts} is {_FORMATS[read.format]} input, but the shard outputs hold "
+                       f"{_FORMATS[formats.pop()]} output lines. Merge with the input the shards ran on")
+    order = {req.key: req.line for req in requests}
     by_key = {req.key: req for req in requests}
 
-    # Every output line belongs to the input and to its file's shard, once.
-    merged: dict[tuple[str, int], bytes] = {}
+    # Every output line belongs to the input and to its file's shard, once; an OpenAI error line ranks at the
+    # line its shard's errors file skips (the last of them, as the job's sort), or is stale and goes.
+    merged: list[tuple[tuple[int, int], bytes]] = []
     samples: dict[str, set[int]] = {}
+    kept_errors: dict[int, set[str]] = {}  # shard index -> the error keys of its error lines kept
     for f in files:
         foreign, misplaced = [], []
-        for rec, raw in f.lines:
-            key, sample = id_key(rec["id"]), int(rec.get("sample", 0))
-            if key not in by_key:
-                foreign.append(key)
+        skips = {_error_key(rec): rec.get("line") or 0 for rec, _ in f.errors
+                 if openai and rec.get("action") == "skipped"}
+        for line in f.lines:
+            if line.fingerprint is None:
+                if line.key in skips:
+                    merged.append(((skips[line.key], 0), line.raw))
+                    kept_errors.setdefault(f.shard.index, set()).add(line.key)
                 continue
-            if not f.shard.owns(rec["id"]):
-                misplaced.append(key)
+            if line.key not in by_key:
+                foreign.append(line.key)
                 continue
-            if (key, sample) in merged:
-                raise JobError(f"{f.path}: id {key} sample {sample} is there twice; re-run the shard with "
-                               "--overwrite")
-            merged[(key, sample)] = raw
-            samples.setdefault(key, set()).add(sample)
+            if not f.shard.owns(line.ident):
+                misplaced.append(line.key)
+                continue
+            if line.sample in samples.get(line.key, ()):
+                raise JobError(f"{f.path}: id {line.key} sample {line.sample} is there twice; re-run the shard "
+                               "with --overwrite")
+            merged.append(((order[line.key], line.sample), line.raw))
+            samples.setdefault(line.key, set()).add(line.sample)
         if foreign:
             raise JobError(f"{f.path}: {len(foreign)} output line(s) of ids that are not (valid lines) in {prompts}: "
                            f"{_listing(foreign)}. Merge with the input the shards ran on")
@@ -249,20 +321,23 @@ def run_merge(prompts: Path, out: Path, shard_outputs: list[Path] | None = None,
             continue
         skipped = {rec.get("line") for rec, _ in f.errors if rec.get("action") == "skipped"}
         unfinished = []
-        for req in own:
-            n = 1 if score else req.n if req.n is not None else default_n
+        for req in own:  # an OpenAI line is done when its line is there (whatever its n: as a resumed job)
+            n = 1 if score or openai else req.n if req.n is not None else default_n
             have = samples.get(req.key, set())
             missing = [k for k in range(n) if k not in have]
             if missing and not (not have and req.line in skipped):
                 unfinished.append(f"{req.line} (id {req.key}: {n - len(missing)} of {n} samples)" if n > 1 and have
                                   else f"{req.line} (id {req.key})")
+        if openai:
+            unfinished += [f"{rec.get('line')} (id {id_key(rec.get('id'))}: its error line)" for rec, _ in f.errors
+                           if rec.get("action") == "skipped" and _error_key(rec) not in kept_errors.get(index, ())]
         if unfinished:
             hint = "" if f.errors_found else f" (its errors file {errors_path(f.path)} is missing too)"
             raise JobError(f"shard {shard.label} ({f.path}) is incomplete{hint}: {len(unfinished)} input line(s) "
                            f"not done: line {_listing(unfinished)}. Re-run that shard with the same command to "
                            "finish it (it resumes), then merge again")
 
-    body = b"".join(raw for _, raw in sorted(merged.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])))
+    body = b"".join(raw for _, raw in sorted(merged, key=lambda x: x[0]))
     error_lines = sorted(((rec.get("line") or 0, raw) for f in files for rec, raw in f.errors), key=lambda x: x[0])
     errors_body = b"".join(raw for _, raw in error_lines)
 
@@ -288,12 +363,12 @@ def _check_replaceable(out: Path, fingerprint: str | None) -> None:
             continue
         try:
             rec = json.loads(raw)
-            fp = rec["fingerprint"]
-        except (ValueError, KeyError, TypeError):
+            fp = _entry(rec)[4]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise JobError(f"{out} line {lineno}: exists and is not an eft-jax output; refusing to replace it. "
                            "Choose another --out") from None
         if "shard" in rec:
             raise JobError(f"{out} is a shard output (shard {rec['shard']}); choose another --out for the merge")
-        if fingerprint is not None and fp != fingerprint:
+        if fingerprint is not None and fp is not None and fp != fingerprint:
             raise JobError(f"{out} exists with output of another config (fingerprint {fp}, the shards' is "
                            f"{fingerprint}); refusing to replace it. Choose another --out or delete it")

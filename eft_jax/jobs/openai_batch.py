@@ -28,7 +28,9 @@ Output line (one per input line, all ``n`` choices together)::
 The body is OpenAI's object (``id``, ``object``, ``created``, ``model``, ``choices``, ``usage``) plus ``"eft"``: the
 job's fingerprint, a digest of the input body (to notice a changed line on resume), each model's rendered prompt
 length, and per choice the summed EFT log-prob, each model's summed log-prob (by role: base, ref, ft0, ...), the
-implicit reward ``log p_ft - log p_ref`` per fine-tune, and the stop string that ended it. A line that cannot run
+implicit reward ``log p_ft - log p_ref`` per fine-tune, and the stop string that ended it; with ``top_logprobs``
+(chat) / ``logprobs: k`` (completions), per text token the same alternatives as OpenAI's ``top_logprobs`` with each
+model's log-prob of them (``eft.choices[i].top_logprobs``, see :func:`top_entries`). A line that cannot run
 gets ``{"id", "custom_id", "response": null, "error": {"code", "message"}}`` (and an entry in the errors file).
 
 Ids and ``created`` are deterministic (a hash of the fingerprint and custom_id; the input file's modification
@@ -44,8 +46,6 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import numpy as np
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -368,6 +368,10 @@ def response_line(ctx: ResponseContext, api: OpenAIRequest, prompt_tokens: Seque
         else:
             out_choices.append({"index": k, "text": r.text, "finish_reason": finish, "logprobs": logprobs})
         extras.append(_choice_extras(ctx, k, r))
+        if api.logprobs and api.top_logprobs:  # each alternative's log-prob under every model, by role
+            roles = [(role, label) for role, _, label in ctx.roles]
+            extras[-1]["top_logprobs"] = [top_entries(ctx.tokenizer, roles, r, j, api.top_logprobs)
+                                          for j in range(len(text_tokens))]
     prompt = max(prompt_tokens)
     eft: dict[str, Any] = {
         "fingerprint": ctx.fingerprint, "input_sha256": api.digest,
@@ -404,8 +408,12 @@ def _choice_extras(ctx: ResponseContext, k: int, r: Any) -> dict[str, Any]:
     return extra
 
 
-def _token_text(tokenizer: Any, token: int) -> str:
+def token_text(tokenizer: Any, token: int) -> str:
+    """One token's text, special tokens spelled out."""
     return tokenizer.decode([int(token)], skip_special_tokens=False)
+
+
+_token_text = token_text
 
 
 def _byte_level_table() -> dict[str, int]:
@@ -438,6 +446,20 @@ def _token_bytes(tokenizer: Any, token: int, text: str) -> list[int] | None:
     return None
 
 
+def top_entries(tokenizer: Any, roles: Sequence[tuple[str, str]], r: Any, j: int, k: int) -> list[dict[str, Any]]:
+    """Step ``j``'s ``k`` most likely tokens of the reported EFT distribution (``GenerationResult.top_ids``, in
+    descending order, the lower id first among equal log-probs), each as ``{"id": token id, "token": its text,
+    "logprob": its EFT log-prob, "logprobs": {role: its log-prob under that model}}`` (``roles``: (role, engine
+    label) pairs, e.g. ``("base", "base=large")``; the key ``logprobs`` by role as in ``eft.choices[i]``)."""
+    per_model = r.top_component_logprobs or {}
+    out = []
+    for i in range(min(k, r.top_ids.shape[1])):
+        token = int(r.top_ids[j, i])
+        out.append({"id": token, "token": _token_text(tokenizer, token), "logprob": float(r.top_logprobs[j, i]),
+                    "logprobs": {role: float(per_model[label][j, i]) for role, label in roles if label in per_model}})
+    return out
+
+
 def _choice_logprobs(ctx: ResponseContext, api: OpenAIRequest, r: Any, count: int) -> dict[str, Any]:
     """OpenAI's logprobs object over the first ``count`` tokens (those of the text): the EFT log-probs at
     temperature 1, before logit_bias, penalties and the filters (as ``GenerationResult.token_logprobs``)."""
@@ -446,11 +468,10 @@ def _choice_logprobs(ctx: ResponseContext, api: OpenAIRequest, r: Any, count: in
     tokens = [_token_text(tok, t) for t in ids]
     lps = [float(x) for x in r.token_logprobs[:count]]
     tops: list[list[tuple[int, float]]] = [[] for _ in range(count)]
-    if api.top_logprobs:
-        dist = np.asarray(r.distributions)
+    if api.top_logprobs:  # computed on device (GenerationResult.top_ids), the run's K >= this line's
         for i in range(count):
-            best = np.argsort(-dist[i], kind="stable")[: api.top_logprobs]
-            tops[i] = [(int(t), float(dist[i, t])) for t in best]
+            tops[i] = [(int(t), float(v)) for t, v in zip(r.top_ids[i, : api.top_logprobs],
+                                                          r.top_logprobs[i, : api.top_logprobs], strict=True)]
     if api.chat:
         def entry(token: int, lp: float) -> dict[str, Any]:
             text = _token_text(tok, token)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from eft_jax.jobs.openai_batch import (
-    JobDefaults, LineProblem, OpenAIRequest, error_key, is_openai_line, parse_line, reward_weights, sampling_fields,
-    stop_strings,
+    MAX_TOP_LOGPROBS, JobDefaults, LineProblem, OpenAIRequest, error_key, is_openai_line, parse_line, reward_weights,
+    sampling_fields, stop_strings, token_text, top_entries,
 )
 from eft_jax.prompts import PromptError, validate_prompt
 
@@ -71,7 +71,8 @@ class Request:
     config's). response_prefix: text the response starts with (None: the config's ``job.response_prefix``).
     api: the OpenAI Batch part of an OpenAI line (its ``id`` is the ``custom_id``), None for a native line.
     sampling: the per-request sampling settings the line gives (``openai_batch.SAMPLING_FIELDS``, checked; the
-    config's ``sampling`` gives the others).
+    config's ``sampling`` gives the others). top_logprobs: a native line's per-step analysis, the k most likely
+    tokens of every step with each model's log-prob (0: none; an OpenAI line's is ``api.top_logprobs``).
     """
 
     line: int
@@ -86,6 +87,7 @@ class Request:
     response_prefix: str | None = None
     api: OpenAIRequest | None = None
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    top_logprobs: int = 0
 
     @property
     def key(self) -> str:
@@ -207,8 +209,8 @@ def read_requests(path: Path, *, score: bool = False, defaults: JobDefaults | No
 
     A native line is ``{"id": str|int, "prompt": str}`` or ``{"id": ..., "messages": [{role, content}, ...]}``,
     with optional ``n``, ``max_new_tokens``, ``seed``, ``stop`` (a string or a list), ``weights`` (one reward
-    weight per fine-tune), ``response_prefix`` and the per-request sampling settings ``temperature``, ``top_p``,
-    ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``logit_bias``, ``repetition_penalty``,
+    weight per fine-tune), ``response_prefix``, ``top_logprobs`` (0..20: per-step analysis) and the per-request
+    sampling settings ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``logit_bias``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty`` (default: the config's ``sampling``) (generate), or a required ``response`` and an optional
     ``response_prefix`` (score). Other fields are ignored. Blank lines are skipped. A repeated id keeps its first line. ``path`` ``-`` reads standard
     input. OpenAI Batch lines: see :func:`read_input_file` (``defaults`` is needed for them).
@@ -327,6 +329,7 @@ def _native_request(lineno: int, obj: dict, score: bool, defaults: JobDefaults |
         stop=stop_strings(obj.get("stop"), "field 'stop'"),
         weights=reward_weights(obj.get("weights"), defaults.fine_tuned if defaults else None, "field 'weights'"),
         response_prefix=_native_prefix(obj.get("response_prefix")), sampling=sampling_fields(obj, "field "),
+        top_logprobs=_native_top_logprobs(obj.get("top_logprobs")),
     )
     if req.seed is not None and req.seed >= 2**63:
         raise _LineError("invalid_field", "field 'seed' must be below 2**63")
@@ -346,6 +349,30 @@ def _score_response(obj: dict) -> str:
     except UnicodeEncodeError:
         raise _LineError("invalid_field", "the response is not valid Unicode (a lone surrogate escape)") from None
     return response
+
+
+def _native_top_logprobs(v: Any) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise _LineError("invalid_field", f"field 'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                         f"got {v!r}")
+    return v
+
+
+def top_logprobs_field(tokenizer: Any, roles: list[tuple[str, str]], result: Any, k: int) -> list[dict[str, Any]]:
+    """A native output line's ``top_logprobs`` (a line with ``top_logprobs: k``): one entry per generated token (a
+    final stop token included), ``{"id", "token", "logprob", "logprobs", "top_logprobs"}``: the sampled token's id,
+    text, EFT log-prob and log-prob under each model by role (when recorded), and its step's ``k`` most likely
+    tokens of the EFT distribution, each ``{"id", "token", "logprob", "logprobs"}`` (``openai_batch.top_entries``).
+    ``roles``: (role, engine label) pairs in engine order."""
+    per_model = result.component_logprobs or {}
+    out = []
+    for j, token in enumerate(result.tokens):
+        out.append({"id": int(token), "token": token_text(tokenizer, token), "logprob": float(result.token_logprobs[j]),
+                    "logprobs": {role: float(per_model[label][j]) for role, label in roles if label in per_model},
+                    "top_logprobs": top_entries(tokenizer, roles, result, j, k)})
+    return out
 
 
 def _native_prefix(v: Any) -> str | None:

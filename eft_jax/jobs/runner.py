@@ -20,11 +20,21 @@ Shards (``shard=Shard(i, N)``, ``--shard i/N``): the job runs only the input lin
 the id, ``records.shard_of``) into ``out.shard-i-of-N.jsonl``, otherwise exactly as an unsharded job
 (resume, fingerprint, errors file, input order); ``eft-jax merge`` (``jobs.merge``) combines the shards.
 
+Multi-process jobs (``mesh.distributed``, a mesh spanning processes): the input is split the same way over
+the process groups that hold different rows of a batch (``lockstep.Peers``: one per data-axis position
+group, usually one per host): group g of G runs shard g/G - it renders, places, decodes and writes only its
+own lines, into ``out.shard-g-of-G.jsonl`` (its first process writes), so a re-run resumes each group from
+its own file - and when every group is done, process 0 merges the parts into ``out`` (``jobs.merge``: the
+file one process writes). Whatever decides a program (is anything left, the groups of ``Engine.run``, a
+refusal) is agreed over the processes first, so that none goes on alone.
+
 Input formats: native lines, or OpenAI Batch lines (``jobs.openai_batch``), detected per file; an OpenAI
 line's output is one line holding its ``n`` samples, written when all of them are done. Lines with their
 own stop strings, reward weights or sampling settings run together in ONE ``Engine.run`` (the settings are
-per row); only OpenAI lines asking for ``top_logprobs`` run apart (their run records every step's
-distribution). A sample depends on (seed, stream, position) and its own settings only. Penalties
+per row); only lines asking for top log-probs (OpenAI ``top_logprobs`` / completions ``logprobs: k``, native
+``top_logprobs``) run apart: their run computes every step's K most likely tokens on device, K the largest any
+of its lines asks for (a line asking fewer is cut on the host), and the other lines do not pay for it. A sample
+depends on (seed, stream, position) and its own settings only. Penalties
 (repetition/presence/frequency) are refused with speculative decoding: a JobError naming the config key, or
 the line's issue naming the field.
 
@@ -42,7 +52,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from eft_jax.config import Config, missing_model_files, resolve_model_path
 from eft_jax.jobs.interrupt import Interrupts
@@ -51,11 +61,13 @@ from eft_jax.jobs.progress import Progress, format_duration
 from eft_jax.jobs.openai_batch import Choice, JobDefaults, ResponseContext, error_key, error_line, response_line
 from eft_jax.jobs.records import (
     OPENAI, STDIN, ErrorsFile, Issue, JobError, OutputFile, Request, Shard, errors_path, read_input_file,
-    select_shard,
+    select_shard, top_logprobs_field,
 )
 from eft_jax.prompts import PromptError
 from eft_jax.sampling import SETTINGS, check_setting
 
+if TYPE_CHECKING:
+    from eft_jax.lockstep import Peers
 
 @dataclasses.dataclass
 class Summary:
@@ -253,12 +265,6 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _is_writer() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
 @dataclasses.dataclass
 class _Job:
     """What a run knows before any weights are loaded (every check of that stage passed)."""
@@ -272,8 +278,10 @@ class _Job:
     mesh: Any
     interrupts: Interrupts
     start: float
-    shard: Shard | None = None
+    shard: Shard | None = None  # the --shard of the job, or this process group's part of a multi-process job
     format: str = "native"
+    peers: Peers | None = None
+    out: Path | None = None  # --out (where the parts of a multi-process job are merged)
 
 
 def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite: bool, ignore_fingerprint: bool,
@@ -296,26 +304,83 @@ def _prepare(config: Config, command: str, inputs: Path, out: Path, *, overwrite
                                    "the tokens emitted inside a round; set it to its neutral value "
                                    f"({SETTINGS[key].neutral}) or speculative.k=0")
     fingerprint = config.fingerprint(command)
+    mesh = make_job_mesh(config.mesh)
+    from eft_jax.distributed import check_same_job  # multi-process jobs: every process must see the same job
+
+    check_same_job(fingerprint, dict(mesh.shape), inputs)
+    peers = _job_peers(config, mesh)
+    final_out = out if shard is None else None  # where process 0 merges the groups' parts (not for a --shard)
+    if peers.groups > 1:  # a multi-process job: this process group's part of the input (of its --shard i/N)
+        mine = shard or Shard(0, 1)
+        shard = Shard(mine.index + mine.count * peers.group, mine.count * peers.groups)
     if shard is not None:
         out = shard.path(out)
     summary = Summary(command, out, errors_path(out), fingerprint, shard=shard.label if shard else None)
     s = config.sampling
     read = read_input_file(inputs, score=command == "score", defaults=JobDefaults(
         s.temperature, s.top_p, s.top_k, s.min_p, len(config.eft.fine_tuned)))
-    if read.format == OPENAI and shard is not None:
-        raise JobError(f"{inputs}: --shard is not supported for OpenAI Batch input yet (`eft-jax merge` reads "
-                       "native outputs); run the job without --shard")
-    output = OutputFile(out, fingerprint, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
-                        writer=_is_writer(), log=log, shard=summary.shard, fmt=read.format)
+    # Each process group checks its own part (its output, its prompts' memory); a refusal anywhere stops all.
+    output = peers.agree(lambda: OutputFile(out, fingerprint, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
+                                            writer=peers.writer, log=log, shard=summary.shard, fmt=read.format),
+                         JobError)
     requests, issues, summary.lines = select_shard(read.requests, read.issues, shard)
-    mesh = make_job_mesh(config.mesh)
-    from eft_jax.distributed import check_same_job  # multi-process jobs: every process must see the same job
-
-    check_same_job(fingerprint, dict(mesh.shape), inputs, output.done)
-    if requests:
-        check_memory(config, command, [_with_prefix(r, config.job.response_prefix) for r in requests], mesh)
+    peers.agree(lambda: requests and check_memory(
+        config, command, [_with_prefix(r, config.job.response_prefix) for r in requests], mesh), JobError)
     interrupts.check()
-    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start, shard, read.format)
+    return _Job(config, inputs, summary, requests, issues, output, mesh, interrupts, start, shard, read.format,
+                peers, final_out)
+
+
+def _job_peers(config: Config, mesh: Any) -> Peers:
+    """The job's processes, as the engine will see them: its mesh, the base model's batch axis."""
+    from eft_jax.lockstep import Peers
+    from eft_jax.sharding import HostPlacement, resolve_rules
+
+    rules = resolve_rules(config.models[config.eft.base].sharding)
+    return Peers(HostPlacement(mesh, rules.mesh_axis("batch")))
+
+
+_COUNTS = ("lines", "prompts_run", "already_done", "skipped", "truncated", "warnings", "written", "tokens",
+           "drafted", "accepted", "rejected", "rounds")
+
+
+def _finish(job: _Job, summary: Summary, log: TextIO) -> Summary:
+    """A multi-process job whose groups ran parts of the input: the whole job's summary (every group's
+    counts) and, once every group is done, the parts merged into ``--out`` by process 0 (not for a job that is
+    itself shard i/N: its parts are shards i + N*g of N*G, for ``eft-jax merge`` with every other shard's)."""
+    peers = job.peers
+    if peers is None or peers.groups == 1:
+        return summary
+    import jax
+
+    from eft_jax.distributed import peer_failure
+    from eft_jax.jobs.merge import run_merge
+
+    if peers.writer and not summary.interrupted and summary.stopped is None:
+        summary.out.touch()  # a part with no line of its own is still a part (merge reads every one)
+    try:
+        parts = peers.gather(summary)
+    except Exception as e:  # noqa: BLE001 - another process is gone: this one's part is kept, say so
+        lost = peer_failure(e)
+        if lost is None:
+            raise
+        summary.stopped = summary.stopped or lost
+        return summary
+    out = job.out or summary.out
+    total = dataclasses.replace(summary, out=out, errors=errors_path(out), shard=None if job.out else summary.shard,
+                                interrupted=any(p.interrupted for p in parts),
+                                stopped=next((f"process group {g}: {p.stopped}" for g, p in enumerate(parts)
+                                              if p.stopped is not None), None))
+    for name in _COUNTS:
+        setattr(total, name, sum(getattr(p, name) for p in parts))
+    if job.out is not None and not total.interrupted and total.stopped is None and jax.process_index() == 0:
+        paths = [Shard(g, peers.groups).path(job.out) for g in range(peers.groups)]
+        try:
+            run_merge(job.inputs, job.out, paths, log=log)
+        except JobError as e:
+            total.stopped = f"merging the process groups' outputs into {job.out}: {e}"
+    total.wall_s = time.perf_counter() - job.start
+    return total
 
 
 def _with_prefix(req: Request, default: str) -> Request:
@@ -329,9 +394,10 @@ def _with_prefix(req: Request, default: str) -> Request:
     return dataclasses.replace(req, prompt=[*req.prompt, {"role": "assistant", "content": prefix}])
 
 
-def _load(job: _Job, first: Request, log: TextIO) -> JobEngine:
+def _load(job: _Job, first: Request | None, log: TextIO) -> JobEngine:
     """Check the tokenizers with the first prompt to run (before any weights), then load the models."""
-    tokenizers = check_tokenizers(job.config, [first.prompt])
+    prompts = [first.prompt] if first is not None else []
+    tokenizers = job.peers.agree(lambda: check_tokenizers(job.config, prompts), JobError)
     job.interrupts.check()
     return build_engine(job.config, mesh=job.mesh, tokenizers=tokenizers, interrupts=job.interrupts, log=log)
 
@@ -399,16 +465,17 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
 def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Summary:
     config, summary, output = job.config, job.summary, job.output
     todo = _samples_to_run(job, overwrite)
-    if not todo:
-        return _nothing_to_do(job, log)
+    if not job.peers.ints([len(todo)]).any():
+        return _finish(job, _nothing_to_do(job, log), log)
 
-    jobs = _load(job, todo[0][0], log)
+    jobs = _load(job, todo[0][0] if todo else None, log)
     engine = jobs.engine
-    groups = _render_groups(job, engine, todo)
+    groups = _agree_on_groups(job, job.peers.agree(lambda: _render_groups(job, engine, todo), JobError))
     openai = job.format == OPENAI
     if openai:
         _write_error_lines(job)
     context = _response_context(job, jobs) if openai else None
+    analysis = (engine.tokenizer, [(role, label) for role, _, label in jobs.roles])  # native top_logprobs
 
     def run(errors: ErrorsFile, bar: Progress) -> None:
         # Continuous batching over each group: the batch stays full until the group runs out; finished
@@ -417,9 +484,10 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
             for update in engine.run(group.requests, config.sampling.params(), batch_size=config.job.batch_size,
                                      seed=config.job.seed, stop_token_ids=config.sampling.stop_token_ids,
                                      stop=config.sampling.stop, end_tokens=config.sampling.end_tokens,
-                                     return_component_logprobs=openai, return_distributions=group.top_logprobs):
+                                     return_component_logprobs=openai or group.top_logprobs > 0,
+                                     top_logprobs=group.top_logprobs):
                 if context is None:
-                    records = [_sample_record(*group.origin[r.index], group.requests[r.index], r, summary)
+                    records = [_sample_record(*group.origin[r.index], group.requests[r.index], r, summary, analysis)
                                for r in update.finished]
                     written = len(records)
                 else:
@@ -431,7 +499,15 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
                 bar.update(len(update.finished), update.tokens)
                 job.interrupts.check()
 
-    return _run(job, run, sum(len(g.requests) for g in groups), "samples", progress, log)
+    return _finish(job, _run(job, run, sum(len(g.requests) for g in groups), "samples", progress, log), log)
+
+
+def _agree_on_groups(job: _Job, groups: list[_Group]) -> list[_Group]:
+    """The groups (``Engine.run`` calls) of every process, in one order: each process runs each of them,
+    with its own lines (none, where it has no line of that kind)."""
+    mine = {g.top_logprobs: g for g in groups}
+    keys = sorted({key for theirs in job.peers.gather(sorted(mine)) for key in theirs})
+    return [mine.get(key) or _Group(key) for key in keys]
 
 
 def _samples_to_run(job: _Job, overwrite: bool) -> list[tuple[Request, list[int]]]:
@@ -456,7 +532,8 @@ def _samples_to_run(job: _Job, overwrite: bool) -> list[tuple[Request, list[int]
 def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]) -> list[_Group]:
     """Each line rendered once, for every model (the drafter too), with every check (a line that fails becomes
     an issue); then one request per sample, carrying the line's sampling settings, weights and stop strings.
-    One group (one ``Engine.run``) for every line, and one apart for OpenAI lines asking for top_logprobs."""
+    One group (one ``Engine.run``) for every line, and one apart for lines asking for top log-probs (its K: the
+    largest k of its lines)."""
     from eft_jax.requests import stream_id
 
     config, issues = job.config, job.issues
@@ -492,8 +569,9 @@ def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]
             issues.append(_truncated(req, rendered.cut, f"max_new_tokens={max_new}"))
         rendered = dataclasses.replace(rendered, sampling=sampling, weights=req.weights,
                                        stop=tuple(s for s in req.stop if s not in config.sampling.stop))
-        top = bool(req.api is not None and req.api.top_logprobs)
-        group = groups.setdefault(top, _Group(top))
+        k_top = req.api.top_logprobs if req.api is not None else req.top_logprobs
+        group = groups.setdefault(k_top > 0, _Group(0))
+        group.top_logprobs = max(group.top_logprobs, k_top)
         for k in samples:
             stream = stream_id(["seed", req.seed] if req.seed is not None else ["id", req.id], k)
             group.requests.append(dataclasses.replace(rendered, stream=stream))
@@ -506,11 +584,11 @@ def _render_groups(job: _Job, engine: Any, todo: list[tuple[Request, list[int]]]
 
 @dataclasses.dataclass
 class _Group:
-    """The samples of one ``Engine.run``: every line, or those that record every step's distribution (OpenAI
-    top_logprobs). Each request carries its line's settings. For OpenAI lines, the finished samples of a line
-    wait in ``pending`` until all of them (``samples[key]``) are done."""
+    """The samples of one ``Engine.run``: every line, or those asking for top log-probs (``top_logprobs``: the
+    run's K, the largest k of its lines; 0 for the others). Each request carries its line's settings. For OpenAI
+    lines, the finished samples of a line wait in ``pending`` until all of them (``samples[key]``) are done."""
 
-    top_logprobs: bool
+    top_logprobs: int
     requests: list[Any] = dataclasses.field(default_factory=list)  # Rendered, one per sample
     origin: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (line, sample) of each
     samples: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -559,8 +637,10 @@ def _truncated(req: Request, cut: int, budget: str) -> Issue:
                  f"with {budget} (job.on_long_prompt=truncate_left)", action="truncated")
 
 
-def _sample_record(req: Request, sample: int, rendered: Any, result: Any, summary: Summary) -> dict[str, Any]:
-    """One output line of ``generate`` (and the speculative counts added to the summary)."""
+def _sample_record(req: Request, sample: int, rendered: Any, result: Any, summary: Summary,
+                   analysis: tuple[Any, list[tuple[str, str]]] | None = None) -> dict[str, Any]:
+    """One output line of ``generate`` (and the speculative counts added to the summary). analysis: (tokenizer,
+    (role, engine label) pairs) for a line's ``top_logprobs`` (``records.top_logprobs_field``)."""
     record = {
         "id": req.id, "sample": sample, "prompt": req.prompt, "response": result.text,
         "tokens": len(result.tokens), "finish_reason": result.finish_reason, "logprob": result.logprob,
@@ -572,6 +652,8 @@ def _sample_record(req: Request, sample: int, rendered: Any, result: Any, summar
     if spec is not None:
         record["speculative"] = {"rounds": spec.rounds, "drafted": spec.drafted, "accepted": spec.accepted,
                                  "rejected": spec.rejected}
+    if req.top_logprobs and analysis is not None:
+        record["top_logprobs"] = top_logprobs_field(*analysis, result, req.top_logprobs)
     _count_speculative(result, summary)
     return record
 
@@ -591,11 +673,13 @@ def _run(job: _Job, body: Any, total: int, unit: str, progress: bool, log: TextI
     The errors file starts with the input's issues. Ctrl-C marks the summary interrupted; any other
     error stops the job with a message (batches already written are kept, and a re-run resumes).
     """
+    import jax
+
     summary = job.summary
-    errors = ErrorsFile(summary.errors, writer=_is_writer(), shard=summary.shard)
+    errors = ErrorsFile(summary.errors, writer=job.peers.writer, shard=summary.shard)
     errors.start(job.issues)
     summary.setup_s = time.perf_counter() - job.start
-    bar = Progress(total, unit=unit, stream=log, enabled=progress and _is_writer())
+    bar = Progress(total, unit=unit, stream=log, enabled=progress and jax.process_index() == 0)
     run_start = time.perf_counter()
     try:
         body(errors, bar)
@@ -646,7 +730,7 @@ def _prompt_issue(req: Request, error: Exception) -> Issue:
 def _nothing_to_do(job: _Job, log: TextIO) -> Summary:
     """No line left to run: say why (no lines, none valid, all done), write the errors file, sort the output."""
     summary = job.summary
-    ErrorsFile(summary.errors, writer=_is_writer(), shard=summary.shard).start(job.issues)
+    ErrorsFile(summary.errors, writer=job.peers.writer, shard=summary.shard).start(job.issues)
     if job.format == OPENAI:
         _write_error_lines(job)
     summary.skipped = sum(1 for i in job.issues if i.action == "skipped")
@@ -695,24 +779,12 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
                 issues.append(changed)
         else:
             todo.append(req)
-    if not todo:
-        return _nothing_to_do(job, log)
+    if not job.peers.ints([len(todo)]).any():
+        return _finish(job, _nothing_to_do(job, log), log)
 
-    jobs = _load(job, todo[0], log)
+    jobs = _load(job, todo[0] if todo else None, log)
     engine = jobs.engine
-    lines: list[Request] = []
-    pairs: list[Any] = []
-    same = _SameFailure(config.job.batch_size, len(todo))
-    for req in todo:
-        prefix = req.response_prefix if req.response_prefix is not None else config.job.response_prefix
-        pair = same.attempt(req, issues, lambda: engine.render_pair(req.prompt, req.response, response_prefix=prefix,
-                                                                    on_long_prompt=config.job.on_long_prompt))
-        if pair is None:
-            continue
-        if pair.cut:
-            issues.append(_truncated(req, pair.cut, f"the {pair.max_new}-token response"))
-        lines.append(req)
-        pairs.append(pair)
+    lines, pairs = job.peers.agree(lambda: _render_pairs(job, engine, todo), JobError)
     summary.prompts_run = len(pairs)
     summary.truncated = sum(1 for i in issues if i.action == "truncated")
 
@@ -746,4 +818,23 @@ def _score(job: _Job, *, rewards: bool, overwrite: bool, progress: bool, log: Te
             bar.update(len(records), tokens)
             job.interrupts.check()
 
-    return _run(job, run, len(pairs), "pairs", progress, log)
+    return _finish(job, _run(job, run, len(pairs), "pairs", progress, log), log)
+
+
+def _render_pairs(job: _Job, engine: Any, todo: list[Request]) -> tuple[list[Request], list[Any]]:
+    """Each (prompt, response) line rendered for every model (a line that fails becomes an issue)."""
+    config, issues = job.config, job.issues
+    lines: list[Request] = []
+    pairs: list[Any] = []
+    same = _SameFailure(config.job.batch_size, len(todo))
+    for req in todo:
+        prefix = req.response_prefix if req.response_prefix is not None else config.job.response_prefix
+        pair = same.attempt(req, issues, lambda: engine.render_pair(req.prompt, req.response, response_prefix=prefix,
+                                                                    on_long_prompt=config.job.on_long_prompt))
+        if pair is None:
+            continue
+        if pair.cut:
+            issues.append(_truncated(req, pair.cut, f"the {pair.max_new}-token response"))
+        lines.append(req)
+        pairs.append(pair)
+    return lines, pairs
