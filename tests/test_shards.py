@@ -420,3 +420,45 @@ def test_score_shards_merge_to_the_unsharded_scores(family, tmp_path):
     assert cli.main(["merge", "--pairs", str(pairs), "--out", str(tmp_path / "out.jsonl")]) == 0
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
     assert (tmp_path / "out.errors.jsonl").read_bytes() == (tmp_path / "ref.errors.jsonl").read_bytes()
+
+
+class _GroupOf:
+    """Stands in for ``lockstep.Peers`` of a multi-process job whose mesh has ``groups`` process groups, as
+    process group ``group`` sees it (its own part; every group "agrees" with it). The engine keeps its real,
+    one-process Peers: this process decodes the part alone, as that group would."""
+
+    def __init__(self, group: int, groups: int):
+        self.group, self.groups, self.writer = group, groups, True
+
+    def ints(self, values):
+        import numpy as np
+
+        return np.asarray([values] * self.groups, np.int64)
+
+    def gather(self, value):
+        return [value] * self.groups
+
+    def agree(self, check, error):
+        return check()
+
+
+def test_a_multi_process_shard_writes_its_groups_parts_as_shards_of_n_times_g(runs, tmp_path, capsys, monkeypatch):
+    """``--shard i/N`` of a job with G process groups: group g runs shard i + N*g of N*G (lines of shard i/N
+    only, split G ways), nothing is merged by the job, and `eft-jax merge` over all N*G parts gives the
+    unsharded output byte for byte."""
+    from eft_jax.jobs import runner
+
+    root, config, prompts = runs
+    out = tmp_path / "out.jsonl"
+    for i in range(2):
+        for g in range(2):
+            monkeypatch.setattr(runner, "_job_peers", lambda config, mesh, g=g: _GroupOf(g, 2))
+            assert generate(config, prompts, out, "--shard", f"{i}/2") == 0
+            part = Shard(i + 2 * g, 4).path(out)
+            assert f"shard {i + 2 * g}/4" in capsys.readouterr().out
+            assert all(shard_of(r["id"], 2) == i and shard_of(r["id"], 4) == i + 2 * g for r in read_jsonl(part))
+    assert not out.exists()
+    monkeypatch.undo()
+    assert merge(prompts, out) == 0
+    assert out.read_bytes() == (root / "ref" / "out.jsonl").read_bytes()
+    assert (tmp_path / "out.errors.jsonl").read_bytes() == (root / "ref" / "out.errors.jsonl").read_bytes()
