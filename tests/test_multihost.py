@@ -160,6 +160,18 @@ def test_two_processes_write_the_single_process_output(job, reference, tmp_path,
     assert "mesh data=2 x model=4" in job.log(out, 1)
 
 
+def run_both(job, root, task):
+    """``task`` run by one process (the reference, in ``root/ref``) and by two; both must succeed."""
+    (root / "ref").mkdir()
+    reference = root / "ref" / "out.jsonl"
+    single = job.single(reference, task=task)
+    assert single.returncode == 0, single.stderr
+    out = root / "out.jsonl"
+    codes = [p.wait(timeout=TIMEOUT_S) for p in job.start(out, task=task)]
+    assert codes == [0, 0], [job.log(out, i)[-3000:] for i in range(2)]
+    return out, reference
+
+
 @pytest.mark.slow
 def test_a_process_whose_part_is_empty_still_takes_part(job, tmp_path, family_logit_tol):
     """Every line hashes to process group 0: process 1 has nothing of its own to decode, yet runs each
@@ -168,13 +180,8 @@ def test_a_process_whose_part_is_empty_still_takes_part(job, tmp_path, family_lo
     ids = [i for i in (f"only{k}" for k in range(64)) if shard_of(i, 2) == 0][:5]
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"word {i}"}) + "\n" for i in ids))
     task = ("generate", "--prompts", prompts)
-    (tmp_path / "ref").mkdir()
-    ref = job.single(tmp_path / "ref" / "out.jsonl", task=task)
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "out.jsonl"
-    codes = [p.wait(timeout=TIMEOUT_S) for p in job.start(out, task=task)]
-    assert codes == [0, 0], [job.log(out, i)[-3000:] for i in range(2)]
-    assert_same_samples(out, tmp_path / "ref" / "out.jsonl", family_logit_tol)
+    out, reference = run_both(job, tmp_path, task)
+    assert_same_samples(out, reference, family_logit_tol)
     assert read_jsonl(parts(out)[1]) == []
 
 
@@ -186,13 +193,8 @@ def test_score_in_two_processes_equals_one_process(job, tmp_path, family_logit_t
     pairs.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "word " * (1 + i % 5), "response": f"{i} word"})
                              + "\n" for i in range(11)))
     task = ("score", "--pairs", pairs)
-    (tmp_path / "ref").mkdir()
-    ref = job.single(tmp_path / "ref" / "out.jsonl", task=task)
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "out.jsonl"
-    codes = [p.wait(timeout=TIMEOUT_S) for p in job.start(out, task=task)]
-    assert codes == [0, 0], [job.log(out, i)[-3000:] for i in range(2)]
-    got, want = read_jsonl(out), read_jsonl(tmp_path / "ref" / "out.jsonl")
+    out, reference = run_both(job, tmp_path, task)
+    got, want = read_jsonl(out), read_jsonl(reference)
     assert [(r["id"], r["tokens"]) for r in got] == [(r["id"], r["tokens"]) for r in want]
     per_token = eft_logprob_tolerance(family_logit_tol, [1.0])
     bound = [r["tokens"] * per_token for r in want]

@@ -187,7 +187,9 @@ def test_a_shard_refuses_the_output_of_another_shard_or_another_n(runs, tmp_path
         assert message in capsys.readouterr().err
 
 
-def test_merge_refuses_missing_incomplete_disagreeing_and_foreign_shards(runs, tmp_path, capsys):
+def refusals(runs, tmp_path, capsys):
+    """A copy of the 3 shard outputs, the merged path, and ``refused(*files)``: merge them, expect exit 2 and
+    no output, return the message. Checks first that a missing shard is named with the command to run."""
     root, _, prompts = runs
     n3 = tmp_path / "n3"
     shutil.copytree(root / "n3", n3)
@@ -202,6 +204,12 @@ def test_merge_refuses_missing_incomplete_disagreeing_and_foreign_shards(runs, t
 
     err = refused(files[0], files[2])
     assert "shard 1/3 is missing" in err and "out.shard-1-of-3.jsonl" in err and "--shard 1/3" in err
+    return n3, files, out, refused
+
+
+def test_merge_refuses_missing_incomplete_disagreeing_and_foreign_shards(runs, tmp_path, capsys):
+    root, _, prompts = runs
+    n3, files, out, refused = refusals(runs, tmp_path, capsys)
 
     lines = files[1].read_text().splitlines(keepends=True)
     files[1].write_text("".join(lines[1:]))  # its first line lost
@@ -336,19 +344,7 @@ def test_openai_shards_resume_a_grown_input_like_the_unsharded_job(oa_runs, tmp_
 
 def test_openai_merge_refuses_missing_incomplete_disagreeing_and_duplicate_shards(oa_runs, tmp_path, capsys):
     root, _, prompts = oa_runs
-    n3 = tmp_path / "n3"
-    shutil.copytree(root / "n3", n3)
-    files = [n3 / f"out.shard-{i}-of-3.jsonl" for i in range(3)]
-    out = tmp_path / "merged.jsonl"
-
-    def refused(*args, prompts=prompts) -> str:
-        capsys.readouterr()
-        assert merge(prompts, out, *args) == 2
-        assert not out.exists()
-        return capsys.readouterr().err
-
-    err = refused(files[0], files[2])
-    assert "shard 1/3 is missing" in err and "out.shard-1-of-3.jsonl" in err and "--shard 1/3" in err
+    n3, files, out, refused = refusals(oa_runs, tmp_path, capsys)
 
     i = next(i for i, f in enumerate(files) if any(json.loads(x)["response"] is not None
                                                   for x in f.read_text().splitlines()))

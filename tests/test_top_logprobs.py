@@ -152,21 +152,28 @@ def _job_config(family, tmp_path):
     return load_config(trio_config(family, tmp_path / "c.yaml", batch_size=2, max_new_tokens=5))
 
 
-def test_native_top_logprobs_lines_round_trip_and_bad_values_are_refused(family, tmp_path, monkeypatch,
-                                                                          family_logit_tol):
+def _run_job(family, tmp_path, monkeypatch, lines):
+    """``lines`` as a job's input file, run; the job's summary, the keyword arguments of each ``Engine.run``
+    call it made, and its config."""
     from eft_jax.jobs.runner import run_generate
-    from job_helpers import read_jsonl
 
-    lines = [{"id": "a", "prompt": "hello", "top_logprobs": 3}, {"id": "b", "prompt": "a b c"},
-             {"id": "c", "prompt": "zz", "top_logprobs": 1, "seed": 4}, {"id": "bad", "prompt": "x", "top_logprobs": 21},
-             {"id": "bad2", "prompt": "x", "top_logprobs": True}, {"id": "z", "prompt": "x", "top_logprobs": 0}]
     inputs = tmp_path / "in.jsonl"
     inputs.write_text("".join(json.dumps(line) + "\n" for line in lines))
     seen = []
     real = Engine.run
     monkeypatch.setattr(Engine, "run", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
     config = _job_config(family, tmp_path)
-    summary = run_generate(config, inputs, tmp_path / "out.jsonl", progress=False, log=io.StringIO())
+    return run_generate(config, inputs, tmp_path / "out.jsonl", progress=False, log=io.StringIO()), seen, config
+
+
+def test_native_top_logprobs_lines_round_trip_and_bad_values_are_refused(family, tmp_path, monkeypatch,
+                                                                          family_logit_tol):
+    from job_helpers import read_jsonl
+
+    lines = [{"id": "a", "prompt": "hello", "top_logprobs": 3}, {"id": "b", "prompt": "a b c"},
+             {"id": "c", "prompt": "zz", "top_logprobs": 1, "seed": 4}, {"id": "bad", "prompt": "x", "top_logprobs": 21},
+             {"id": "bad2", "prompt": "x", "top_logprobs": True}, {"id": "z", "prompt": "x", "top_logprobs": 0}]
+    summary, seen, config = _run_job(family, tmp_path, monkeypatch, lines)
     assert summary.skipped == 2
     errors = read_jsonl(tmp_path / "out.errors.jsonl")
     assert [(e["line"], e["kind"]) for e in errors] == [(4, "invalid_field"), (5, "invalid_field")]
@@ -213,7 +220,6 @@ def test_openai_top_logprobs_come_from_the_device_and_carry_each_models_values(f
     import openai.types as openai_types
     import openai.types.chat as chat_types
 
-    from eft_jax.jobs.runner import run_generate
     from job_helpers import read_jsonl
 
     def line(cid, url, **body):
@@ -223,13 +229,7 @@ def test_openai_top_logprobs_come_from_the_device_and_carry_each_models_values(f
                   logprobs=True, top_logprobs=2),
              line("cmpl", "/v1/completions", prompt="abc", max_tokens=4, logprobs=3),
              line("none", "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], max_tokens=3)]
-    inputs = tmp_path / "in.jsonl"
-    inputs.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    seen = []
-    real = Engine.run
-    monkeypatch.setattr(Engine, "run", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
-    config = _job_config(family, tmp_path)
-    summary = run_generate(config, inputs, tmp_path / "out.jsonl", progress=False, log=io.StringIO())
+    summary, seen, config = _run_job(family, tmp_path, monkeypatch, lines)
     assert summary.exit_status == 0
     assert sorted(kw["top_logprobs"] for kw in seen) == [0, 3]
     assert not any(kw.get("return_distributions") for kw in seen)
