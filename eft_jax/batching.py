@@ -19,6 +19,14 @@ the slots its devices hold, filled from its own requests; the decisions that sha
 size, when to start over or refill and with what prompt length, the attention window, when to stop) are
 made alike on every process from a few integers gathered from all of them after each chunk.
 
+Longrope models (Phi-3.5, Phi-4-mini): transformers re-encodes the whole sequence with the long factors when
+a generation first feeds a position at or past ``original_max_position_embeddings`` on a cache built with the
+short ones. A row does the same here: the outputs sampled from that step on are dropped after the chunk, and
+the row restarts at that output index - its prompt followed by the outputs kept, prefilled (long factors: it
+now spans the original context) through the same refill - continuing its random stream where it was (a sample
+depends on its output index only); its outputs are put back together when it finishes (``Row.first``).
+Speculative decoding of such rows is refused.
+
 Shapes are fixed per call so that few programs compile: the caches hold the longest prompt (rows are
 sorted longest first, so the first fill sets it) plus the longest ``max_new_tokens`` rounded up to whole
 chunks; a refill prefills a fixed number of rows (a quarter of the batch, or the whole batch when more
@@ -58,6 +66,7 @@ class Row:
     sampling: SamplingParams = SamplingParams()
     weights: tuple[float, ...] | None = None
     stop: tuple[str, ...] = ()
+    first: int = 0  # a restarted row: its prompts end with its first `first` outputs, sampled already
 
 
 @dataclasses.dataclass
@@ -90,9 +99,20 @@ class SlotLoop:
         self.k = engine.speculative_k
         self.peers = peers = engine.peers
         models = len(engine.runs)
-        # The geometry every process shares: from the most rows, the longest answer and prompts of any.
+        self.original = [_longrope_original(c.model.config) for c in engine.runs]
+        # The geometry every process shares: from the most rows, the longest answer and prompts of any, and
+        # whether a row may restart (then a cache holds a restarted row's longer prompt: prompt + answer).
         facts = peers.ints([len(rows), max((r.max_new for r in rows), default=1),
-                            *(max((len(r.tokens[m]) for r in rows), default=1) for m in range(models))]).max(0)
+                            any(self._crossing(r) is not None for r in rows),
+                            *(max((len(r.tokens[m]) for r in rows), default=1) for m in range(models)),
+                            *(max((len(r.tokens[m]) + r.max_new for r in rows), default=1) for m in range(models))
+                            ]).max(0)
+        self.restarts = bool(facts[2])
+        if self.restarts and self.k:
+            raise ValueError("speculative decoding of a generation that crosses a longrope model's original context "
+                             f"(original_max_position_embeddings={min(o for o in self.original if o)}) is not "
+                             "supported: lower max_new_tokens or run without speculative decoding")
+        self.prefix: dict[int, RowOutput] = {}  # a restarted row's outputs before its restart, by Row.index
         # No slot for a row that does not exist: a small call runs a small batch.
         self.num_slots = min(batch_size, _round_up(int(facts[0]) * peers.groups, engine.place.data_size))
         self.owned = peers.owned(self.num_slots)  # the slots this process fills and reads
@@ -100,8 +120,10 @@ class SlotLoop:
         self.blank = Row(-1, [[engine.pad_id]] * models, 0, 0)  # fills the rows of a process with none left
         self.out_len = 1 + plan.chunk * math.ceil((int(facts[1]) - 1) / plan.chunk)
         extra = self.k + 1 if self.k else 0  # a speculative round writes k + 1 entries before rewinding
-        self.prompt_len = [bucket_length(int(n)) for n in facts[2:]]
-        self.cache_slots = [length + self.out_len + extra for length in self.prompt_len]
+        self.prompt_len = [bucket_length(int(n)) for n in facts[3: 3 + models]]
+        longest = [bucket_length(int(n)) if self.restarts else 0 for n in facts[3 + models:]]
+        self.cache_slots = [max(length, most) + self.out_len + extra for length, most in zip(self.prompt_len, longest,
+                                                                                              strict=True)]
         self.params = tuple(c.model.run_params for c in engine.runs)  # the fastest layout here (Model.run_params)
         self.seed = engine.place.replicated(np.asarray(seed, np.int32))
         self.occupant: list[Row | None] = [None] * self.num_slots
@@ -122,9 +144,13 @@ class SlotLoop:
             done, num_tokens = local(st.done), local(st.num_tokens)
             self.lengths = [np.array(local(c.length)) for c in st.caches]
             live = np.array([row is not None for row in self.occupant])
-            tokens = int(np.sum(np.where(live, num_tokens - counted, 0)))
+            firsts = np.array([row.first if row is not None else 0 for row in self.occupant])
+            tokens = int(np.sum(np.where(live, num_tokens - np.maximum(counted, firsts), 0)))
             counted = np.where(live, num_tokens, 0)
             stops = self._stop_strings(state, live, num_tokens, checked) if self.stop_check else {}
+            if self.restarts:
+                for s in self._restart(state, num_tokens, stops):
+                    counted[s] = checked[s] = 0
             finished = [s for s, row in enumerate(self.occupant) if row is not None and (done[s] or s in stops)]
             yield (self._outputs(state, finished, stops) if finished else []), tokens
             for s in finished:
@@ -177,6 +203,31 @@ class SlotLoop:
             state = refill(self.plan, self.params, new, self.weights, self.seed, self.engine.place.rows(slots), state)
         return state
 
+    def _crossing(self, row: Row) -> int | None:
+        """The output index at which ``row`` must restart (see the module docstring), or None: the first
+        output sampled after a longrope model fed position ``original`` on a cache its short factors built."""
+        at = [original - len(row.tokens[m]) + row.first + 1 for m, original in enumerate(self.original)
+              if original is not None and len(row.tokens[m]) <= original]
+        j = min(at, default=row.max_new)
+        return j if j < row.max_new else None
+
+    def _restart(self, state: Any, num_tokens: np.ndarray, stops: dict[int, tuple[int, str]]) -> list[int]:
+        """Rows that sampled past their crossing (and did not stop before it): their outputs up to it kept
+        (``prefix``), their slots freed, and each queued first again, restarting there. Returns the slots."""
+        freed = []
+        for s, row in enumerate(self.occupant):
+            j = None if row is None else self._crossing(row)
+            if j is None or num_tokens[s] <= j or (s in stops and stops[s][0] <= j):
+                continue
+            stops.pop(s, None)  # a stop string found past the crossing was sampled from the wrong cache
+            [(_, kept)] = self._outputs(state, [s], {s: (j, None)})
+            self.prefix[row.index] = kept
+            prefix = kept.tokens[row.first:].tolist()
+            self.queue.appendleft(dataclasses.replace(row, tokens=[list(t) + prefix for t in row.tokens], first=j))
+            self.occupant[s] = None
+            freed.append(s)
+        return freed
+
     def _record_lengths(self, slots: Sequence[int], new: decode.NewRows) -> None:
         """A (re)filled row's cache length: its left-padded prompt."""
         for m, tokens in enumerate(new.tokens):
@@ -222,12 +273,14 @@ class SlotLoop:
         filler = real[0] if real else self.blank
         padded = [r if r is not None else filler for r in rows]
         # Prompts padded alike on every process: to the longest of the call's rows on any of them.
-        longest = prompt_len or self.peers.ints([max(len(r.tokens[m]) for r in padded)
-                                                 for m in range(len(self.engine.runs))]).max(0)
+        longest = (prompt_len if prompt_len and not self.restarts else
+                   self.peers.ints([max(len(r.tokens[m]) for r in padded) for m in range(len(self.engine.runs))]).max(0))
         tokens, positions, layouts = [], [], []
         for m, model_run in enumerate(self.engine.runs):
             seqs = [r.tokens[m] for r in padded]
-            length = prompt_len[m] if prompt_len else bucket_length(int(longest[m]))
+            length = bucket_length(int(longest[m]))
+            if prompt_len:  # the start program's padding, unless a restarted row is longer
+                length = max(prompt_len[m], length if self.restarts else 0)
             t, p = left_pad(seqs, length, self.engine.pad_id)
             tokens.append(self.engine.place.rows(t))
             positions.append(self.engine.place.rows(p))
@@ -241,8 +294,9 @@ class SlotLoop:
         if self.plan.features.row_weights:
             default = tuple(np.asarray(self.weights).tolist())
             weights = place(np.array([r.weights if r.weights is not None else default for r in padded], np.float32))
+        first = place(np.array([r.first for r in padded], np.int32)) if self.restarts else None
         return decode.NewRows(tuple(tokens), tuple(positions), stream, max_new, tuple(layouts), self.out_len,
-                              values, weights)
+                              values, weights, first)
 
     def _decode_state(self, state: Any) -> decode.DecodeState:
         return state.decode if self.k else state
@@ -254,8 +308,12 @@ class SlotLoop:
         tokens = self.peers.local(self._decode_state(state).tokens)
         found = {}
         for s in np.flatnonzero(live & (num_tokens > checked)):
-            stop = self.occupant[s].stop
-            hit = self.stop_check(tokens[s, : num_tokens[s]], int(checked[s]), stop) if stop else None
+            row = self.occupant[s]
+            stop = row.stop
+            row_tokens = tokens[s, : num_tokens[s]]
+            if row.first:  # a restarted row: its outputs before the restart are on the host
+                row_tokens = np.concatenate([self.prefix[row.index].tokens, row_tokens[row.first:]])
+            hit = self.stop_check(row_tokens, int(checked[s]), stop) if stop else None
             checked[s] = num_tokens[s]
             if hit is not None:
                 found[int(s)] = hit
@@ -276,7 +334,8 @@ class SlotLoop:
         out = []
         for s in slots:
             n, stop = (int(counts[s]), None) if s not in stops else stops[s]
-            out.append((self.occupant[s], RowOutput(
+            row = self.occupant[s]
+            output = RowOutput(
                 tokens=tokens[s, :n], logprobs=logprobs[s, :n],
                 components=None if comps is None else comps[:, s, :n],
                 distributions=None if dists is None else dists[s, :n],
@@ -284,8 +343,29 @@ class SlotLoop:
                 top_components=None if top is None else top[2][:, s, :n],
                 speculative=None if spec is None else _speculative_stats(spec, s, n, self.k, cut=stop is not None),
                 stop_string=stop,
-            )))
+            )
+            out.append((row, _after(self.prefix[row.index], output, row.first) if row.first else output))
         return out
+
+
+def _after(prefix: RowOutput, output: RowOutput, first: int) -> RowOutput:
+    """A restarted row's whole output: ``prefix`` (its first ``first`` outputs) then ``output`` from ``first`` on
+    (the device holds nothing before it). Per-token arrays have the token axis last but for distributions'."""
+    def join(a: np.ndarray | None, b: np.ndarray | None, axis: int) -> np.ndarray | None:
+        return None if a is None else np.concatenate([a, np.take(b, range(first, b.shape[axis]), axis=axis)], axis)
+
+    return dataclasses.replace(
+        output, tokens=join(prefix.tokens, output.tokens, 0), logprobs=join(prefix.logprobs, output.logprobs, 0),
+        components=join(prefix.components, output.components, 1),
+        distributions=join(prefix.distributions, output.distributions, 0),
+        top_ids=join(prefix.top_ids, output.top_ids, 0), top_logprobs=join(prefix.top_logprobs, output.top_logprobs, 0),
+        top_components=join(prefix.top_components, output.top_components, 1))
+
+
+def _longrope_original(config: Any) -> int | None:
+    """A longrope model's original context (``original_max_position_embeddings``), else None."""
+    scaling = config.rope_scaling
+    return scaling.original_max_position_embeddings if scaling is not None and scaling.kind == "longrope" else None
 
 
 def _speculative_stats(spec: dict[str, np.ndarray], slot: int, n: int, k: int, cut: bool) -> dict[str, Any]:

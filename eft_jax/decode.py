@@ -115,7 +115,7 @@ class DecodeState:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["tokens", "positions", "stream", "max_new", "values", "weights"],
+                   data_fields=["tokens", "positions", "stream", "max_new", "values", "weights", "first"],
                    meta_fields=["layouts", "out_len"])
 @dataclasses.dataclass(frozen=True)
 class NewRows:
@@ -131,6 +131,9 @@ class NewRows:
     out_len: int
     values: RowValues | None = None  # each row's sampling values (None: plan.sampling's for every row)
     weights: Float[Array, "rows n_ft"] | None = None  # per-row reward weights (plan.features.row_weights)
+    # A row restarted at output index first[r] (None: every row starts at 0): its prompt ends with its first
+    # first[r] output tokens, and it samples output first[r] next (``batching``: longrope's original context).
+    first: Int[Array, " rows"] | None = None
 
 
 def row_weights(plan: Plan, state: DecodeState, weights: Float[Array, " n_ft"]) -> Array:
@@ -262,12 +265,13 @@ def start_state(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Flo
         logits.append(out[:, 0])
         new_caches.append(cache)
     batch, out_len = rows.stream.shape[0], rows.out_len
+    first = jnp.zeros((batch,), jnp.int32) if rows.first is None else rows.first.astype(jnp.int32)
     state = DecodeState(
         caches=tuple(new_caches),
         token=jnp.zeros((batch,), jnp.int32),
         next_pos=jnp.stack([jnp.max(pos, axis=1) + 1 for pos in rows.positions]).astype(jnp.int32),
-        done=rows.max_new <= 0,
-        num_tokens=jnp.zeros((batch,), jnp.int32),
+        done=rows.max_new <= first,
+        num_tokens=first,
         max_new=rows.max_new.astype(jnp.int32),
         stream=rows.stream.astype(jnp.int32),
         tokens=jnp.full((batch, out_len), plan.pad_id, jnp.int32),
@@ -281,10 +285,19 @@ def start_state(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Flo
         values=rows.values if rows.values is not None else default_values(plan, batch),
         weights=(jnp.asarray(rows.weights, jnp.float32).T if plan.features.row_weights
                  else jnp.zeros((0,), jnp.float32)),
-        counts=jnp.zeros((batch, plan.vocab) if plan.features.penalties else (0,), jnp.int32),
+        counts=_restart_counts(plan, rows, first) if plan.features.penalties else jnp.zeros((0,), jnp.int32),
         prompt_seen=_prompt_seen(plan, rows) if plan.features.penalties else jnp.zeros((0,), bool),
     )
     return _choose_and_record(plan, state, tuple(logits), weights, seed)
+
+
+def _restart_counts(plan: Plan, rows: NewRows, first: Int[Array, " rows"]) -> Int[Array, "rows vocab"]:
+    """Each row's output tokens so far, counted per id (presence / frequency penalties): none for a new row; for
+    a restarted one, its first ``first`` outputs, the last ``first`` tokens of the base's left-padded prompt."""
+    toks = rows.tokens[0]
+    tail = jnp.arange(toks.shape[1])[None, :] >= toks.shape[1] - first[:, None]
+    counts = jnp.zeros((toks.shape[0], plan.vocab), jnp.int32)
+    return counts.at[jnp.arange(toks.shape[0])[:, None], jnp.minimum(toks, plan.vocab - 1)].add(tail.astype(jnp.int32))
 
 
 def _prompt_seen(plan: Plan, rows: NewRows) -> Bool[Array, "rows vocab"]:

@@ -82,12 +82,13 @@ def test_tokenizer_and_chat_template_come_along(tmp_path):
     assert text == "<|user|>hi</s><|assistant|>"
 
 
-def test_longrope_generation_follows_transformers_within_the_original_context(tmp_path):
+def test_longrope_generation_follows_transformers_across_the_original_context(tmp_path):
     """Longrope uses its short factors while a forward's positions stay within the original context (16
-    here) and its long ones beyond (the 40-token parity test above). Greedy generation from a short prompt up
-    to the original context, each step's log-probs against transformers' own generate. (A generation that
-    crosses the original context is not exact yet: transformers' Phi-3 re-encodes the whole sequence with
-    the long factors at the crossing, eft-jax keeps the cached keys; see the README's family notes.)"""
+    here) and its long ones beyond (the 40-token parity test above). Transformers' Phi-3 generate re-encodes
+    the whole sequence with the long factors when it first feeds position 16 on a short-factor cache; eft-jax
+    restarts the row there (``batching``). Greedy generation from prompts of different lengths well past the
+    original context, each step's tokens and log-probs against transformers' own generate, two prompts in a
+    batch of 1 (the restart goes through the refill) and of 2."""
     import jax
 
     from eft_jax.engine import Engine
@@ -97,16 +98,32 @@ def test_longrope_generation_follows_transformers_within_the_original_context(tm
 
     torch_model = write_checkpoint(tmp_path, "phi3_longrope")
     model = eft_jax.load_model(tmp_path)
-    ids = render_tokens(model.tokenizer, "jumps over", "plain")
-    new = 16 - len(ids) + 1  # the last step's input token sits at position 15: still the short factors
-    with torch.no_grad():
-        out = torch_model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, output_scores=True,
-                                   return_dict_in_generate=True, pad_token_id=256)
-    want_tokens = out.sequences[0, len(ids):].tolist()
-    want = np.stack([jax.nn.log_softmax(s[0, :TOKENIZER_SIZE].numpy().astype(np.float64)) for s in out.scores])
-    [res] = Engine(EFTSpec.single(model)).generate(["jumps over"], SamplingParams(temperature=0.0), max_new_tokens=new,
-                                                   return_distributions=True, ignore_eos=True)
-    assert list(res.tokens) == want_tokens
-    got = res.distributions[:, :TOKENIZER_SIZE].astype(np.float64)
-    # Log-softmax is 2-Lipschitz in the max norm: twice the logits' rounding bound (tests/tolerances.py).
-    np.testing.assert_allclose(got, want, atol=2 * _tol(want, 16), rtol=0)
+    prompts = ["jumps over", "the quick brown fox jumps"]
+    new = 24
+    want_tokens, want = [], []
+    for prompt in prompts:
+        ids = render_tokens(model.tokenizer, prompt, "plain")
+        assert len(ids) + new > 16 + 2  # crosses the original context with outputs to spare
+        with torch.no_grad():  # only ids of the tokenizer, as eft-jax samples (the model's vocabulary is padded)
+            out = torch_model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, output_scores=True,
+                                       return_dict_in_generate=True, pad_token_id=256,
+                                       suppress_tokens=list(range(TOKENIZER_SIZE, torch_model.config.vocab_size)))
+        want_tokens.append(out.sequences[0, len(ids):].tolist())
+        want.append(np.stack([jax.nn.log_softmax(s[0, :TOKENIZER_SIZE].numpy().astype(np.float64))
+                              for s in out.scores]))
+    engine = Engine(EFTSpec.single(model), chunk_size=4)
+    for batch_size in (1, 2):
+        results = engine.generate(prompts, SamplingParams(temperature=0.0), max_new_tokens=new, batch_size=batch_size,
+                                  return_distributions=True, ignore_eos=True)
+        for res, tokens, dist in zip(results, want_tokens, want, strict=True):
+            got = res.distributions[:, :TOKENIZER_SIZE].astype(np.float64)
+            # Log-softmax is 2-Lipschitz in the max norm: twice the logits' rounding bound (tests/tolerances.py).
+            tol = 2 * _tol(dist, 40)
+            assert list(res.tokens) == tokens
+            np.testing.assert_allclose(got, dist, atol=tol, rtol=0)
+    # Sampled, with a presence penalty (a restarted row counts its outputs so far again): a restarted row
+    # continues its random stream, so batch 1 and batch 2 (restarts at other moments, in other slots) agree.
+    sampled = SamplingParams(temperature=1.0, presence_penalty=0.5)
+    runs = [[list(r.tokens) for r in engine.generate(prompts, sampled, max_new_tokens=new, batch_size=b, ignore_eos=True)]
+            for b in (1, 2)]
+    assert runs[0] == runs[1] and all(len(t) == new for t in runs[0])

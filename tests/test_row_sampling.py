@@ -277,3 +277,19 @@ def test_job_lines_with_their_own_settings_run_in_one_engine_run_and_match_a_con
     errors = read_jsonl(tmp_path / "spec.errors.jsonl")
     assert summary.skipped == 2 and [e["line"] for e in errors] == [1, 3]
     assert all("presence_penalty=0.5 is not supported with speculative decoding" in e["error"] for e in errors)
+
+
+def test_a_restarted_row_counts_its_outputs_so_far_for_the_penalties():
+    """A row restarted at output ``first`` (``batching``: longrope's original context) carries its outputs so
+    far as the last ``first`` tokens of its left-padded prompts; presence / frequency penalties count them
+    again (numpy bincount of that tail), and nothing for a new row."""
+    vocab = 11
+    plan = decode.Plan(configs=(), vocab=vocab, n_ft=0, base_top_p=None, sampling=SamplingParams(), stop_ids=(),
+                       pad_id=0, chunk=1, features=Features(penalties=True))
+    tokens = np.array([[0, 0, 3, 4, 5, 5, 7], [1, 2, 3, 4, 5, 6, 7], [9, 9, 9, 9, 2, 2, 10]], np.int32)
+    first = np.array([3, 0, 5], np.int32)
+    rows = decode.NewRows((tokens,), (np.zeros_like(tokens),), np.zeros(3, np.int32), np.full(3, 9, np.int32), (),
+                          1, first=first)
+    got = np.asarray(decode._restart_counts(plan, rows, jax.numpy.asarray(first)))
+    want = np.stack([np.bincount(t[len(t) - f:], minlength=vocab) for t, f in zip(tokens, first, strict=True)])
+    np.testing.assert_array_equal(got, want)
