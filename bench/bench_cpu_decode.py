@@ -8,6 +8,13 @@ floor / step is the fraction of the machine's read bandwidth a step reaches. Als
 ``cost_analysis()`` bytes accessed against the ideal bytes (weights read once + live KV). XLA counts a
 loop body once, not once per trip, so for the scanned program that figure is per layer, not per step.
 
+``--part loop``: bfloat16 against float32 where decoding runs: the one-token cached forward of a random
+Qwen2.5-1.5B-shaped model (``--layers``, default 1: the 152k-entry tied embedding/head plus one layer) alone,
+against the same forward ``--steps`` times inside a ``lax.while_loop`` (each step's argmax fed back, as
+``decode.decode_chunk`` does), per dtype and batch, interleaved; and the weight-shaped ``copy`` / ``transpose``
+/ ``convert`` (or any other materialized weight-sized array) in the compiled loop program (a weight re-laid
+out or converted at every call shows there; there should be none).
+
 ``--part real --gguf FILE [--small-gguf FILE]``: a real checkpoint against transformers on the same
 dequantized weights, greedy, the same prompt tokens, per dtype and batch size: tokens/s of transformers'
 ``generate``, of eft-jax's ``Engine`` (plain decoding of FILE, and with ``--small-gguf`` EFT up-scaling:
@@ -16,6 +23,7 @@ the reward is 0 and the tokens must match), each one's first call (compiles) and
 transformers runs first and is freed before eft-jax loads (memory).
 
 Usage: python bench/bench_cpu_decode.py --part step [--reps 5] [--batch 8]
+       python bench/bench_cpu_decode.py --part loop [--layers 1] [--batches 1,8] [--dtypes bfloat16,float32]
        python bench/bench_cpu_decode.py --part real --gguf /tmp/qwen15.gguf --small-gguf /tmp/qwen05.gguf \
            [--batches 1,8] [--new 64] [--dtypes float32,bfloat16]
 Measures, prints; asserts nothing.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import re
 import time
 
 import jax
@@ -123,6 +132,83 @@ def part_step(args: argparse.Namespace) -> None:
         b = step.bytes_accessed()
         print(f"{name:26s} {times[name] * 1e3:8.1f} {times['floor'] / times[name]:10.2f} {step.compile_s:9.2f} "
               f"{step.hlo_copies():6d} {b / 1e9:13.3f} {b / ideal:7.2f}")
+
+
+# --- the decode loop against the bare forward --------------------------------------------------------
+
+SHAPE_QWEN15 = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_heads": 12,
+                "num_kv_heads": 2, "head_dim": 128, "qkv_bias": True, "tie_word_embeddings": True}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (\w+)\[(\d+),(\d+)\]\{[^}]*\} ([\w\-]+)\(")
+
+
+def weight_shaped_ops(hlo: str, smallest: int) -> list[str]:
+    """The 2-D arrays with both dims >= ``smallest`` that an optimized HLO text materializes: results of
+    instructions in the computations that run (entry, loop bodies; not inside a fusion, where a convert of a
+    whole table feeding a gather reads only the gathered rows), other than parameters, tuple elements and
+    bitcasts. Weights re-laid out or converted show here (activations have 1-2 rows; caches more dims)."""
+    fused = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo))
+    found, computation = set(), None
+    for line in hlo.splitlines():
+        if m := _COMPUTATION.match(line):
+            computation = m.group(1)
+        elif computation not in fused and (m := _INSTRUCTION.match(line)) and \
+                min(int(m.group(2)), int(m.group(3))) >= smallest and \
+                m.group(4) not in ("parameter", "get-tuple-element", "bitcast", "tuple"):
+            found.add(f"{m.group(1)}[{m.group(2)},{m.group(3)}] {m.group(4)}")
+    return sorted(found)
+
+
+class Loop:
+    """The bare one-token forward and ``steps`` of it inside a ``while_loop`` (argmax fed back), compiled."""
+
+    def __init__(self, cfg: LlamaConfig, params, batch: int, steps: int):
+        dtype = jax.tree.leaves(params)[0].dtype
+        self.params, self.cache = params, _cache(cfg, batch, 128, 64, dtype)
+        self.tok, self.steps = jnp.zeros((batch, 1), jnp.int32), steps
+
+        def bare(p, cache, tok):
+            return llama.forward(cfg, p, tok, jnp.full_like(tok, 64), cache)[0]
+
+        def loop(p, cache, tok):
+            def body(c):
+                i, cache, t = c
+                logits, cache = llama.forward(cfg, p, t, jnp.full_like(t, 64) + i, cache)
+                return i + 1, cache, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+            return jax.lax.while_loop(lambda c: c[0] < steps, body, (0, cache, tok))[2]
+
+        self.bare = jax.jit(bare).lower(params, self.cache, self.tok).compile()
+        self.loop = jax.jit(loop).lower(params, self.cache, self.tok).compile()
+        self.ops = weight_shaped_ops(self.loop.as_text(), min(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim))
+
+    def run_bare(self):
+        return self.bare(self.params, self.cache, self.tok)
+
+    def run_loop(self):
+        return self.loop(self.params, self.cache, self.tok)
+
+
+def part_loop(args: argparse.Namespace) -> None:
+    cfg = LlamaConfig(**SHAPE_QWEN15, num_layers=args.layers)
+    loops = {}
+    for dtype_name in args.dtypes.split(","):
+        params = llama.run_params(llama.init_params(cfg, jax.random.key(0), jnp.dtype(dtype_name)), transpose=True)
+        for batch in (int(b) for b in args.batches.split(",")):
+            loops[dtype_name, batch] = lp = Loop(cfg, params, batch, args.steps)
+            jax.block_until_ready((lp.run_bare(), lp.run_loop()))
+    best = {key: [float("inf"), float("inf")] for key in loops}
+    for _ in range(args.reps):  # interleaved, so machine noise hits all alike
+        for key, lp in loops.items():
+            best[key][0] = min(best[key][0], _best(lp.run_bare, 1))
+            best[key][1] = min(best[key][1], _best(lp.run_loop, 1) / args.steps)
+    print(f"Qwen2.5-1.5B shape, {args.layers} layer(s), random weights, [out, in] CPU layout; {args.steps} steps in "
+          f"the loop; best of {args.reps}, interleaved")
+    print(f"{'dtype':9s} {'batch':>5s} {'bare ms':>8s} {'loop ms/step':>12s} {'loop / bare':>11s}  weight-shaped "
+          f"arrays materialized by the loop program")
+    for (dtype_name, batch), (bare, loop) in best.items():
+        ops = loops[dtype_name, batch].ops
+        print(f"{dtype_name:9s} {batch:5d} {bare * 1e3:8.1f} {loop * 1e3:12.1f} {loop / bare:11.2f}  "
+              f"{len(ops)}{': ' + ', '.join(ops) if ops else ''}", flush=True)
 
 
 # --- real weights against transformers ---------------------------------------------------------------
@@ -260,7 +346,7 @@ def part_real(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("step", "real"), default="step")
+    parser.add_argument("--part", choices=("step", "loop", "real"), default="step")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1, help="step: batch size")
     parser.add_argument("--slots", type=int, default=256, help="step: cache slots")
@@ -268,11 +354,13 @@ def main() -> None:
     parser.add_argument("--gguf", help="real: the GGUF file")
     parser.add_argument("--small-gguf", help="real: a small model of the same tokenizer, for the EFT rows (ref and "
                                              "fine-tune)")
-    parser.add_argument("--batches", default="1,8", help="real: batch sizes")
+    parser.add_argument("--batches", default="1,8", help="loop, real: batch sizes")
+    parser.add_argument("--layers", type=int, default=1, help="loop: decoder layers")
+    parser.add_argument("--steps", type=int, default=16, help="loop: steps inside the loop")
     parser.add_argument("--new", type=int, default=64, help="real: new tokens per prompt")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="real: parameter dtypes")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="loop, real: parameter dtypes")
     args = parser.parse_args()
-    part_step(args) if args.part == "step" else part_real(args)
+    {"step": part_step, "loop": part_loop, "real": part_real}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ depth."""
 
 import dataclasses
 import re
+from pathlib import Path
 
 import jax
 import jax.extend.core
@@ -186,3 +187,70 @@ def test_no_bf16_dot_of_one_row_in_a_one_token_forward():
             jaxpr = jax.make_jaxpr(lambda p, c: llama.forward(cfg, p, tok, pos, c))(layout, cache).jaxpr
             weight_dots = [d for d in _dot_rows(jaxpr) if d[0] == "bfloat16"]
             assert weight_dots and all(rows >= 2 for _, rows in weight_dots), (tied, type(layout["layers"]), weight_dots)
+
+
+def _materialized_2d(hlo: str, smallest: int) -> list[str]:
+    """2-D arrays with both dims >= ``smallest`` that the compiled program writes (outside fusions, other than
+    parameters, tuple elements and bitcasts): ``weight_shaped_ops`` of bench/bench_cpu_decode.py, which
+    reports them for the benchmark."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_cpu_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.weight_shaped_ops(hlo, smallest)
+
+
+def test_no_weight_is_copied_or_converted_inside_the_decode_loop():
+    # Regression (issue 12, bf16 on CPU): inside a while loop (decode.decode_chunk), XLA:CPU's dot decomposer
+    # turned every 3-D bf16 weight dot into [m, k] x [k, n] by transposing the weight, and loop-invariant code
+    # motion hoisted that transpose out of the loop before it could be folded back into the dot: every weight
+    # was copied to [in, out] at every chunk call (and the loop's dots ran on that layout); the bf16 embedding
+    # gather converted the whole table to float32 the same way. A 1-layer Qwen2.5-1.5B-shaped model: 54 ms a
+    # step in the loop against 24 ms bare. Now the weight dots are 2-D and the lookup keeps its conversion
+    # fused: the compiled loop must write no array of a weight's size (activations have 1-2 rows here, the
+    # cache 5 dims). The CPU run layouts only: a scan over stacked layers copies each layer's weights out of
+    # the stacked buffer by design (see llama's module docstring).
+    for tied in (False, True):
+        cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+        for dtype in (jnp.bfloat16, jnp.float32):
+            params = llama.init_params(cfg, jax.random.key(0), dtype)
+            if tied:
+                params.pop("lm_head", None)
+            cache = KVCache.zeros(num_layers=cfg.num_layers, batch=1, slots=8, num_kv_heads=cfg.num_kv_heads,
+                                  head_dim=cfg.head_dim, dtype=dtype)
+
+            def loop(p, cache, cfg=cfg):
+                def body(c):
+                    i, cache, t = c
+                    logits, cache = llama.forward(cfg, p, t, jnp.zeros_like(t) + i, cache)
+                    return i + 1, cache, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+                return jax.lax.while_loop(lambda c: c[0] < 4, body, (0, cache, jnp.zeros((1, 1), jnp.int32)))[2]
+
+            layouts = (llama.run_params(params, transpose=True), llama.run_params(params))
+            for layout in layouts if dtype == jnp.bfloat16 else layouts[:1]:  # float32: the CPU run layout
+                ops = _materialized_2d(jax.jit(loop).lower(layout, cache).compile().as_text(), 16)
+                assert not ops, (tied, jnp.dtype(dtype).name, type(layout["layers"]).__name__, ops)
+
+
+def test_two_d_dots_and_the_lookup_equal_the_plain_ops():
+    # ``_dot`` (every weight-dot form the model uses, as one 2-D dot) gives the einsum's values, and
+    # ``_take_rows`` (through an optimization barrier for 16-bit tables) jnp.take's, out-of-range ids included.
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.randn(3, 2, 4, 8), jnp.float32)
+    cases = [("btd,dhk->bthk", x[:, :, 0], rng.randn(8, 3, 5)), ("bthk,hkd->btd", x, rng.randn(4, 8, 6)),
+             ("btd,nd->btn", x[:, :, 0], rng.randn(7, 8)), ("btd,dv->btv", x[:, :, 0], rng.randn(8, 9))]
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for spec, lhs, w in cases:
+            lhs, w = lhs.astype(dtype), jnp.asarray(w, dtype)
+            for rows in (lhs, lhs[:1, :1]):  # one bf16 row is doubled
+                want = jnp.einsum(spec, rows, w, preferred_element_type=jnp.float32)
+                got = llama._dot(spec, rows, w)
+                assert got.shape == want.shape and got.dtype == jnp.float32
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+        table = jnp.asarray(rng.randn(10, 4), dtype)
+        ids = jnp.asarray([[0, 9, 3], [-1, 12, 5]])  # negative wraps; past the end reads NaN, as jnp.take does
+        want, got = jnp.take(table, ids, axis=0), jax.jit(llama._take_rows)(table, ids)
+        assert got.dtype == table.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -345,14 +345,14 @@ class Llama(nnx.Module):
         structure."""
         cfg = self.config
         minor = isinstance(layers, MinorLayers)
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = _take_rows(self.embed[...], tokens)
         if cfg.embed_scale:  # Gemma: sqrt(hidden), rounded to the weights' dtype first
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
         if cfg.position_embedding == "learned":
             # Clipped into the table: padding (-1, masked out) reads row 0; requests past the context are refused
             # earlier (eft_jax.requests), as transformers refuses positions past the table.
             rows = jnp.clip(positions, 0, cfg.max_position_embeddings - 1)
-            x = x + jnp.take(self.pos_embed[...], rows, axis=0)
+            x = x + _take_rows(self.pos_embed[...], rows)
         over_layers = functools.partial(_over_layers, nnx.graphdef(self.layers), layers,
                                         _layer_kinds(cfg, layers, positions))
 
@@ -392,14 +392,13 @@ class Llama(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.final_norm(x)
         # A tied head is the embedding [vocab, embed]: already contraction-minor. One row is computed as two,
-        # as in ``_dense`` (a one-row bf16 head dot of a 152k vocabulary took 212 ms against 18 ms for two).
+        # and as one 2-D dot, as in ``_dense`` (a one-row bf16 head dot of a 152k vocabulary took 212 ms against
+        # 18 ms for two; a 3-D one, inside the decode loop, a transposed copy of the head at every call).
         if cfg.tie_word_embeddings or minor:
             head = self.embed[...] if cfg.tie_word_embeddings else self.lm_head[...]
-            logits = jnp.einsum("btd,vd->btv", _two_rows_if_one(x), head, preferred_element_type=jnp.float32)
+            logits = _dot("btd,vd->btv", x, head)
         else:
-            logits = jnp.einsum("btd,dv->btv", _two_rows_if_one(x), self.lm_head[...],
-                                preferred_element_type=jnp.float32)
-        logits = logits[: x.shape[0]]
+            logits = _dot("btd,dv->btv", x, self.lm_head[...])
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
         return logits, new_cache
@@ -413,13 +412,41 @@ def _dense(spec: str, x: Array, w: Array, scale: Array | None = None) -> Array:
 
     For float32 this is the plain einsum. For bfloat16 it is the same arithmetic (XLA accumulates a bf16
     dot in float32 and rounds once), in the forms XLA:CPU runs fastest: a float32-output dot (a bf16-output
-    one takes a slow generic path, ~6x at batch 8), and never a single-row one: a one-row bf16 dot runs
-    ~7x slower than the same dot with two rows (bench/bench_cpu_decode.py), so one row is computed twice.
+    one takes a slow generic path, ~6x at batch 8), never a single-row one (a one-row bf16 dot runs ~7x
+    slower than the same dot with two rows, bench/bench_cpu_decode.py, so one row is computed twice), and
+    one 2-D dot (:func:`_dot`).
     """
     if scale is not None:
         w = w.astype(x.dtype)
-    out = jnp.einsum(spec, _two_rows_if_one(x), w, preferred_element_type=jnp.float32)[: x.shape[0]]
+    out = _dot(spec, x, w)
     return (out if scale is None else out * scale).astype(x.dtype)
+
+
+def _dot(spec: str, x: Array, w: Array) -> Array:
+    """``einsum(spec, x, w)`` with a float32 result, computed as ONE 2-D dot ``[rows, k] x w`` when ``spec``
+    has that form (``x``'s contracted axes trailing, ``w``'s leading or trailing, no batch axes: every weight
+    dot of the model); a single bf16 row is doubled (``_two_rows_if_one``).
+
+    Why 2-D: XLA:CPU's dot decomposer rewrites a dot with more than one free axis on an operand (``btd,...``)
+    into a canonical ``[m, k] x [k, n]`` one, transposing the weight; outside a loop a later pass folds the
+    transpose back into the dot. For bfloat16 the float normalization then wraps that transpose in
+    converts (bf16 -> f32 -> bf16), and inside the decode ``while`` loop the loop-invariant code motion hoists
+    the chain out of the loop before the fold: every bf16 weight was copied to ``[in, out]`` at every chunk
+    call, and the loop's dots ran on that layout (a lone float32 transpose is not hoisted: float32 was not
+    affected; docs/benchmarks.md, "CPU decode: weight layout"). A 2-D dot is already canonical: no transpose."""
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    contract = "".join(c for c in lhs if c in rhs and c not in out)
+    rows, free = lhs[: len(lhs) - len(contract)], "".join(c for c in rhs if c not in contract)
+    leading, trailing = rhs == contract + free, rhs == free + contract
+    if not (contract and lhs.endswith(contract) and out == rows + free and (leading or trailing)):
+        return jnp.einsum(spec, _two_rows_if_one(x), w, preferred_element_type=jnp.float32)[: x.shape[0]]
+    m, k = math.prod(x.shape[: len(rows)]), math.prod(x.shape[len(rows):])
+    n_shape = w.shape[len(contract):] if leading else w.shape[: len(free)]
+    w2 = w.reshape((k, -1) if leading else (-1, k))
+    out2 = jnp.einsum("mk,kn->mn" if leading else "mk,nk->mn", _two_rows_if_one(x.reshape(m, k), row_axes=1), w2,
+                      preferred_element_type=jnp.float32)[:m]
+    return out2.reshape(*x.shape[: len(rows)], *n_shape)
 
 
 def _two_rows_if_one(x: Array, row_axes: int = 2) -> Array:
@@ -428,6 +455,20 @@ def _two_rows_if_one(x: Array, row_axes: int = 2) -> Array:
     ``_dense``); the caller keeps the first ``x.shape[0]`` rows of the result."""
     single = math.prod(x.shape[:row_axes]) == 1
     return jnp.concatenate([x, x], axis=0) if x.dtype != jnp.float32 and single else x
+
+
+def _take_rows(table: Array, ids: Array) -> Array:
+    """``jnp.take(table, ids, axis=0)``, for a table that may be a loop invariant (the embedding inside the
+    decode loop). XLA:CPU has no bfloat16 gather: it converts the table to float32 for it; outside a loop
+    that conversion is fused into the gather (only the gathered rows are read), inside one the loop-invariant
+    code motion hoists it: the whole table was converted (a 152k x 1536 float32 copy, 933 MB) at every chunk
+    call. Passing the table through an ``optimization_barrier`` together with ``ids`` makes it depend on the
+    loop's values, so the conversion stays fused with the gather. (A gather of the table's bits as uint16
+    has the same problem: the hoisted bitcast-convert is a full copy.) Float32 tables, and other backends
+    (native bf16 gathers), need none of this."""
+    if table.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        table, ids = jax.lax.optimization_barrier((table, ids))
+    return jnp.take(table, ids, axis=0)
 
 
 def _dense_minor(x: Float[Array, "batch seq k"], w: Array, scale: Float[Array, " n"] | None) -> Float[Array, "batch seq n"]:
