@@ -94,9 +94,13 @@ def test_shard_parsing_and_membership():
 @pytest.fixture(scope="module")
 def runs(family, tmp_path_factory):
     """The unsharded reference, 3 shards, and 1 shard of the same input (each run once, in-process)."""
-    root = tmp_path_factory.mktemp("shards")
-    config = trio_config(family, root / "c.yaml", batch_size=1)
-    prompts = write_lines(root / "in.jsonl", LINES)
+    return _reference_and_shards(family, tmp_path_factory.mktemp("shards"), LINES)
+
+
+def _reference_and_shards(family, root, lines, **job):
+    """``lines`` run unsharded (``root/ref``), as 3 shards (``root/n3``) and as 1 (``root/n1``)."""
+    config = trio_config(family, root / "c.yaml", batch_size=1, **job)
+    prompts = write_lines(root / "in.jsonl", lines)
     assert generate(config, prompts, root / "ref" / "out.jsonl") == 0
     for n in (3, 1):
         for i in range(n):
@@ -270,14 +274,7 @@ OA_MORE = [oa_line(f"new{i}", f"new {i}", chat=i % 2 == 1) for i in (0, 1, 5, 6)
 @pytest.fixture(scope="module")
 def oa_runs(family, tmp_path_factory):
     """OpenAI Batch input: the unsharded reference, 3 shards and 1 shard (each run once, in-process)."""
-    root = tmp_path_factory.mktemp("oa_shards")
-    config = trio_config(family, root / "c.yaml", batch_size=1, max_new_tokens=5)
-    prompts = write_lines(root / "in.jsonl", OA_LINES)
-    assert generate(config, prompts, root / "ref" / "out.jsonl") == 0
-    for n in (3, 1):
-        for i in range(n):
-            assert generate(config, prompts, root / f"n{n}" / "out.jsonl", "--shard", f"{i}/{n}") == 0
-    return root, config, prompts
+    return _reference_and_shards(family, tmp_path_factory.mktemp("oa_shards"), OA_LINES, max_new_tokens=5)
 
 
 def test_openai_shards_merge_to_the_unsharded_output_and_errors_byte_for_byte(oa_runs, tmp_path, capsys):
