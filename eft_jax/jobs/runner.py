@@ -503,11 +503,14 @@ def _generate(job: _Job, *, overwrite: bool, progress: bool, log: TextIO) -> Sum
 
 
 def _agree_on_groups(job: _Job, groups: list[_Group]) -> list[_Group]:
-    """The groups (``Engine.run`` calls) of every process, in one order: each process runs each of them,
-    with its own lines (none, where it has no line of that kind)."""
-    mine = {g.top_logprobs: g for g in groups}
-    keys = sorted({key for theirs in job.peers.gather(sorted(mine)) for key in theirs})
-    return [mine.get(key) or _Group(key) for key in keys]
+    """The groups (``Engine.run`` calls) of every process, in one order, each with the largest K any process
+    asks of it: each process runs each of them, with its own lines (none, where it has no line of that kind)."""
+    mine = {g.top_logprobs > 0: g for g in groups}
+    ks: dict[bool, int] = {}
+    for theirs in job.peers.gather({key: g.top_logprobs for key, g in mine.items()}):
+        for key, k in theirs.items():
+            ks[key] = max(ks.get(key, 0), k)
+    return [dataclasses.replace(mine[key], top_logprobs=k) if key in mine else _Group(k) for key, k in sorted(ks.items())]
 
 
 def _samples_to_run(job: _Job, overwrite: bool) -> list[tuple[Request, list[int]]]:
