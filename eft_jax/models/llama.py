@@ -423,8 +423,8 @@ def _dense(spec: str, x: Array, w: Array, scale: Array | None = None) -> Array:
 
 
 def _dot(spec: str, x: Array, w: Array) -> Array:
-    """``einsum(spec, x, w)`` with a float32 result, computed as ONE 2-D dot ``[rows, k] x w`` when ``spec``
-    has that form (``x``'s contracted axes trailing, ``w``'s leading or trailing, no batch axes: every weight
+    """``einsum(spec, x, w)`` with a float32 result, computed for 16-bit operands as ONE 2-D dot ``[rows, k] x w``
+    when ``spec`` has that form (``x``'s contracted axes trailing, ``w``'s leading or trailing, no batch axes: every weight
     dot of the model); a single bf16 row is doubled (``_two_rows_if_one``).
 
     Why 2-D: XLA:CPU's dot decomposer rewrites a dot with more than one free axis on an operand (``btd,...``)
@@ -439,7 +439,11 @@ def _dot(spec: str, x: Array, w: Array) -> Array:
     contract = "".join(c for c in lhs if c in rhs and c not in out)
     rows, free = lhs[: len(lhs) - len(contract)], "".join(c for c in rhs if c not in contract)
     leading, trailing = rhs == contract + free, rhs == free + contract
-    if not (contract and lhs.endswith(contract) and out == rows + free and (leading or trailing)):
+    # Float32 keeps the einsum: it had no loop copies to remove, and the 2-D form moved float32 rounding
+    # between calls of different shapes (a resumed OpenAI job no longer rewrote the uninterrupted run's bytes,
+    # tests/test_openai_batch.py).
+    plain = x.dtype == jnp.float32 and w.dtype == jnp.float32
+    if plain or not (contract and lhs.endswith(contract) and out == rows + free and (leading or trailing)):
         return jnp.einsum(spec, _two_rows_if_one(x), w, preferred_element_type=jnp.float32)[: x.shape[0]]
     m, k = math.prod(x.shape[: len(rows)]), math.prod(x.shape[len(rows):])
     n_shape = w.shape[len(contract):] if leading else w.shape[: len(free)]
