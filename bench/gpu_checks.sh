@@ -6,7 +6,7 @@
 # other dependencies installed (`pip install -e .` on a connected machine):
 #     bash bench/gpu_checks.sh [LOG_DIR [STEP ...]]
 # Each step's output goes to the terminal and to LOG_DIR/<step>.log (default: outputs/gpu-checks). With STEP
-# names, only those steps run (all of them take about 16 minutes; a lent GPU allows at most 10 per command).
+# names, only those steps run (all of them take about 18 minutes; a lent GPU allows at most 10 per command).
 set -u
 LOG_DIR=${1:-outputs/gpu-checks}
 shift || true
@@ -51,3 +51,7 @@ step bench_speculative 150 python3 bench/bench_speculative.py --synthetic gpu --
   --repeats 2 --ignore-eos --max-new-tokens 64
 # Continuous against static batching on the toy trio (long-tailed lengths), samples compared.
 step bench_batching 80 python3 bench/bench_batching.py --prompts 512 --batch-size 64 --jobs long-tailed,natural
+# int8 weights on this backend (issue 13): bf16 vs int8 decode step side by side, and the int8 step's compiled
+# HLO - how many s8 -> float converts it holds and the largest, against the largest projection (a fused
+# dequantizing dot holds none the size of a weight matrix).
+step bench_int8 170 python3 bench/bench_int8.py --layers 4 --reps 3 --batches 1,16
