@@ -214,19 +214,19 @@ class SlotLoop:
     def _restart(self, state: Any, num_tokens: np.ndarray, stops: dict[int, tuple[int, str]]) -> list[int]:
         """Rows that sampled past their crossing (and did not stop before it): their outputs up to it kept
         (``prefix``), their slots freed, and each queued first again, restarting there. Returns the slots."""
-        freed = []
+        cut = {}
         for s, row in enumerate(self.occupant):
             j = None if row is None else self._crossing(row)
-            if j is None or num_tokens[s] <= j or (s in stops and stops[s][0] <= j):
-                continue
-            stops.pop(s, None)  # a stop string found past the crossing was sampled from the wrong cache
-            [(_, kept)] = self._outputs(state, [s], {s: (j, None)})
+            if j is not None and num_tokens[s] > j and not (s in stops and stops[s][0] <= j):
+                stops.pop(s, None)  # a stop string found past the crossing was sampled from the wrong cache
+                cut[s] = (j, None)
+        for s, (row, kept) in zip(cut, self._outputs(state, list(cut), cut) if cut else [], strict=True):
             self.prefix[row.index] = kept
             prefix = kept.tokens[row.first:].tolist()
-            self.queue.appendleft(dataclasses.replace(row, tokens=[list(t) + prefix for t in row.tokens], first=j))
+            self.queue.appendleft(dataclasses.replace(row, tokens=[list(t) + prefix for t in row.tokens],
+                                                      first=cut[s][0]))
             self.occupant[s] = None
-            freed.append(s)
-        return freed
+        return list(cut)
 
     def _record_lengths(self, slots: Sequence[int], new: decode.NewRows) -> None:
         """A (re)filled row's cache length: its left-padded prompt."""
@@ -272,15 +272,13 @@ class SlotLoop:
         real = [r for r in rows if r is not None]
         filler = real[0] if real else self.blank
         padded = [r if r is not None else filler for r in rows]
-        # Prompts padded alike on every process: to the longest of the call's rows on any of them.
-        longest = (prompt_len if prompt_len and not self.restarts else
-                   self.peers.ints([max(len(r.tokens[m]) for r in padded) for m in range(len(self.engine.runs))]).max(0))
+        # Prompts padded alike on every process: to the longest of the call's rows on any of them, and for the
+        # start program at least to ``prompt_len`` (only a restarted row is longer).
+        longest = self.peers.ints([max(len(r.tokens[m]) for r in padded) for m in range(len(self.engine.runs))]).max(0)
         tokens, positions, layouts = [], [], []
         for m, model_run in enumerate(self.engine.runs):
             seqs = [r.tokens[m] for r in padded]
-            length = bucket_length(int(longest[m]))
-            if prompt_len:  # the start program's padding, unless a restarted row is longer
-                length = max(prompt_len[m], length if self.restarts else 0)
+            length = max(prompt_len[m] if prompt_len else 0, bucket_length(int(longest[m])))
             t, p = left_pad(seqs, length, self.engine.pad_id)
             tokens.append(self.engine.place.rows(t))
             positions.append(self.engine.place.rows(p))

@@ -141,14 +141,17 @@ def row_weights(plan: Plan, state: DecodeState, weights: Float[Array, " n_ft"]) 
     return state.weights if plan.features.row_weights else weights
 
 
-def stop_mask(plan: Plan, values: RowValues, vocab: int) -> Bool[Array, "rows vocab"]:
-    """Each row's ids that stop it (explicit stop ids, and end ids unless the row ignores them)."""
-    ids = jnp.arange(vocab)
-    mask = jnp.broadcast_to(jnp.isin(ids, jnp.asarray(plan.stop_ids or (-1,), jnp.int32))[None],
-                            (values.min_tokens.shape[0], vocab))
+def stops_row(plan: Plan, values: RowValues, ids: Int[Array, "rows n"]) -> Bool[Array, "rows n"]:
+    """Whether each id stops its row: an explicit stop id, or an end id unless the row ignores end tokens."""
+    stop = jnp.isin(ids, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros(ids.shape, bool)
     if plan.features.ignore_eos and plan.eos_ids:
-        mask = mask & ~(values.ignore_eos[:, None] & jnp.isin(ids, jnp.asarray(plan.eos_ids, jnp.int32))[None])
-    return mask
+        stop = stop & ~(values.ignore_eos[:, None] & jnp.isin(ids, jnp.asarray(plan.eos_ids, jnp.int32)))
+    return stop
+
+
+def stop_mask(plan: Plan, values: RowValues, vocab: int) -> Bool[Array, "rows vocab"]:
+    """Each row's ids that stop it (``stops_row`` over the whole vocabulary)."""
+    return stops_row(plan, values, jnp.broadcast_to(jnp.arange(vocab)[None], (values.min_tokens.shape[0], vocab)))
 
 
 def sampling_distribution(plan: Plan, lp: Float[Array, "rows vocab"], values: RowValues, out_index: Int[Array, " rows"],
@@ -199,9 +202,7 @@ def emit(plan: Plan, state: DecodeState, tokens: Int[Array, "batch n"], proposed
     its ``max_new``, nothing once done. Returns the new state (``token`` unchanged: the caller feeds
     what it decides) and which candidates were emitted."""
     j = jnp.arange(tokens.shape[1])[None, :]
-    is_stop = jnp.isin(tokens, jnp.asarray(plan.stop_ids, jnp.int32)) if plan.stop_ids else jnp.zeros(tokens.shape, bool)
-    if plan.features.ignore_eos and plan.eos_ids:
-        is_stop = is_stop & ~(state.values.ignore_eos[:, None] & jnp.isin(tokens, jnp.asarray(plan.eos_ids, jnp.int32)))
+    is_stop = stops_row(plan, state.values, tokens)
     after_stop = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
     emitted = (proposed & ~after_stop & (j < (state.max_new - state.num_tokens)[:, None])
                & ~state.done[:, None])
