@@ -413,8 +413,6 @@ def token_text(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([int(token)], skip_special_tokens=False)
 
 
-_token_text = token_text
-
 
 def _byte_level_table() -> dict[str, int]:
     """Byte-level BPE's alphabet (GPT-2 and its descendants): printable Latin-1 bytes stand for themselves, the
@@ -455,7 +453,7 @@ def top_entries(tokenizer: Any, roles: Sequence[tuple[str, str]], r: Any, j: int
     out = []
     for i in range(min(k, r.top_ids.shape[1])):
         token = int(r.top_ids[j, i])
-        out.append({"id": token, "token": _token_text(tokenizer, token), "logprob": float(r.top_logprobs[j, i]),
+        out.append({"id": token, "token": token_text(tokenizer, token), "logprob": float(r.top_logprobs[j, i]),
                     "logprobs": {role: float(per_model[label][j, i]) for role, label in roles if label in per_model}})
     return out
 
@@ -465,7 +463,7 @@ def _choice_logprobs(ctx: ResponseContext, api: OpenAIRequest, r: Any, count: in
     temperature 1, before logit_bias, penalties and the filters (as ``GenerationResult.token_logprobs``)."""
     tok = ctx.tokenizer
     ids = [int(t) for t in r.tokens[:count]]
-    tokens = [_token_text(tok, t) for t in ids]
+    tokens = [token_text(tok, t) for t in ids]
     lps = [float(x) for x in r.token_logprobs[:count]]
     tops: list[list[tuple[int, float]]] = [[] for _ in range(count)]
     if api.top_logprobs:  # computed on device (GenerationResult.top_ids), the run's K >= this line's
@@ -474,7 +472,7 @@ def _choice_logprobs(ctx: ResponseContext, api: OpenAIRequest, r: Any, count: in
                                                           r.top_logprobs[i, : api.top_logprobs], strict=True)]
     if api.chat:
         def entry(token: int, lp: float) -> dict[str, Any]:
-            text = _token_text(tok, token)
+            text = token_text(tok, token)
             return {"token": text, "logprob": lp, "bytes": _token_bytes(tok, token, text)}
 
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
@@ -484,4 +482,4 @@ def _choice_logprobs(ctx: ResponseContext, api: OpenAIRequest, r: Any, count: in
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,
-            "top_logprobs": [{_token_text(tok, t): lp for t, lp in top} for top in tops] if api.top_logprobs else None}
+            "top_logprobs": [{token_text(tok, t): lp for t, lp in top} for top in tops] if api.top_logprobs else None}
