@@ -41,21 +41,25 @@ LINES = 23
 
 
 def batch_lines():
+    # Every good prompt renders to at most 16 tokens for every model (one prompt bucket) and the last lines ask
+    # for the longest answer (8), so a resumed run decodes with the same cache shapes as the uninterrupted one
+    # whichever lines the kill left: float32 sums of other shapes may round differently in their last bits,
+    # and the SIGKILL test compares bytes.
     return [
         chat_line("chat-a", "Hi there", max_tokens=5, logprobs=True, top_logprobs=2),      # 1
-        completion_line("cmpl-b", "The quick brown fox", max_completion_tokens=4),         # 2
+        completion_line("cmpl-b", "A quick fox", max_completion_tokens=4),                 # 2
         '{"custom_id": "broken", "body": ',                                                # 3 malformed JSON
         chat_line("chat-n2", "Tell me", n=2, seed=11, temperature=1.0),                    # 4 n=2, job's temperature
         chat_line("chat-hot", "x", temperature=0.3),                                       # 5 per-request temperature
         completion_line("cmpl-lp", "abc", logprobs=3, max_tokens=6),                       # 6 completions logprobs
         completion_line("chat-a", "duplicate id"),                                         # 7 duplicate custom_id
-        chat_line("chat-stop", "Say something long", stop=["e"], max_tokens=8),            # 8 stop string
+        chat_line("chat-stop", "Say something", stop=["e"], max_tokens=8),                 # 8 stop string
         {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},  # 9
         chat_line("penalty", "x", presence_penalty=2.5),                                   # 10 out of range
         completion_line("no-prompt", None),                                                # 11 missing prompt
         {"method": "POST", "url": CHAT, "body": {"messages": [{"role": "user", "content": "x"}]}},  # 12 no custom_id
         chat_line("weights-bad", "x", eft={"weights": [1.0, 2.0]}),                        # 13 two weights, one ft
-    ] + [completion_line(f"more-{i}", f"count {i}") for i in range(10)]                   # 14-23
+    ] + [completion_line(f"more-{i}", f"count {i}", max_tokens=8) for i in range(10)]      # 14-23
 
 
 
