@@ -1,6 +1,8 @@
 """Test-wide setup: every test sees 8 virtual CPU devices (set before JAX initialises)."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,6 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # crashed inside JAX's cache write (XLA:CPU executable serialization) of a training step. The CLI
 # subprocesses share one session cache instead (the `env` fixture), as before.
 SUBPROCESS_COMPILE_CACHE = tempfile.mkdtemp(prefix="eft-jax-test-compile-cache-")
+atexit.register(shutil.rmtree, SUBPROCESS_COMPILE_CACHE, ignore_errors=True)  # ~10 MB a session otherwise
 os.environ.setdefault("EFT_JAX_COMPILE_CACHE", "off")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
