@@ -34,7 +34,7 @@ if kind == "convert":
     model = eft_jax.convert(src, dst, dtype=dtype)
 else:
     model = eft_jax.load_model(src, dtype=dtype)
-jax.block_until_ready(model.params)
+jax.block_until_ready(model.run_params)  # (.params would rebuild the canonical layout on one CPU device)
 t1 = time.perf_counter()
 print(json.dumps({"seconds": t1 - t0, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "weight_mb": model.weight_bytes / 2**20}))

@@ -47,7 +47,8 @@ class Model:
 
     On one CPU device ``run_params`` is the contraction-minor per-layer layout (``llama.run_params(...,
     transpose=True)``: ~1.1x faster decoding than the canonical layout at batch 1, ~1.7x at batch 8),
-    built on first use, and the weights are not held twice: the model then drops its stacked copy, and
+    given so by the loader (``params`` with per-layer ``layers``) or built on first use, and the weights
+    are not held twice: the model then drops its stacked copy, and
     ``params`` rebuilds the canonical layout from ``run_params`` on each access (a copy of the weights that
     lives as long as the caller keeps it; saving or training reads it once). Elsewhere ``run_params`` is
     ``params`` itself.
@@ -61,9 +62,11 @@ class Model:
         self.rules = rules
         self.source = source
         self.end_token_ids = tuple(end_token_ids)  # end tokens the checkpoint declares (vocab.end_token_ids)
-        # The weights as held: the stacked params until the CPU run layout replaces them (see run_params).
-        self._stacked: dict[str, Any] | None = params
-        self._run: dict[str, Any] | None = None
+        # The weights as held: the stacked params until the CPU run layout replaces them (see run_params), or
+        # the run layout from the start (params given per layer: the loader builds it directly on one CPU device).
+        per_layer = isinstance(params["layers"], tuple)
+        self._stacked: dict[str, Any] | None = None if per_layer else params
+        self._run: dict[str, Any] | None = params if per_layer else None
 
     def replace(self, **changes: Any) -> Model:
         """A new model with some fields changed (``params`` given in any layout is taken as it is)."""

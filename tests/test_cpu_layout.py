@@ -10,6 +10,7 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from eft_jax.model import Model
 from eft_jax.models import llama
@@ -254,3 +255,24 @@ def test_two_d_dots_and_the_lookup_equal_the_plain_ops():
         want, got = jnp.take(table, ids, axis=0), jax.jit(llama._take_rows)(table, ids)
         assert got.dtype == table.dtype
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied", "qwen2_bias", "phi3", "gpt_neox", "gpt2", "falcon_new", "gemma3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loader_builds_the_cpu_run_layout_directly(tmp_path, variant, dtype):
+    """On one CPU device ``load_model`` reads the checkpoint straight into the run layout: the same arrays,
+    bit for bit, as placing the canonical layout on a mesh and converting it (``llama.run_params``), for
+    families with fused or ``[in, out]`` tensors too; nothing stacked is held."""
+    from eft_jax.loading import load_model
+    from tiny import write_checkpoint
+
+    write_checkpoint(tmp_path, variant, seed=3, max_shard_size="20KB")  # sharded safetensors
+    direct = load_model(tmp_path, dtype=dtype, sharding="replicated")
+    assert direct._stacked is None and isinstance(direct.run_params["layers"], llama.MinorLayers)
+    canonical = load_model(tmp_path, dtype=dtype, mesh=make_mesh(data=4, model=2), sharding="replicated").params
+    want = llama.run_params(jax.device_put(jax.device_get(canonical), jax.devices()[0]), transpose=True)
+    got = direct.run_params
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype == jnp.dtype(dtype) and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

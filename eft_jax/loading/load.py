@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eft_jax.loading import hf_dir, orbax_checkpoint
 from eft_jax.loading.hub import looks_like_hub_id, resolve_hub_id
-from eft_jax.loading.source import CheckpointError
-from eft_jax.loading.weights import place_weights
+from eft_jax.loading.source import CheckpointError, TensorSource
+from eft_jax.loading.weights import place_run_weights, place_weights
 from eft_jax.model import Model, param_shardings
 from eft_jax.models.config import LlamaConfig, UnsupportedConfigError
 from eft_jax.models.families import config_from_hf, family
@@ -60,7 +60,7 @@ def load_model(
         ckpt = open_gguf(path)
         cfg = model_config(ckpt.hf_config, f"{path} (GGUF metadata)")
         dtype = dtype if dtype is not None else GGUF_DEFAULT_DTYPE
-        params = place_weights(cfg, ckpt.tensors, param_shardings(cfg, mesh, rules, quantize), dtype, quantize)
+        params = _place(cfg, ckpt.tensors, mesh, rules, dtype, quantize)
         return Model(cfg, params, tokenizer or ckpt.load_tokenizer(), mesh, rules, str(path), ckpt.end_token_ids)
 
     if orbax_checkpoint.is_orbax_checkpoint(path):
@@ -79,9 +79,19 @@ def load_model(
     cfg = model_config(hf_config, str(path / "config.json"))
     if dtype is None:
         dtype = own_dtype(tensors, cfg)
-    params = place_weights(cfg, tensors, param_shardings(cfg, mesh, rules, quantize), dtype, quantize)
+    params = _place(cfg, tensors, mesh, rules, dtype, quantize)
     return Model(cfg, params, tokenizer or hf_dir.load_hf_tokenizer(path), mesh, rules, str(path),
                  hf_dir.declared_end_ids(path, hf_config))
+
+
+def _place(cfg: LlamaConfig, tensors: TensorSource, mesh: Mesh, rules: ShardingRules, dtype: Any,
+           quantize: str | None) -> dict[str, Any]:
+    """The params of an HF-named ``[out, in]`` source on ``mesh``: on one CPU device straight in the run
+    layout the model uses there (``Model.run_params``), elsewhere in the canonical layout, shard by shard."""
+    device = mesh.devices.flat[0]
+    if quantize is None and mesh.devices.size == 1 and device.platform == "cpu":
+        return place_run_weights(cfg, tensors, NamedSharding(mesh, PartitionSpec()), dtype)
+    return place_weights(cfg, tensors, param_shardings(cfg, mesh, rules, quantize), dtype, quantize)
 
 
 def load_tokenizer(source: str | os.PathLike) -> Any:

@@ -610,6 +610,15 @@ _MINOR_PERM: dict[tuple[str, ...], tuple[int, ...]] = {
 }  # (pos_embed is not a per-layer leaf: it keeps its [positions, embed] shape)
 
 
+def to_minor(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
+    """One canonical leaf in the contraction-minor run layout (a view, no copy): ``path`` is the leaf's path
+    in the params (``("layers", "attn", "q")`` for one layer's slice, ``("lm_head",)``, ...)."""
+    if path == ("lm_head",):
+        return x.T
+    perm = _MINOR_PERM.get(path[1:]) if path[0] == "layers" else None
+    return x if perm is None else x.transpose(perm)
+
+
 def run_params(params: Params, *, transpose: bool = False, consume: bool = False) -> Params:
     """``params`` in the layout ``forward`` runs fastest with where they are (see the module docstring).
 
@@ -637,10 +646,10 @@ def run_params(params: Params, *, transpose: bool = False, consume: bool = False
         x = _get(layers, keys)
         host = np.asarray(x)  # on CPU: the device buffer itself (read-only), not a copy
         sharding = _one_device(x)
-        perm = _MINOR_PERM.get(tuple(keys)) if transpose else None
+        permuted = transpose and tuple(keys) in _MINOR_PERM
         for i, layer in enumerate(per_layer):
-            if perm is not None:
-                _set(layer, keys, jax.device_put(np.ascontiguousarray(host[i].transpose(perm)), sharding))
+            if permuted:
+                _set(layer, keys, jax.device_put(np.ascontiguousarray(to_minor(("layers", *keys), host[i])), sharding))
                 continue
             view = jax.device_put(host[i], sharding)
             if not transpose and view.unsafe_buffer_pointer() != x.unsafe_buffer_pointer() + i * view.nbytes \
@@ -654,7 +663,7 @@ def run_params(params: Params, *, transpose: bool = False, consume: bool = False
     if transpose and head is not None:
         if consume:
             del params["lm_head"]
-        out["lm_head"] = jax.device_put(np.ascontiguousarray(np.asarray(head).T), _one_device(head))
+        out["lm_head"] = jax.device_put(np.ascontiguousarray(to_minor(("lm_head",), np.asarray(head))), _one_device(head))
     return out
 
 
