@@ -276,3 +276,50 @@ def test_loader_builds_the_cpu_run_layout_directly(tmp_path, variant, dtype):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert a.dtype == b.dtype == jnp.dtype(dtype) and a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _rewrite_aligned(path: Path) -> None:
+    """Rewrite a safetensors file with every tensor at a 64-byte aligned address of the file (where the CPU
+    runtime would use memory-mapped bytes in place), the header padded with spaces as the format allows."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    body, entries, offset = bytearray(), {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            entries[name] = info
+            continue
+        begin, end = info["data_offsets"]
+        offset += -offset % 64
+        body += bytes(offset - len(body)) + data[8 + n + begin:8 + n + end]
+        entries[name] = {**info, "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    text = json.dumps(entries).encode()
+    text += b" " * (-(8 + len(text)) % 64)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(body))
+
+
+def test_loaded_weights_do_not_alias_the_checkpoint_file(tmp_path):
+    """The loader copies out of the memory-mapped safetensors even where the runtime could use the file's
+    pages as they are (aligned tensors of the model's dtype): rewriting the file in place (a re-export to
+    the same directory) leaves a loaded model's weights as they were."""
+    import struct
+
+    from eft_jax.loading import load_model
+    from tiny import write_checkpoint
+
+    write_checkpoint(tmp_path, "gqa", seed=3)
+    for f in tmp_path.glob("*.safetensors"):
+        _rewrite_aligned(f)
+    model = load_model(tmp_path, dtype="float32", sharding="replicated")
+    before = [np.array(x) for x in jax.tree.leaves(model.run_params)]
+    for f in tmp_path.glob("*.safetensors"):
+        with open(f, "r+b") as fh:
+            (header,) = struct.unpack("<Q", fh.read(8))
+            fh.seek(8 + header)
+            fh.write(bytes(f.stat().st_size - 8 - header))  # every tensor's bytes zeroed in place
+    for a, b in zip(jax.tree.leaves(model.run_params), before, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
