@@ -301,5 +301,17 @@ def _run(args: argparse.Namespace) -> int:
         return leave(2)  # (exits at once if another process of a multi-process job is gone)
 
 
+def entry() -> None:
+    """The ``eft-jax`` command: ``main``, then exit with its code. After Ctrl-C (130) the process ends
+    without Python's interpreter teardown: interrupted in the middle of compiling, XLA's runtime could crash
+    in it (SIGSEGV, after the job had kept its work and said so). Everything is written and closed by then."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
