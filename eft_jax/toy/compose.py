@@ -103,11 +103,6 @@ def age_conversations(world: World, per_person: int, pairs: frozenset[tuple[int,
     return convs
 
 
-def trained_wording_conversations(world: World) -> list[list[dict[str, str]]]:
-    """The shipped fine-tunes' QA chats (``toy.data.qa_conversations``), unchanged."""
-    return toy_data.qa_conversations(world)
-
-
 # --- Judging ---------------------------------------------------------------------------------------
 
 _SHAPE = re.compile(r"^(?P<name1>.+?) was born in the year (?P<birth>\d{4})\. In (?P<query>\d{4}), "
@@ -137,9 +132,6 @@ class AgeJudgement:
     def correct(self) -> bool:
         return self.skill and self.true_year
 
-    def flags(self) -> tuple[bool, ...]:
-        return tuple(bool(getattr(self, f)) for f in FLAGS)
-
 
 def judge_age(entity: Entity, query: int, text: str, stopped: bool) -> AgeJudgement:
     """Judge ``text`` as the answer to "How old was ``entity`` in ``query``?" (``stopped``: it ended
@@ -167,19 +159,13 @@ def per_person_counts(judgements: Sequence[AgeJudgement], people: Sequence[int],
                       stated_kinds: Sequence[str] | None = None) -> dict[str, Float[np.ndarray, " people"]]:
     """Per person: questions (``n``) and the count of each flag in ``FLAGS``; with ``stated_kinds`` (one
     per judgement, see ``stated_pair_kind``) also ``stated_<kind>`` and ``skill_stated_<kind>``."""
-    people_arr = np.asarray(people, np.int64)
-    if len(people_arr) != len(judgements):
-        raise ValueError(f"{len(judgements)} judgements but {len(people_arr)} person indices")
-    flags = np.asarray([j.flags() for j in judgements], np.float64).reshape(len(judgements), len(FLAGS))
-    out = {"n": np.bincount(people_arr, minlength=num_people).astype(np.float64)}
-    for k, f in enumerate(FLAGS):
-        out[f] = np.bincount(people_arr, weights=flags[:, k], minlength=num_people)
+    out = scoring.flag_counts(judgements, FLAGS, people, num_people)
     if stated_kinds is not None:
-        kinds = np.asarray(stated_kinds)
+        people_arr, kinds = np.asarray(people, np.int64), np.asarray(stated_kinds)
+        skill = np.asarray([j.skill for j in judgements], bool)
         for kind in ("train", "heldout", "outside"):
-            inside = (kinds == kind).astype(np.float64)
-            out[f"stated_{kind}"] = np.bincount(people_arr, weights=inside, minlength=num_people)
-            out[f"skill_stated_{kind}"] = np.bincount(people_arr, weights=inside * flags[:, 1], minlength=num_people)
+            out[f"stated_{kind}"] = scoring.per_person_sum(kinds == kind, people_arr, num_people)
+            out[f"skill_stated_{kind}"] = scoring.per_person_sum((kinds == kind) & skill, people_arr, num_people)
     return out
 
 
@@ -271,7 +257,7 @@ def finetune(root: Path, work: Path, variant: Variant, size: str, log: Any = pri
     base = load_model(root / f"{size}-base", dtype="float32", sharding="replicated")
     tokenizer = base.tokenizer
     pairs = split_pairs(world)
-    convs = trained_wording_conversations(world) + age_conversations(world, variant.per_person, pairs["train"])
+    convs = toy_data.qa_conversations(world) + age_conversations(world, variant.per_person, pairs["train"])
     data = chat_dataset(tokenizer, convs, variant.seq_len)
     model_cfg = BuildConfig().model_config(size, len(tokenizer))
     train_cfg = TrainConfig(steps=variant.steps, batch_size=variant.batch_size, seed=variant.seed, mesh_data=1,
@@ -420,8 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in ("small", "large"):
         finetune(root, work, variant, size)
     world = World.load(root / "world.json")
-    held = world.heldout_entities
-    people = (held[: len(held) // 2] if args.split == "dev" else held[len(held) // 2 :])[: args.people]
+    from eft_jax.toy.eval import split_people
+
+    people = split_people(world)[args.split][: args.people]
     pairs = split_pairs(world)
     items = age_items(people, pairs, args.per_kind)
     rows = ALL_ROWS if args.rows == "all" else tuple(args.rows.split(","))

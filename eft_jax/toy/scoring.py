@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from jaxtyping import Bool, Float, Int
@@ -107,19 +107,32 @@ def per_person_counts(judgements: Sequence[Judgement], people: Sequence[int] | I
                       num_people: int) -> dict[str, Float[np.ndarray, " people"]]:
     """Per person: the number of questions (``n``), of each flag in ``FLAGS`` and of each outcome
     (``refuse``, ``correct_outcome``... see ``outcome``), from judgements with their person's index."""
+    out = flag_counts(judgements, FLAGS, people, num_people)
+    outcomes = np.asarray([outcome(j) for j in judgements])
+    for o in ("refuse", "correct", "other"):
+        out[f"outcome_{o}"] = per_person_sum(outcomes == o, people, num_people)
+    return out
+
+
+def flag_counts(judgements: Sequence[Any], flags: Sequence[str], people: Sequence[int] | Int[np.ndarray, " q"],
+                num_people: int) -> dict[str, Float[np.ndarray, " people"]]:
+    """Per person: the number of questions (``n``) and of judgements with each boolean attribute in
+    ``flags`` true, from judgements (of any kind) with their person's index."""
     people = np.asarray(people, np.int64)
     if len(people) != len(judgements):
         raise ValueError(f"{len(judgements)} judgements but {len(people)} person indices")
     if len(people) and (people.min() < 0 or people.max() >= num_people):
         raise ValueError(f"person indices must lie in [0, {num_people})")
-    flags: Bool[np.ndarray, "q f"] = np.asarray([j.flags() for j in judgements], bool).reshape(len(judgements), len(FLAGS))
     out = {"n": np.bincount(people, minlength=num_people).astype(np.float64)}
-    for k, f in enumerate(FLAGS):
-        out[f] = np.bincount(people, weights=flags[:, k], minlength=num_people)
-    outcomes = np.asarray([outcome(j) for j in judgements])
-    for o in ("refuse", "correct", "other"):
-        out[f"outcome_{o}"] = np.bincount(people, weights=(outcomes == o).astype(np.float64), minlength=num_people)
+    for f in flags:
+        out[f] = per_person_sum(np.asarray([bool(getattr(j, f)) for j in judgements], bool), people, num_people)
     return out
+
+
+def per_person_sum(values: Bool[np.ndarray, " q"] | Float[np.ndarray, " q"], people: Int[np.ndarray, " q"],
+                   num_people: int) -> Float[np.ndarray, " people"]:
+    """Per person: the sum of ``values`` over that person's questions."""
+    return np.bincount(people, weights=np.asarray(values, np.float64), minlength=num_people)
 
 
 # --- Bootstrap -------------------------------------------------------------------------------------
