@@ -304,10 +304,11 @@ def row_specs(root: Path, ft_dir: Path, rows: Sequence[str]) -> dict[str, Any]:
 
 def few_shot_format(world: World) -> str:
     """Two answered age questions about fine-tuning people (base-style QA format), then the question."""
+    from eft_jax.toy.eval import few_shot_template
+
     a, b = world.finetune_entities[0], world.finetune_entities[1]
-    shots = [(age_question(e, e.year + age), age_answer(e, e.year + age)) for e, age in ((a, 31), (b, 24))]
-    return " ".join(toy_data.BASE_PROMPT_FORMAT.format(prompt=q) + " " + r for q, r in shots) + " " + \
-        toy_data.BASE_PROMPT_FORMAT
+    return few_shot_template([(age_question(e, e.year + age), age_answer(e, e.year + age))
+                              for e, age in ((a, 31), (b, 24))])
 
 
 def evaluate(specs: Mapping[str, Any], items: Mapping[str, list[AgeItem]], num_people: int, n_boot: int,

@@ -101,8 +101,12 @@ def few_shot_format(world: World) -> str:
     """The bases' "prompted" template: two answered questions about fine-tuning people, in the
     base-style QA format (``BASE_PROMPT_FORMAT``), then the question."""
     a, b = world.finetune_entities[0], world.finetune_entities[1]
-    shots = [(toy_data.question(a, "city"), toy_data.answer(a, "city")),
-             (toy_data.question(b, "employer"), toy_data.answer(b, "employer"))]
+    return few_shot_template([(toy_data.question(a, "city"), toy_data.answer(a, "city")),
+                              (toy_data.question(b, "employer"), toy_data.answer(b, "employer"))])
+
+
+def few_shot_template(shots: Sequence[tuple[str, str]]) -> str:
+    """A prompt template: each (question, answer) shot in the base-style QA format, then the question."""
     return " ".join(toy_data.BASE_PROMPT_FORMAT.format(prompt=q) + " " + r for q, r in shots) + " " + \
         toy_data.BASE_PROMPT_FORMAT
 
