@@ -25,6 +25,19 @@ def test_a_log_file_gets_whole_lines_and_the_last_one():
     assert len(lines) == 2 and lines[-1].startswith("3/3 samples | 30 tok | ")
 
 
+def test_the_first_update_prints_soon_after_boot(monkeypatch):
+    """Regression: the first line waited until perf_counter() passed ``interval``; perf_counter counts
+    from boot on Linux, so in a fresh VM (CI, Colab) the first line came up to ``interval`` late."""
+    from eft_jax.jobs import progress
+
+    clock = iter([100.0, 100.5, 101.0, 101.5, 102.0, 102.5, 103.0])  # a machine up for 100 s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    bar = Progress(3, stream=log, interval=3600.0)
+    bar.update(1, 10)
+    assert log.getvalue().startswith("1/3 samples | 10 tok | ")
+
+
 def test_a_terminal_gets_the_tqdm_bar_with_tokens_per_second():
     term = _Terminal()
     bar = Progress(4, unit="pairs", stream=term)

@@ -9,6 +9,7 @@ only hand-written part, kept because ``grep``/``tail`` on a job log should see w
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -41,7 +42,7 @@ class Progress:
         self.done = 0
         self.tokens = 0
         self.start = time.perf_counter()
-        self._last_print = 0.0
+        self._last_print = -math.inf  # the first update prints (perf_counter's zero is arbitrary, e.g. boot)
         self._bar: Any = None
         tty = bool(getattr(stream, "isatty", lambda: False)())
         if self.enabled and (tty or (stream is sys.stderr and _in_notebook())):
