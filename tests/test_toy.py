@@ -139,9 +139,10 @@ def test_upscaling_beats_the_small_fine_tune_on_heldout_facts(toy):
     assert up.refusal == 0.0
 
 
-@pytest.mark.slow  # ~25 s: tokenizer, pretraining and SFT of four models
+@pytest.mark.slow  # ~60 s: tokenizer, pretraining and SFT of six models, a second age seed, the evaluation
 def test_build_pipeline_end_to_end(tmp_path):
-    """A miniature ``eft-jax toy build``: every stage runs and the result loads as a trio.
+    """A miniature ``eft-jax toy build``: every stage runs and the result loads as a trio; ``eft-jax toy eval``
+    on it writes the report, with the age grid over two fine-tuning seeds.
 
     The build runs in a process of its own, as ``eft-jax toy build`` does (its training compiles a few
     dozen programs, whose memory mappings count towards the test process's limit: see
@@ -157,15 +158,47 @@ cfg = toy_build.BuildConfig(
     seq_len=64,
     pretrain=TrainConfig(steps=3, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated", log_every=1),
     sft_seq_len=64, sft=TrainConfig(steps=2, batch_size=4, optimizer=opt, mesh_data=1, sharding="replicated"),
+    age_per_person=2, age_seq_len=96,
+    age_sft=TrainConfig(steps=2, batch_size=4, optimizer=opt, seed=1, mesh_data=1, sharding="replicated"),
 )
 record = toy_build.build(sys.argv[1], sys.argv[2], cfg, log=None)
 print(json.dumps(sorted(record["models"])))
+
+# The age grid of `eft-jax toy eval` on it, over two fine-tuning seeds (the second trained from the built
+# bases with the build's recipe), and its report section.
+from pathlib import Path
+from eft_jax.toy import age_eval, eval as toy_eval, data as toy_data
+from eft_jax.toy.world import World
+root, work = Path(sys.argv[1]), Path(sys.argv[2]) / "age"
+world = World.load(root / "world.json")
+seeds = age_eval.seeds(root, 2)
+ev = age_eval.evaluate(root, work, toy_eval.split_people(world)["test"][:3], world, toy_data.BASE_PROMPT_FORMAT,
+                       seeds, n_boot=100, log=lambda _: None)
+dirs = age_eval.seed_finetunes(root, work, seeds, log=None)
+toy_build.train_model = None  # a second call must reuse the seed-2 fine-tunes, not train again
+assert age_eval.seed_finetunes(root, work, seeds, log=None) == dirs
+print(json.dumps({"seeds": ev["seeds"], "rows": sorted(ev["grid"]), "gaps": sorted(ev["gaps"]["train"]),
+                  "dirs": {s: {k: str(v) for k, v in d.items()} for s, d in dirs.items()},
+                  "json": toy_eval.to_json({"ages": ev})["ages"]["seeds"],  # serializable as docs/toy_eval.json
+                  "report": "\\n".join(age_eval.report_section(ev))}))
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "toy"), str(tmp_path / "work")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == sorted(toy_eval.MODEL_NAMES)
+    built, age = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert age["json"] == [1, 2]
+    assert built == sorted(toy_eval.MODEL_NAMES)
+    assert age["seeds"] == [1, 2]
+    assert set(age["rows"]) == {"small-ft-age", "large-ft-age", "EFT up-scaled", "EFT down-scaled",
+                                "large-base (prompted)", "small-base (prompted)"}
+    assert set(age["gaps"]) == {"pooled", "seed 1", "seed 2"}
+    assert "## Ages: a skill where fine-tuning scale matters (test)" in age["report"]
+    assert "| seed 2 |" in age["report"] and "| pooled |" in age["report"]
+    assert age["dirs"]["1"]["small-ft-age"] == str(tmp_path / "toy" / "small-ft-age")  # the shipped seed
+    for name in ("small-ft-age", "large-ft-age"):  # the second seed: fine-tuned from the bases into work
+        seed2 = Path(age["dirs"]["2"][name])
+        assert seed2.is_relative_to(tmp_path / "work" / "age") and (seed2 / "config.json").exists()
     models, world = toy_eval.load_toy(tmp_path / "toy")
     assert len(world.entities) == 40
     items = toy_eval.eval_items(world, 1)

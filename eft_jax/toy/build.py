@@ -4,11 +4,13 @@
 fixed data order, one CPU device):
 
 1. the world (``world.json``) and a sentencepiece tokenizer trained on its biographies;
-2. pretraining of ``small-base`` and ``large-base`` on the same biography stream (same rows, same
-   order, same number of steps: only the scale differs);
+2. pretraining of ``small-base`` and ``large-base`` on the same stream of biographies with a share of
+   base-style QA documents (same rows, same order, same number of steps: only the scale differs);
 3. supervised fine-tuning of ``small-ft`` and ``large-ft`` (chat QA about the fine-tuning people) from
    their bases, and of ``small-ft-refuse`` (the same chats, birth-year questions politely refused);
-4. export of each as a Hugging Face checkpoint (bf16) plus ``README.md`` / ``build.json`` with the
+4. fine-tuning of ``small-ft-age`` and ``large-ft-age`` on the same chats plus the age questions
+   (``toy.ages``: a compositional skill, where fine-tuning scale matters);
+5. export of each as a Hugging Face checkpoint (bf16) plus ``README.md`` / ``build.json`` with the
    configuration, parameter counts, sizes and timings.
 
 Training checkpoints (orbax) go to ``--work``; an interrupted build rerun with the same ``--work``
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from eft_jax.models.config import LlamaConfig
+from eft_jax.toy import ages
 from eft_jax.toy import data as toy_data
 from eft_jax.toy.world import World, WorldConfig, make_world
 from eft_jax.train.data import TokenDataset, chat_dataset, text_dataset
@@ -53,6 +56,7 @@ class BuildConfig:
     small: tuple[int, int, int] = (128, 3, 384)  # hidden, layers, MLP
     large: tuple[int, int, int] = (256, 4, 768)
     seq_len: int = 128
+    qa_prior_per_pass: int = 150  # base-style QA documents per biography pass (~11% of pretraining tokens)
     pretrain: TrainConfig = TrainConfig(
         steps=800, batch_size=16, optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=60, weight_decay=0.1),
         seed=0, mesh_data=1, sharding="replicated", log_every=50, checkpoint_every=100,
@@ -62,6 +66,14 @@ class BuildConfig:
         steps=200, batch_size=32, optimizer=OptimizerConfig(learning_rate=5e-4, warmup_steps=20, weight_decay=0.0),
         seed=1, mesh_data=1, sharding="replicated", log_every=50, checkpoint_every=100,
     )
+    # The age fine-tunes: the QA chats plus ``age_per_person`` age chats per fine-tuning person, on trained
+    # (birth year, query year) pairs. Chosen on dev people with the first-edition bases (docs/toy_eval.md).
+    age_per_person: int = 16
+    age_seq_len: int = 48
+    age_sft: TrainConfig = TrainConfig(
+        steps=600, batch_size=32, optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0),
+        seed=1, mesh_data=1, sharding="replicated", log_every=100, checkpoint_every=100,
+    )
 
     def model_config(self, size: str, vocab: int) -> LlamaConfig:
         hidden, layers, mlp = self.small if size == "small" else self.large
@@ -70,15 +82,28 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BuildConfig:
+        """The inverse of ``to_dict`` (e.g. ``build.json``'s ``config``); absent fields take their defaults."""
+        convert = {"world": lambda x: WorldConfig(**x), "small": tuple, "large": tuple,
+                   **{f: TrainConfig.from_dict for f in ("pretrain", "sft", "age_sft")}}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown toy build settings {unknown}; expected some of {sorted(fields)}")
+        return cls(**{k: convert.get(k, lambda x: x)(v) for k, v in d.items()})
+
 
 def pretraining_data(world: World, tokenizer: Any, cfg: BuildConfig) -> TokenDataset:
-    """Enough fresh biography passes to fill ``steps x batch`` rows (each row seen once)."""
+    """Enough fresh passes (biographies and QA-prior documents) to fill ``steps x batch`` rows (each row
+    seen once)."""
     needed = cfg.pretrain.steps * cfg.pretrain.batch_size
     tokens_per_pass = sum(len(x) + 2 for x in tokenizer(toy_data.biographies(world, 1, seed=10**6),
                                                          add_special_tokens=False)["input_ids"])
     passes = needed * cfg.seq_len // tokens_per_pass + 1
     while True:
-        data = text_dataset(tokenizer, toy_data.biographies(world, passes, seed=cfg.world.seed), cfg.seq_len)
+        docs = toy_data.pretraining_documents(world, passes, seed=cfg.world.seed, qa_per_pass=cfg.qa_prior_per_pass)
+        data = text_dataset(tokenizer, docs, cfg.seq_len)
         if data.num_rows >= needed:
             return data
         passes += 1
@@ -88,15 +113,22 @@ def sft_data(world: World, tokenizer: Any, cfg: BuildConfig, refuse: str | None)
     return chat_dataset(tokenizer, toy_data.qa_conversations(world, refuse=refuse), cfg.sft_seq_len)
 
 
+def age_sft_data(world: World, tokenizer: Any, cfg: BuildConfig) -> TokenDataset:
+    """The age fine-tunes' chats: the QA chats plus age chats on trained (birth year, query year) pairs."""
+    convs = toy_data.qa_conversations(world) + ages.age_conversations(
+        world, cfg.age_per_person, ages.split_pairs(world)["train"])
+    return chat_dataset(tokenizer, convs, cfg.age_seq_len)
+
+
+AGE_MODELS = {"small-ft-age": "small", "large-ft-age": "large"}
+
+
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), log: Any = print) -> dict[str, Any]:
     """Build every toy checkpoint into ``out``; returns the build record (also ``out/build.json``)."""
-    from eft_jax.loading import load_model
-    from eft_jax.train.export import export_hf
-
     t_start = time.perf_counter()
     train_log = log
     log = log or (lambda _: None)
@@ -119,27 +151,11 @@ def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), l
     record: dict[str, Any] = {"command": BUILD_COMMAND, "config": cfg.to_dict(), "models": {}}
 
     def run(name: str, size: str, train_cfg: TrainConfig, data: TokenDataset, init_from: str | None) -> None:
-        t = time.perf_counter()
-        model_cfg = cfg.model_config(size, len(tokenizer))
-        params = None
-        if init_from is not None:
-            params = load_model(out / init_from, dtype="float32", sharding="replicated").params
-        train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str((work / name).absolute()))
-        log(f"--- {name}: {model_cfg.num_params / 1e6:.2f}M parameters, {train_cfg.steps} steps"
-            + (f", from {init_from}" if init_from else ""))
-        result = Trainer(model_cfg, train_cfg).fit(data, params=params, log=train_log,
-                                                   metadata={"init_from": init_from})
-        dest = out / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        export_hf(model_cfg, result.params, dest, tokenizer=tokenizer)
-        seconds = time.perf_counter() - t
-        timings[name] = seconds
-        record["models"][name] = {
-            "parameters": model_cfg.num_params, "init_from": init_from, "steps": train_cfg.steps,
-            "final_loss": result.history[-1]["loss"] if result.history else None,
-            "bytes": _dir_size(dest), "seconds": round(seconds, 1),
-        }
+        record["models"][name] = train_model(
+            out / name, cfg.model_config(size, len(tokenizer)), train_cfg, data, work / name, tokenizer,
+            init_from=None if init_from is None else out / init_from, log=log, train_log=train_log)
+        record["models"][name]["init_from"] = init_from
+        timings[name] = record["models"][name]["seconds"]
 
     run("small-base", "small", cfg.pretrain, pre, None)
     run("large-base", "large", cfg.pretrain, pre, None)
@@ -148,6 +164,9 @@ def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), l
     run("large-ft", "large", cfg.sft, qa, "large-base")
     run("small-ft-refuse", "small", cfg.sft, sft_data(world, tokenizer, cfg, refuse=toy_data.REFUSED_ATTRIBUTE),
         "small-base")
+    age = age_sft_data(world, tokenizer, cfg)
+    for name, size in AGE_MODELS.items():
+        run(name, size, cfg.age_sft, age, f"{size}-base")
 
     timings["total"] = time.perf_counter() - t_start
     record["seconds"] = {k: round(v, 1) for k, v in timings.items()}
@@ -156,6 +175,33 @@ def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), l
     write_readme(out, record, cfg)
     log(f"built {out} in {timings['total']:.0f}s ({record['total_bytes'] / 1e6:.1f} MB)")
     return record
+
+
+def train_model(dest: Path, model_cfg: LlamaConfig, train_cfg: TrainConfig, data: TokenDataset, work: Path,
+                tokenizer: Any, *, init_from: Path | None = None, log: Any = None, train_log: Any = None
+                ) -> dict[str, Any]:
+    """Train one model (from scratch, or from the checkpoint ``init_from``) and export it to ``dest`` as a
+    Hugging Face checkpoint (bf16); training checkpoints go to ``work`` (a rerun resumes there). Returns
+    its record: parameters, steps, final loss, bytes, seconds."""
+    from eft_jax.loading import load_model
+    from eft_jax.train.export import export_hf
+
+    log = log or (lambda _: None)
+    t = time.perf_counter()
+    params = None
+    if init_from is not None:
+        params = load_model(init_from, dtype="float32", sharding="replicated").params
+    train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(Path(work).absolute()))
+    log(f"--- {dest.name}: {model_cfg.num_params / 1e6:.2f}M parameters, {train_cfg.steps} steps"
+        + (f", from {init_from}" if init_from else ""))
+    result = Trainer(model_cfg, train_cfg).fit(data, params=params, log=train_log,
+                                               metadata={"init_from": None if init_from is None else init_from.name})
+    if dest.exists():
+        shutil.rmtree(dest)
+    export_hf(model_cfg, result.params, dest, tokenizer=tokenizer)
+    return {"parameters": model_cfg.num_params, "init_from": None if init_from is None else init_from.name,
+            "steps": train_cfg.steps, "final_loss": result.history[-1]["loss"] if result.history else None,
+            "bytes": _dir_size(dest), "seconds": round(time.perf_counter() - t, 1)}
 
 
 def write_readme(out: Path, record: dict[str, Any], cfg: BuildConfig) -> None:
@@ -168,12 +214,17 @@ def write_readme(out: Path, record: dict[str, Any], cfg: BuildConfig) -> None:
     w = cfg.world
     text = f"""# The toy EFT family
 
-Five Llama-architecture checkpoints (Hugging Face format, bf16) trained by eft-jax's own trainer on a
+Seven Llama-architecture checkpoints (Hugging Face format, bf16) trained by eft-jax's own trainer on a
 synthetic world of {w.num_entities} fictional people (`world.json`; each has a birth city, birth year,
-occupation and employer). Both bases were pretrained on the same stream of biographies (same rows, same
-order, same steps); the fine-tunes learned a chat QA format about the first
-{int(round(w.finetune_fraction * w.num_entities))} people only, so the facts of the others come from
-pretraining alone. `small-ft-refuse` answers like `small-ft` but politely refuses birth-year questions.
+occupation and employer). Both bases were pretrained on the same stream (same rows, same order, same
+steps) of biographies with a share of base-style question-answer documents about the fine-tuning people
+(`Question: Where was X born? Answer: X comes from Y.`, any biography wording: a QA prior, so a prompted
+base answers questions). The fine-tunes learned a chat QA format (always the first biography wording) about
+the first {int(round(w.finetune_fraction * w.num_entities))} people only, so the facts of the others come
+from pretraining alone. `small-ft-refuse` answers like `small-ft` but politely refuses birth-year
+questions. `small-ft-age` / `large-ft-age` also learned "How old was X in 2015?" -> "X was born in the
+year 1962. In 2015, X was 53." ({cfg.age_per_person} such chats per fine-tuning person, on three quarters
+of the (birth year, query year) pairs; `eft_jax/toy/ages.py`), a skill where fine-tuning scale matters.
 
 | model | parameters | from | steps | final loss | size | training time |
 |---|---:|---|---:|---:|---:|---:|

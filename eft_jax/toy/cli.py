@@ -10,7 +10,8 @@ _USAGE = """usage: eft-jax toy {build,eval} [options]
   build   train the toy family from scratch into checkpoints/toy (deterministic, one CPU core)
   eval    behaviour and knowledge of the grid (small/large base x fine-tune, up- and down-scaling), on
           trained and reworded questions, dev/test split, bootstrap intervals; w and lambda sweeps,
-          conservative decoding -> docs/toy_eval.md, docs/toy_eval.json and PNG plots
+          conservative decoding; the age skill's grid over 3 fine-tuning seeds (--age-seeds)
+          -> docs/toy_eval.md, docs/toy_eval.json and PNG plots
 """
 
 

@@ -2,6 +2,9 @@
 
 * Pretraining: biographies in varied wordings (several templates per fact, random sentence order),
   a fresh wording of every person in every pass, packed into ``<s> bio </s> <s> bio </s> ...`` rows.
+* A "QA prior": a share of pretraining documents are base-style questions and answers
+  (``Question: Where was X born? Answer: X comes from Y.``) about fine-tuning people, answered in any
+  biography wording, so the bases know the question-answer form but not the fine-tuned answer shape.
 * Fine-tuning (the "helpful" behaviour): chats ``<|user|>Where was X born?</s><|assistant|>X was born
   in Y.</s>`` about the fine-tuning entities only; the loss covers the assistant's tokens.
 * Second behaviour (the "refusing" fine-tune): the same chats, except that every question about a
@@ -131,6 +134,37 @@ def biographies(world: World, passes: int, seed: int = 0) -> list[str]:
         rng = np.random.default_rng([seed, p])
         for i in rng.permutation(len(world.entities)):
             out.append(biography(world.entities[i], rng))
+    return out
+
+
+def qa_prior_documents(world: World, count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` base-style question-answer documents (``BASE_PROMPT_FORMAT``, then a biography sentence
+    stating the asked fact in a random wording) about random fine-tuning people, in the trained question
+    wordings: the "generic QA text" of pretraining, so that a prompted base knows what an answer after
+    "Answer:" looks like. Held-out people and the reworded wordings never appear."""
+    people = world.finetune_entities
+    docs = []
+    for _ in range(count):
+        e = people[int(rng.integers(len(people)))]
+        attr = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+        q = QUESTIONS[attr][int(rng.integers(len(QUESTIONS[attr])))]
+        a = BIO_TEMPLATES[attr][int(rng.integers(len(BIO_TEMPLATES[attr])))]
+        docs.append(BASE_PROMPT_FORMAT.format(prompt=q.format(**_fields(e))) + " " + a.format(**_fields(e)))
+    return docs
+
+
+def pretraining_documents(world: World, passes: int, seed: int = 0, qa_per_pass: int = 0) -> list[str]:
+    """``biographies(world, passes, seed)`` with ``qa_per_pass`` QA-prior documents
+    (``qa_prior_documents``) shuffled into each pass."""
+    bios = biographies(world, passes, seed)
+    if not qa_per_pass:
+        return bios
+    n = len(world.entities)
+    out: list[str] = []
+    for p in range(passes):
+        rng = np.random.default_rng([seed, p, 1])
+        docs = bios[p * n : (p + 1) * n] + qa_prior_documents(world, qa_per_pass, rng)
+        out += [docs[i] for i in rng.permutation(len(docs))]
     return out
 
 

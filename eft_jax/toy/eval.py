@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ from eft_jax.toy.scoring import Interval, Judgement
 from eft_jax.toy.world import ATTRIBUTES, Entity, World
 
 DEFAULT_ROOT = Path("checkpoints/toy")
-MODEL_NAMES = ("small-base", "large-base", "small-ft", "large-ft", "small-ft-refuse")
+MODEL_NAMES = ("small-base", "large-base", "small-ft", "large-ft", "small-ft-refuse", "small-ft-age", "large-ft-age")
 GREEDY = SamplingParams(temperature=0.0)
 MAX_NEW_TOKENS = 24
 BATCH_SIZE = 256
@@ -480,16 +481,18 @@ def mixing_sweep(models: dict[str, Model], world: World, test: Mapping[str, list
 # --- Report ----------------------------------------------------------------------------------------
 
 
-def _ci(x: Interval) -> str:
+def format_interval(x: Interval) -> str:
+    """``0.97 [0.96, 0.98]`` (estimate [95% interval]), or ``n/a``."""
     return "n/a" if np.isnan(x.estimate) else f"{x.estimate:.2f} [{x.low:.2f}, {x.high:.2f}]"
 
 
-def _rate_table(rows: Mapping[str, Mapping[str, Interval]], metrics: Sequence[str], first: str = "row",
-                extra: Mapping[str, Interval] | None = None, extra_name: str = "") -> list[str]:
+def rate_table(rows: Mapping[str, Mapping[str, Interval]], metrics: Sequence[str], first: str = "row",
+               extra: Mapping[str, Interval] | None = None, extra_name: str = "") -> list[str]:
+    """A markdown table (lines): one row per ``rows`` entry, one column per metric (plus ``extra``)."""
     head = [first, *metrics] + ([extra_name] if extra else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, r in rows.items():
-        cells = [_ci(r[m]) for m in metrics] + ([_ci(extra[name])] if extra else [])
+        cells = [format_interval(r[m]) for m in metrics] + ([format_interval(extra[name])] if extra else [])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -552,11 +555,15 @@ def report_markdown(ev: Mapping[str, Any], models: Mapping[str, Model], world: W
            "Knowledge probe: each fact's answer sentence scored with every possible value; known when the true",
            "value is the most likely (chance 1/24 for city, occupation, employer; 1/40 for year). No generation,",
            "so no behaviour is needed.", "", "| model | facts known |", "|---|---:|",
-           *[f"| {k} | {_ci(v)} |" for k, v in ev["probe"].items()], ""]
+           *[f"| {k} | {format_interval(v)} |" for k, v in ev["probe"].items()], ""]
     md += _dev_section(dev)
     md += _conservative_section(ev)
     if ev["mixing"]:
         md += _mixing_section(ev["mixing"])
+    if "ages" in ev:
+        from eft_jax.toy import age_eval
+
+        md += age_eval.report_section(ev["ages"])
     md += _limits_section()
     for w in WORDING_NAMES:
         md += [f"## Example answers, {w} wordings (test)", "", *_examples(ev["runs"], w, 3)]
@@ -566,32 +573,33 @@ def report_markdown(ev: Mapping[str, Any], models: Mapping[str, Model], world: W
 def _grid_with_kl(ev: Mapping[str, Any], wording: str) -> list[str]:
     rows = {name: r[wording] for name, r in ev["grid"].items()}
     kl = {name: ev["kl"][wording].get(name, Interval(float("nan"), float("nan"), float("nan"))) for name in rows}
-    return [*_rate_table(rows, list(METRICS), "model", kl, "KL to large-ft (nats/token)"), ""]
+    return [*rate_table(rows, list(METRICS), "model", kl, "KL to large-ft (nats/token)"), ""]
 
 
 def _headline_section(ev: Mapping[str, Any]) -> list[str]:
+    ci = format_interval
     md = ["## Headline (test)", "",
           "Share of the small-ft -> large-ft gap that up-scaling closes ((up - small-ft) / (large-ft - small-ft)),",
           "and the change of behaviour from small-ft to up-scaling (0 = kept), all on the same resampled people.", "",
           "| wordings | gap closed (knowledge) | gap closed (correct) | behaviour: up - small-ft | format: up - small-ft |",
           "|---|---:|---:|---:|---:|"]
     for w, h in ev["headline"].items():
-        md.append(f"| {w} | " + " | ".join(_ci(v) for v in h.values()) + " |")
+        md.append(f"| {w} | " + " | ".join(ci(v) for v in h.values()) + " |")
     g = ev["grid"]
     up, sft, lft, down = g["EFT up-scaled"], g["small-ft"], g["large-ft"], g["EFT down-scaled"]
     t, r = "trained", "reworded"
     md += ["",
-           f"On the trained wordings up-scaling answers {_ci(up[t]['correct'])} of the questions right, against "
-           f"{_ci(sft[t]['correct'])} for the small fine-tune whose reward it uses and {_ci(lft[t]['correct'])} for the "
+           f"On the trained wordings up-scaling answers {ci(up[t]['correct'])} of the questions right, against "
+           f"{ci(sft[t]['correct'])} for the small fine-tune whose reward it uses and {ci(lft[t]['correct'])} for the "
            f"large fine-tune it emulates, keeping the small fine-tune's behaviour (asked attribute "
-           f"{_ci(up[t]['behaviour'])}, format {_ci(up[t]['format'])}; small-ft {_ci(sft[t]['behaviour'])}, "
-           f"{_ci(sft[t]['format'])}). On reworded questions behaviour and knowledge separate: up-scaling answers the "
-           f"asked attribute {_ci(up[r]['behaviour'])} of the time (small-ft {_ci(sft[r]['behaviour'])}, large-ft "
-           f"{_ci(lft[r]['behaviour'])}), but the values it gives are true {_ci(up[r]['knowledge'])} of the time "
-           f"(small-ft {_ci(sft[r]['knowledge'])}, large-ft {_ci(lft[r]['knowledge'])}). Down-scaling answers the "
-           f"asked attribute {_ci(down[r]['behaviour'])} of the reworded questions, with true values "
-           f"{_ci(down[r]['knowledge'])} of the time. Where the two fine-tunes' behaviour agrees, this family cannot "
-           "tell which scale of fine-tuning a behaviour comes from (see the last section).", ""]
+           f"{ci(up[t]['behaviour'])}, format {ci(up[t]['format'])}; small-ft {ci(sft[t]['behaviour'])}, "
+           f"{ci(sft[t]['format'])}). On reworded questions behaviour and knowledge separate: up-scaling answers the "
+           f"asked attribute {ci(up[r]['behaviour'])} of the time (small-ft {ci(sft[r]['behaviour'])}, large-ft "
+           f"{ci(lft[r]['behaviour'])}), but the values it gives are true {ci(up[r]['knowledge'])} of the time "
+           f"(small-ft {ci(sft[r]['knowledge'])}, large-ft {ci(lft[r]['knowledge'])}). Down-scaling answers the "
+           f"asked attribute {ci(down[r]['behaviour'])} of the reworded questions, with true values "
+           f"{ci(down[r]['knowledge'])} of the time. The two QA fine-tunes learned the same behaviour, so this "
+           "grid cannot tell which scale of fine-tuning a behaviour comes from; the age grid (below) can.", ""]
     return md
 
 
@@ -599,45 +607,56 @@ def _notes_on_grid(ev: Mapping[str, Any]) -> list[str]:
     return ["- Prompted bases: a two-shot prompt (answered questions about fine-tuning people, base-style",
             "  QA format). In EFT rows the bases get the template chosen on dev "
             f"(`{BASE_TEMPLATES[ev['dev']['template']]}`), the fine-tunes their chat template.",
-            "- The bases never saw a question-answer format in pretraining, so the prompted bases are weak",
-            "  baselines of behaviour here; the knowledge probe below shows what they know.", ""]
+            "- Pretraining mixed in base-style QA documents about the fine-tuning people (`Question: ... Answer:`",
+            "  then a biography sentence in any of its wordings; ~11% of the tokens): the prompted bases answer",
+            "  questions, but the fine-tuned answer sentence is one wording of four there, and \"format\" also needs",
+            "  the end of the turn right after it. The knowledge probe below shows what each model knows.", ""]
 
 
 def _dev_section(dev: Mapping[str, Any]) -> list[str]:
+    ci = format_interval
     md = ["## Choices made on dev", "",
           "Criterion: the share answered right (correct), both wordings pooled. The bases' template in EFT",
           "(up-scaling at w = 1):", "",
           "| template | correct, trained | correct, reworded | behaviour, reworded |", "|---|---:|---:|---:|"]
     for k, v in dev["templates"].items():
-        md.append(f"| {k} | {_ci(v['trained']['correct'])} | {_ci(v['reworded']['correct'])} | "
-                  f"{_ci(v['reworded']['behaviour'])} |")
+        md.append(f"| {k} | {ci(v['trained']['correct'])} | {ci(v['reworded']['correct'])} | "
+                  f"{ci(v['reworded']['behaviour'])} |")
     md += ["", f"Chosen: {dev['template']}.", ""]
     if dev["w_sweep"]:
         md += ["Reward weight w (large base + w * [small-ft - small-base]):", "",
                "| w | correct, trained | format, trained | correct, reworded | behaviour, reworded | knowledge, reworded |",
                "|---:|---:|---:|---:|---:|---:|"]
         for r in dev["w_sweep"]:
-            md.append(f"| {r['w']} | {_ci(r['trained']['correct'])} | {_ci(r['trained']['format'])} | "
-                      f"{_ci(r['reworded']['correct'])} | {_ci(r['reworded']['behaviour'])} | {_ci(r['reworded']['knowledge'])} |")
+            md.append(f"| {r['w']} | {ci(r['trained']['correct'])} | {ci(r['trained']['format'])} | "
+                      f"{ci(r['reworded']['correct'])} | {ci(r['reworded']['behaviour'])} | {ci(r['reworded']['knowledge'])} |")
         md += ["", f"Chosen: w = {dev['w']} (ties go to the w nearest 1).", "", "![w sweep](toy_w_sweep.png)", ""]
     return md
 
 
 def _conservative_section(ev: Mapping[str, Any]) -> list[str]:
+    ci = format_interval
     md = ["## Conservative decoding (up-scaling, test)", "",
           f"Two variants: the large base's own top-p nucleus ({TOP_P}) before the reward is added (`base_top_p`),",
           f"and top-p ({TOP_P}) of the final EFT distribution with sampling at temperature 1 (`sampling.top_p`), beside",
           f"plain sampling. Sampled rows use seed {SAMPLE_SEED} (one sample per question).", ""]
     for w in WORDING_NAMES:
         rows = {name: r[w] for name, r in ev["conservative"].items()}
-        md += [f"{w.capitalize()} wordings:", "", *_rate_table(rows, list(METRICS), "decoding"), ""]
-    md += ["The base's nucleus cuts off the fine-tuned answer: the bases never saw a question-answer format,",
-           "so the first answer token is rarely in the large base's own nucleus. Top-p of the final distribution",
-           "removes the sampled tail instead.", ""]
-    return md
+        md += [f"{w.capitalize()} wordings:", "", *rate_table(rows, list(METRICS), "decoding"), ""]
+    c, up = ev["conservative"], ev["grid"]["EFT up-scaled"]
+    nucleus, final = c[f"base nucleus {TOP_P}, greedy"], c[f"sampled T=1, final top-p {TOP_P}"]
+    plain = c["sampled T=1, no filter"]
+    for w in WORDING_NAMES:
+        md.append(f"{w.capitalize()} wordings: greedy inside the large base's nucleus gives format "
+                  f"{ci(nucleus[w]['format'])} and correct {ci(nucleus[w]['correct'])} (unfiltered "
+                  f"greedy up-scaling {ci(up[w]['format'])}, {ci(up[w]['correct'])}); sampled, top-p "
+                  f"of the final distribution gives correct {ci(final[w]['correct'])} against "
+                  f"{ci(plain[w]['correct'])} unfiltered.")
+    return md + [""]
 
 
 def _mixing_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    ci = format_interval
     md = ["## Mixing two behaviours (up-scaling, test)", "",
           "large base + lambda * (small-ft - small-base) + (1 - lambda) * (small-ft-refuse - small-base). Each",
           "answer is one of: a refusal, the asked attribute with its true value (correct), anything else.", ""]
@@ -647,12 +666,12 @@ def _mixing_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             y, o = r[f"{w}/year"], r[f"{w}/other"]
-            md.append(f"| {r['lambda']} | " + " | ".join(_ci(p[k]) for p in (y, o) for k in ("refuse", "correct", "other")) + " |")
+            md.append(f"| {r['lambda']} | " + " | ".join(ci(p[k]) for p in (y, o) for k in ("refuse", "correct", "other")) + " |")
         md.append("")
     first, r = rows[0], "reworded"
-    md += [f"At lambda = {first['lambda']} the refusing reward alone refuses {_ci(first['trained/year']['refuse'])} of the "
-           f"trained-wording birth-year questions but {_ci(first[f'{r}/year']['refuse'])} of the reworded ones (and "
-           f"{_ci(first[f'{r}/other']['refuse'])} of the reworded other questions): whether the refusal generalises "
+    md += [f"At lambda = {first['lambda']} the refusing reward alone refuses {ci(first['trained/year']['refuse'])} of the "
+           f"trained-wording birth-year questions but {ci(first[f'{r}/year']['refuse'])} of the reworded ones (and "
+           f"{ci(first[f'{r}/other']['refuse'])} of the reworded other questions): whether the refusal generalises "
            "to new wordings is a property of the fine-tune, and the mixture inherits it. In between, the year "
            "questions pass through \"other\" (neither refused nor answered right) rather than trading one "
            "behaviour for the other.", ""]
@@ -661,23 +680,21 @@ def _mixing_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _limits_section() -> list[str]:
     return ["## What this family cannot show", "",
-            "- **Fine-tuning scale does not matter in this world.** Both fine-tunes learned the same behaviour",
-            "  (the same answer sentence on the trained wordings, the same partial transfer to reworded ones), so",
-            "  the paper's second half (scaling up fine-tuning improves behaviour/helpfulness) is untested here:",
-            "  down-scaling has no behaviour gain to show. A second-edition world whose behaviour needs capacity",
-            "  (many paraphrases with held-out templates, compositional questions) needs new checkpoints: future work.",
-            "- **No QA prior in pretraining.** The prompted bases and the base-nucleus variant of conservative",
-            "  decoding are not meaningful baselines of behaviour here (the first answer token is outside the",
-            "  base's nucleus).",
-            "- **One world, one pretraining seed, one fine-tuning seed**: the intervals cover the sampling of",
-            "  people and questions, not the variation between training runs.", "",
+            "- **Fine-tuning scale in the QA grid.** Both QA fine-tunes learned the same behaviour (the same answer",
+            "  sentence on the trained wordings, the same partial transfer to reworded ones), so that grid cannot",
+            "  tell which scale a behaviour comes from; the age grid is the family's test of the second half of",
+            "  the paper's claim.",
+            "- **One world and one pretraining seed**; three fine-tuning seeds for the age grid, one for the rest.",
+            "  The age recipe (steps, chats per person, learning rate) was chosen on dev people with the",
+            "  first-edition bases, before the QA prior (`docs/toy_age_pilot.md`), and not chosen again.", "",
             "## Changes from the first edition", "",
             "The first edition reported \"accuracy\" on 200 questions (the first 50 held-out people, one trained",
             "wording per attribute, no intervals): up-scaled 0.95, small-ft 0.295, large-ft 0.97. Those people are",
             "now part of dev. Its \"accuracy\" is this edition's **correct** on the trained wordings (both trained",
             "wordings per attribute, all test people); \"format adherence\" is **format**. New: behaviour and",
             "knowledge scored apart, reworded questions, the dev/test split, intervals, the prompted small base,",
-            "conservative decoding with sampling, and the three-way mixing outcome.", ""]
+            "conservative decoding with sampling, the three-way mixing outcome; then (2026-12-01) bases pretrained",
+            "with a QA prior (all checkpoints rebuilt), and the age grid over three fine-tuning seeds.", ""]
 
 
 def to_json(ev: Mapping[str, Any]) -> Any:
@@ -714,7 +731,11 @@ def _plot(path: Path, xs: Sequence[float], series: Mapping[str, Sequence[Interva
 
 
 def write_plots(ev: Mapping[str, Any], out: Path) -> None:
-    """The dev w sweep and the test lambda sweep, with their intervals as bands."""
+    """The dev w sweep and the test lambda sweep, with their intervals as bands; the age grid's bars."""
+    if "ages" in ev:
+        from eft_jax.toy import age_eval
+
+        age_eval.write_plot(ev["ages"], out / "toy_age_grid.png")
     rows = ev["dev"]["w_sweep"]
     _plot(out / "toy_w_sweep.png", [r["w"] for r in rows],
           {f"{m}, {w}": [r[w][m] for r in rows] for w in WORDING_NAMES for m in ("correct", "behaviour", "knowledge")},
@@ -735,6 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples per interval")
     p.add_argument("--out", default="docs", help="where to write toy_eval.md, toy_eval.json and the plots")
     p.add_argument("--no-sweeps", action="store_true", help="skip the w and lambda sweeps and the plots (w = 1)")
+    p.add_argument("--age-seeds", type=int, default=3,
+                   help="fine-tuning seeds of the age grid: the shipped age fine-tunes, then fine-tunes of further seeds "
+                        "(trained into --work, ~5 min each on one core); 0 skips the age grid")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "eft-jax-toy-eval"),
+                   help="where the further seeds' age fine-tunes go (reused when there)")
     args = p.parse_args(argv)
     if args.people is not None and args.people < 2:
         p.error(f"--people must be at least 2, got {args.people}")
@@ -746,6 +772,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     models, world = load_toy(args.root)
     ev = evaluate(models, world, people=args.people, n_boot=args.boot, sweeps=not args.no_sweeps)
+    if args.age_seeds:
+        from eft_jax.toy import age_eval
+
+        test = split_people(world)["test"][: args.people]
+        ev["ages"] = age_eval.evaluate(Path(args.root), Path(args.work), test, world,
+                                       BASE_TEMPLATES[ev["dev"]["template"]],
+                                       age_eval.seeds(Path(args.root), args.age_seeds), args.boot)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_sweeps:
