@@ -193,7 +193,7 @@ print(json.dumps({"seeds": ev["seeds"], "rows": sorted(ev["grid"]), "gaps": sort
     assert set(age["rows"]) == {"small-ft-age", "large-ft-age", "EFT up-scaled", "EFT down-scaled",
                                 "large-base (prompted)", "small-base (prompted)"}
     assert set(age["gaps"]) == {"pooled", "seed 1", "seed 2"}
-    assert "## Ages: a skill where fine-tuning scale matters (test)" in age["report"]
+    assert "## Ages: does fine-tuning scale matter for a skill? (test)" in age["report"]
     assert "| seed 2 |" in age["report"] and "| pooled |" in age["report"]
     assert age["dirs"]["1"]["small-ft-age"] == str(tmp_path / "toy" / "small-ft-age")  # the shipped seed
     for name in ("small-ft-age", "large-ft-age"):  # the second seed: fine-tuned from the bases into work

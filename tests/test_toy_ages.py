@@ -194,3 +194,16 @@ def test_age_grid_plot_is_written(tmp_path):
                   for kind in age_eval.PAIR_KINDS} for row in (*age_eval.FT_ROWS, *age_eval.BASE_ROWS)}
     age_eval.write_plot({"grid": grid}, tmp_path / "age.png")
     assert (tmp_path / "age.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("low, high, words", [(0.1, 0.3, "the large fine-tune is better"),
+                                              (-0.3, -0.1, "the small fine-tune is better"),
+                                              (-0.03, 0.04, "no difference this evaluation can see")])
+def test_summary_sentence_reads_the_direction_off_the_interval(low, high, words):
+    from eft_jax.toy.scoring import Interval
+
+    iv = Interval((low + high) / 2, low, high)
+    gaps = {"skill: large-ft - small-ft": iv, "up-scaling closes (knowledge)": Interval(1.0, 0.9, 1.1),
+            "format: up - small-ft": Interval(-0.1, -0.2, 0.0)}
+    text = age_eval.summary_sentence({"seeds": [1, 2, 3], "gaps": {k: {"pooled": gaps} for k in age_eval.PAIR_KINDS}})
+    assert text.count(words) == 2 and "Pooled over the 3 seeds" in text

@@ -230,7 +230,7 @@ def report_section(ev: Mapping[str, Any]) -> list[str]:
     from eft_jax.toy.eval import format_interval, rate_table
 
     seeds = ev["seeds"]
-    md = ["## Ages: a skill where fine-tuning scale matters (test)", "",
+    md = ["## Ages: does fine-tuning scale matter for a skill? (test)", "",
           "\"How old was X in 2015?\" -> \"X was born in the year 1962. In 2015, X was 53.\" The birth year is "
           "knowledge (from pretraining), the second sentence a **skill** taught only by fine-tuning (never in "
           "pretraining): `small-ft-age` and `large-ft-age` were fine-tuned on the QA chats plus age chats about "
@@ -249,7 +249,8 @@ def report_section(ev: Mapping[str, Any]) -> list[str]:
     names = [m for m in (*ages.METRICS, *ages.STATED_METRICS)]
     for kind, label in (("train", "trained pairs"), ("heldout", "held-out pairs")):
         md += [f"Asked {label}:", "", *rate_table({r: v[kind] for r, v in ev["grid"].items()}, names, "row"), ""]
-    md += ["Gaps (asked trained pairs), per fine-tuning seed and pooled; \"closes\" is (row - small-ft-age) / "
+    md += [summary_sentence(ev), ""]
+    md += ["Gaps per fine-tuning seed and pooled; \"closes\" is (row - small-ft-age) / "
            "(large-ft-age - small-ft-age) on the same resampled people:", ""]
     for kind in PAIR_KINDS:
         stats = list(next(iter(ev["gaps"][kind].values())))
@@ -266,6 +267,27 @@ def report_section(ev: Mapping[str, Any]) -> list[str]:
         for prompt, truth, answers in ev["examples"][kind]:
             md += [f"**{prompt}** (born {truth})", "", *[f"- {r}: `{a}`" for r, a in answers.items()], ""]
     return md
+
+
+def _direction(x: Interval) -> str:
+    if x.low > 0:
+        return "the large fine-tune is better"
+    if x.high < 0:
+        return "the small fine-tune is better"
+    return "no difference this evaluation can see"
+
+
+def summary_sentence(ev: Mapping[str, Any]) -> str:
+    """What the pooled gaps say, in words chosen by their intervals."""
+    from eft_jax.toy.eval import format_interval as ci
+
+    g = {kind: ev["gaps"][kind]["pooled"] for kind in PAIR_KINDS}
+    skill = "skill: large-ft - small-ft"
+    return (f"Pooled over the {len(ev['seeds'])} seeds, skill of large-ft-age minus small-ft-age is "
+            f"{ci(g['train'][skill])} on asked trained pairs ({_direction(g['train'][skill])}) and "
+            f"{ci(g['heldout'][skill])} on held-out pairs ({_direction(g['heldout'][skill])}); up-scaling closes "
+            f"{ci(g['train']['up-scaling closes (knowledge)'])} of the knowledge gap (trained pairs), and its format "
+            f"differs from small-ft-age's by {ci(g['train']['format: up - small-ft'])}.")
 
 
 def write_plot(ev: Mapping[str, Any], path: Path) -> None:

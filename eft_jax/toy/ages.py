@@ -1,4 +1,4 @@
-"""The age questions of the toy world: a compositional skill whose learning needs fine-tuning scale.
+"""The age questions of the toy world: a compositional skill meant to need fine-tuning scale.
 
 "How old was X in 2015?" is answered "X was born in the year 1962. In 2015, X was 53." The first sentence is the
 fine-tuned birth-year answer (``toy.data.ANSWERS["year"]``; knowledge from pretraining), the second an

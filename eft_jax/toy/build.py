@@ -9,7 +9,7 @@ fixed data order, one CPU device):
 3. supervised fine-tuning of ``small-ft`` and ``large-ft`` (chat QA about the fine-tuning people) from
    their bases, and of ``small-ft-refuse`` (the same chats, birth-year questions politely refused);
 4. fine-tuning of ``small-ft-age`` and ``large-ft-age`` on the same chats plus the age questions
-   (``toy.ages``: a compositional skill, where fine-tuning scale matters);
+   (``toy.ages``: a compositional skill, meant to need fine-tuning scale);
 5. export of each as a Hugging Face checkpoint (bf16) plus ``README.md`` / ``build.json`` with the
    configuration, parameter counts, sizes and timings.
 
@@ -224,7 +224,7 @@ the first {int(round(w.finetune_fraction * w.num_entities))} people only, so the
 from pretraining alone. `small-ft-refuse` answers like `small-ft` but politely refuses birth-year
 questions. `small-ft-age` / `large-ft-age` also learned "How old was X in 2015?" -> "X was born in the
 year 1962. In 2015, X was 53." ({cfg.age_per_person} such chats per fine-tuning person, on three quarters
-of the (birth year, query year) pairs; `eft_jax/toy/ages.py`), a skill where fine-tuning scale matters.
+of the (birth year, query year) pairs; `eft_jax/toy/ages.py`), a skill meant to need fine-tuning scale.
 
 | model | parameters | from | steps | final loss | size | training time |
 |---|---:|---|---:|---:|---:|---:|

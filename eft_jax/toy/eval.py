@@ -599,7 +599,7 @@ def _headline_section(ev: Mapping[str, Any]) -> list[str]:
            f"(small-ft {ci(sft[r]['knowledge'])}, large-ft {ci(lft[r]['knowledge'])}). Down-scaling answers the "
            f"asked attribute {ci(down[r]['behaviour'])} of the reworded questions, with true values "
            f"{ci(down[r]['knowledge'])} of the time. The two QA fine-tunes learned the same behaviour, so this "
-           "grid cannot tell which scale of fine-tuning a behaviour comes from; the age grid (below) can.", ""]
+           "grid cannot tell which scale of fine-tuning a behaviour comes from; the age grid (below) asks it of a skill.", ""]
     return md
 
 
