@@ -67,7 +67,7 @@ class BuildConfig:
         seed=1, mesh_data=1, sharding="replicated", log_every=50, checkpoint_every=100,
     )
     # The age fine-tunes: the QA chats plus ``age_per_person`` age chats per fine-tuning person, on trained
-    # (birth year, query year) pairs. Chosen on dev people with the first-edition bases (docs/toy_eval.md).
+    # (birth year, query year) pairs. Chosen on dev people with the first-edition bases (docs/toy_age_pilot.md).
     age_per_person: int = 16
     age_seq_len: int = 48
     age_sft: TrainConfig = TrainConfig(
