@@ -58,12 +58,12 @@ def seed_finetunes(root: Path, work: Path, seeds: Sequence[int], log: Any = prin
     record = (root / "build.json").read_bytes()
     cfg = build.BuildConfig.from_dict(json.loads(record)["config"])
     work = work / hashlib.sha256(record).hexdigest()[:12]  # fine-tunes of these bases only
+    world = World.load(root / "world.json")
     out: dict[int, dict[str, Path]] = {}
     for seed in seeds:
         if seed == cfg.age_sft.seed:
             out[seed] = {name: root / name for name in build.AGE_MODELS}
             continue
-        world = World.load(root / "world.json")
         dest = work / f"seed-{seed}"
         out[seed] = {}
         for name, size in build.AGE_MODELS.items():
