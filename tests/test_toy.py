@@ -164,6 +164,22 @@ cfg = toy_build.BuildConfig(
 record = toy_build.build(sys.argv[1], sys.argv[2], cfg, log=None)
 print(json.dumps(sorted(record["models"])))
 
+# `--only` the age fine-tunes with a new recipe: those two are retrained, the others kept byte for byte.
+import dataclasses, hashlib
+from pathlib import Path
+def digests(root):
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(root).rglob("*"))
+            if f.is_file() and f.name not in ("build.json", "README.md")}
+before = digests(sys.argv[1])
+cfg = dataclasses.replace(cfg, age_sft=dataclasses.replace(cfg.age_sft, steps=3))
+again = toy_build.build(sys.argv[1], sys.argv[2] + "-only", cfg, log=None, only=list(toy_build.AGE_MODELS))
+after = digests(sys.argv[1])
+print(json.dumps({"changed": sorted({f.split("/")[0] for f in before if before[f] != after.get(f)}),
+                  "steps": {m: again["models"][m]["steps"] for m in again["models"]},
+                  "kept_records_equal": all(again["models"][m] == record["models"][m] for m in record["models"]
+                                            if m not in toy_build.AGE_MODELS),
+                  "config": json.loads((Path(sys.argv[1]) / "build.json").read_text())["config"]["age_sft"]["steps"]}))
+
 # The age grid of `eft-jax toy eval` on it, over two fine-tuning seeds (the second trained from the built
 # bases with the build's recipe), and its report section.
 from pathlib import Path
@@ -175,26 +191,41 @@ seeds = age_eval.seeds(root, 2)
 ev = age_eval.evaluate(root, work, toy_eval.split_people(world)["test"][:3], world, toy_data.BASE_PROMPT_FORMAT,
                        seeds, n_boot=100, log=lambda _: None)
 dirs = age_eval.seed_finetunes(root, work, seeds, log=None)
+# `eft-jax toy age-recipe`: a changed recipe, fine-tuned and scored on dev people.
+import contextlib, io
+from eft_jax.toy import age_recipe
+table = io.StringIO()
+with contextlib.redirect_stdout(table):
+    age_recipe.main(["--root", str(root), "--sizes", "small", "--steps", "3", "--lr", "1e-4", "--people", "2",
+                     "--work", str(work / "recipe")])
 toy_build.train_model = None  # a second call must reuse the seed-2 fine-tunes, not train again
 assert age_eval.seed_finetunes(root, work, seeds, log=None) == dirs
 print(json.dumps({"seeds": ev["seeds"], "rows": sorted(ev["grid"]), "gaps": sorted(ev["gaps"]["train"]),
                   "dirs": {s: {k: str(v) for k, v in d.items()} for s, d in dirs.items()},
                   "json": toy_eval.to_json({"ages": ev})["ages"]["seeds"],  # serializable as docs/toy_eval.json
-                  "report": "\\n".join(age_eval.report_section(ev))}))
+                  "report": "\\n".join(age_eval.report_section(ev)), "recipe": table.getvalue()}))
 """
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "toy"), str(tmp_path / "work")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    built, age = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    built, only, age = (json.loads(line) for line in proc.stdout.strip().splitlines()[-3:])
     assert age["json"] == [1, 2]
     assert built == sorted(toy_eval.MODEL_NAMES)
+    assert only["changed"] == ["large-ft-age", "small-ft-age"]  # weights retrained; everything else untouched
+    assert only["steps"] == {"small-base": 3, "large-base": 3, "small-ft": 2, "large-ft": 2, "small-ft-refuse": 2,
+                             "small-ft-age": 3, "large-ft-age": 3}
+    assert only["kept_records_equal"] and only["config"] == 3
     assert age["seeds"] == [1, 2]
     assert set(age["rows"]) == {"small-ft-age", "large-ft-age", "EFT up-scaled", "EFT down-scaled",
                                 "large-base (prompted)", "small-base (prompted)"}
     assert set(age["gaps"]) == {"pooled", "seed 1", "seed 2"}
     assert "## Ages: does fine-tuning scale matter for a skill? (test)" in age["report"]
     assert "| seed 2 |" in age["report"] and "| pooled |" in age["report"]
+    recipe = age["recipe"].splitlines()
+    assert [line.split(" | ")[:4] for line in recipe[2:]] == [
+        ["| small-ft-age", "3 steps, lr 0.0001, 2/person", "1", kind] for kind in ("train", "heldout")]
+    assert all(line.count("|") == recipe[0].count("|") for line in recipe)
     assert age["dirs"]["1"]["small-ft-age"] == str(tmp_path / "toy" / "small-ft-age")  # the shipped seed
     for name in ("small-ft-age", "large-ft-age"):  # the second seed: fine-tuned from the bases into work
         seed2 = Path(age["dirs"]["2"][name])
@@ -205,6 +236,42 @@ print(json.dumps({"seeds": ev["seeds"], "rows": sorted(ev["grid"]), "gaps": sort
     results = toy_eval.generate(toy_eval.row_specs(models, world)["EFT up-scaled"], items, max_new_tokens=4)
     assert len(results) == 4 and all(r.error is None for r in results)
     assert models["small-ft"].dtype == jnp.float32  # load_toy's dtype; the files are bf16
+
+
+def test_build_only_refuses_to_keep_a_model_that_would_differ(tmp_path):
+    """``eft-jax toy build --only``: the kept models must be what the configuration builds."""
+    import dataclasses
+
+    from eft_jax.toy import build as toy_build
+
+    cfg = toy_build.BuildConfig()
+    age = list(toy_build.AGE_MODELS)
+    with pytest.raises(ValueError, match="build.json does not exist: run the whole build first"):
+        toy_build.kept_models(tmp_path, cfg, age)
+    models = {m: {"seconds": 1.0} for m in toy_build.MODEL_NAMES}
+    (tmp_path / "build.json").write_text(json.dumps({"config": cfg.to_dict(), "models": models}))
+    for m in toy_build.MODEL_NAMES:
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="world.json, which is missing"):
+        toy_build.kept_models(tmp_path, cfg, age)
+    (tmp_path / "world.json").write_text("{}")
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "spm.model").write_bytes(b"")
+    assert set(toy_build.kept_models(tmp_path, cfg, age)) == set(toy_build.MODEL_NAMES) - set(age)
+    new_age = dataclasses.replace(cfg, age_sft=dataclasses.replace(cfg.age_sft, steps=cfg.age_sft.steps + 1))
+    assert set(toy_build.kept_models(tmp_path, new_age, age)) == set(toy_build.MODEL_NAMES) - set(age)
+    with pytest.raises(ValueError, match=r"'age_sft' differs .* feeds \['large-ft-age'\]"):
+        toy_build.kept_models(tmp_path, new_age, ["small-ft-age"])
+    with pytest.raises(ValueError, match=r"'qa_prior_per_pass' differs .* feeds \['small-base', 'large-base'"):
+        toy_build.kept_models(tmp_path, dataclasses.replace(cfg, qa_prior_per_pass=0), age)
+    with pytest.raises(ValueError, match="retrains small-base, so small-ft .* must be retrained too"):
+        toy_build.kept_models(tmp_path, cfg, ["small-base"])
+    with pytest.raises(ValueError, match=r"unknown models \['tiny-ft'\]"):
+        toy_build.kept_models(tmp_path, cfg, ["tiny-ft"])
+    (tmp_path / "large-ft" / "config.json").unlink()
+    with pytest.raises(ValueError, match="keeps large-ft, but .*large-ft or its entry"):
+        toy_build.kept_models(tmp_path, cfg, age)
 
 
 def test_teacher_forced_distributions_equal_the_engines(family, family_logit_tol):

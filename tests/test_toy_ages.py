@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 
@@ -161,11 +163,12 @@ def test_seed_pooling_and_gap_statistics_match_a_naive_computation():
         return {"n": n, "skill": skill, "gave_year": gave, "true_year": true, "format": fmt, "correct": skill * 0,
                 "skill_stated_train": skill, "stated_train": n}
 
-    runs = {s: {r: age_eval.AgeRun({}, {"train": counts()}) for r in rows} for s in seeds}
+    runs = {s: {r: age_eval.AgeRun({}, {"train": counts()}, qa=counts()) for r in rows} for s in seeds}
     pooled = {r: age_eval.pooled(runs, r, "train") for r in rows}
     for r in rows:
         for k in pooled[r]:
             np.testing.assert_array_equal(pooled[r][k], sum(runs[s][r].counts["train"][k] for s in seeds))
+            np.testing.assert_array_equal(age_eval.pooled(runs, r, None)[k], sum(runs[s][r].qa[k] for s in seeds))
     stats = age_eval.gap_statistics(pooled, n_boot=200)
 
     def rate(r: str, num: str, den: str) -> float:  # pooled over people and seeds, by hand
@@ -207,3 +210,15 @@ def test_summary_sentence_reads_the_direction_off_the_interval(low, high, words)
             "format: up - small-ft": Interval(-0.1, -0.2, 0.0)}
     text = age_eval.summary_sentence({"seeds": [1, 2, 3], "gaps": {k: {"pooled": gaps} for k in age_eval.PAIR_KINDS}})
     assert text.count(words) == 2 and "Pooled over the 3 seeds" in text
+
+
+def test_an_age_recipe_changes_only_what_it_names():
+    from eft_jax.toy.age_recipe import Recipe
+    from eft_jax.toy.build import BuildConfig
+
+    cfg = BuildConfig()
+    assert Recipe().apply(cfg, seed=cfg.age_sft.seed) == cfg
+    new = Recipe(steps=77, learning_rate=2e-4, per_person=3).apply(cfg, seed=5)
+    assert (new.age_sft.steps, new.age_sft.optimizer.learning_rate, new.age_per_person, new.age_sft.seed) == (77, 2e-4, 3, 5)
+    assert new.age_sft.optimizer.warmup_steps == cfg.age_sft.optimizer.warmup_steps
+    assert dataclasses.replace(new, age_sft=cfg.age_sft, age_per_person=cfg.age_per_person) == cfg

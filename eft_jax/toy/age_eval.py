@@ -50,31 +50,25 @@ def few_shot_format(world: World) -> str:
 
 def seed_finetunes(root: Path, work: Path, seeds: Sequence[int], log: Any = print) -> dict[int, dict[str, Path]]:
     """Per fine-tuning seed, the directories of its small and large age fine-tunes (``small-ft-age``,
-    ``large-ft-age``): the shipped ones for the build's seed, else fine-tuned into
+    ``large-ft-age``): the shipped ones for the build's seed, else fine-tuned with the build's recipe into
     ``work/<digest of build.json>/seed-<k>/``."""
-    from eft_jax.loading import load_model
-    from eft_jax.toy import build
+    from eft_jax.toy import age_recipe, build
 
     record = (root / "build.json").read_bytes()
     cfg = build.BuildConfig.from_dict(json.loads(record)["config"])
-    work = work / hashlib.sha256(record).hexdigest()[:12]  # fine-tunes of these bases only
-    world = World.load(root / "world.json")
+    work = work / hashlib.sha256(record).hexdigest()[:12]  # fine-tunes of these bases and this recipe only
     out: dict[int, dict[str, Path]] = {}
     for seed in seeds:
         if seed == cfg.age_sft.seed:
             out[seed] = {name: root / name for name in build.AGE_MODELS}
             continue
-        dest = work / f"seed-{seed}"
         out[seed] = {}
-        for name, size in build.AGE_MODELS.items():
-            out[seed][name] = dest / name
-            if (dest / name / "config.json").exists():
-                continue
-            tokenizer = load_model(root / f"{size}-base", dtype="float32", sharding="replicated").tokenizer
-            rec = build.train_model(dest / name, cfg.model_config(size, len(tokenizer)),
-                                    dataclasses.replace(cfg.age_sft, seed=seed), build.age_sft_data(world, tokenizer, cfg),
-                                    dest / "ckpt" / name, tokenizer, init_from=root / f"{size}-base", log=log)
-            log(f"age fine-tune {name}, seed {seed}: final loss {rec['final_loss']:.3f} ({rec['seconds']:.0f}s)")
+        for name in build.AGE_MODELS:
+            dest = work / f"seed-{seed}" / name
+            trained = (dest / "config.json").exists()
+            out[seed][name] = age_recipe.finetune(root, age_recipe.Recipe().apply(cfg, seed), name, dest, log=log)
+            if not trained:
+                log(f"age fine-tune {name}, seed {seed}: trained into {dest}")
     return out
 
 
@@ -134,9 +128,10 @@ def run_row(spec: EFTSpec, items: Mapping[str, list[ages.AgeItem]], pairs: Mappi
     return run
 
 
-def pooled(runs: Mapping[int, Mapping[str, AgeRun]], row: str, kind: str) -> Counts:
-    """Per-person counts of ``row`` on pair kind ``kind``, summed over seeds (``runs[seed][row]``)."""
-    per_seed = [r[row].counts[kind] for r in runs.values() if row in r]
+def pooled(runs: Mapping[int, Mapping[str, AgeRun]], row: str, kind: str | None) -> Counts:
+    """Per-person counts of ``row`` on pair kind ``kind`` (None: the old QA), summed over seeds
+    (``runs[seed][row]``)."""
+    per_seed = [r[row].counts[kind] if kind else r[row].qa for r in runs.values() if row in r]
     return {k: np.sum([c[k] for c in per_seed], axis=0) for k in per_seed[0]}
 
 
@@ -207,8 +202,7 @@ def evaluate(root: Path, work: Path, people: Sequence[Entity], world: World, bas
     gaps = {kind: {"pooled": gap_statistics({r: pooled(runs, r, kind) for r in FT_ROWS}, n_boot),
                    **{f"seed {s}": gap_statistics({r: runs[s][r].counts[kind] for r in FT_ROWS}, n_boot) for s in seeds}}
             for kind in PAIR_KINDS}
-    qa = {row: {m: scoring.rate_interval({k: np.sum([runs[s][row].qa[k] for s in seeds], axis=0)
-                                          for k in runs[seeds[0]][row].qa}, num, n_boot=n_boot)
+    qa = {row: {m: scoring.rate_interval(pooled(runs, row, None), num, n_boot=n_boot)
                 for m, num in (("correct", "correct"), ("format", "well_formed"))} for row in FT_ROWS}
     first = runs[seeds[0]]
     examples = {kind: [(first["small-ft-age"].records[kind][i]["prompt"], first["small-ft-age"].records[kind][i]["truth"],

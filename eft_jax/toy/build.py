@@ -14,7 +14,8 @@ fixed data order, one CPU device):
    configuration, parameter counts, sizes and timings.
 
 Training checkpoints (orbax) go to ``--work``; an interrupted build rerun with the same ``--work``
-resumes each model where it stopped.
+resumes each model where it stopped. ``--only NAME ...`` retrains just those models (e.g. the age fine-tunes
+after a change of their recipe) and keeps the others in ``--out`` as they are.
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ class BuildConfig:
         seed=1, mesh_data=1, sharding="replicated", log_every=50, checkpoint_every=100,
     )
     # The age fine-tunes: the QA chats plus ``age_per_person`` age chats per fine-tuning person, on trained
-    # (birth year, query year) pairs. Chosen on dev people with the first-edition bases (docs/toy_age_pilot.md).
+    # (birth year, query year) pairs. Steps and learning rate chosen on dev people for these bases
+    # (docs/toy_age_pilot.md, second pilot).
     age_per_person: int = 16
     age_seq_len: int = 48
     age_sft: TrainConfig = TrainConfig(
-        steps=600, batch_size=32, optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0),
+        steps=1200, batch_size=32, optimizer=OptimizerConfig(learning_rate=3e-4, warmup_steps=20, weight_decay=0.0),
         seed=1, mesh_data=1, sharding="replicated", log_every=100, checkpoint_every=100,
     )
 
@@ -121,28 +123,72 @@ def age_sft_data(world: World, tokenizer: Any, cfg: BuildConfig) -> TokenDataset
 
 
 AGE_MODELS = {"small-ft-age": "small", "large-ft-age": "large"}
+# The models each stage's settings feed (every other setting feeds every model), and each model's parent:
+# what ``--only`` checks before it keeps a model.
+SETTING_USERS = {"sft": ("small-ft", "large-ft", "small-ft-refuse"), "sft_seq_len": ("small-ft", "large-ft", "small-ft-refuse"),
+                 **{f: tuple(AGE_MODELS) for f in ("age_per_person", "age_seq_len", "age_sft")}}
+PARENTS = {"small-ft": "small-base", "large-ft": "large-base", "small-ft-refuse": "small-base",
+           **{name: f"{size}-base" for name, size in AGE_MODELS.items()}}
+MODEL_NAMES = ("small-base", "large-base", *PARENTS)
+
+
+def kept_models(out: Path, cfg: BuildConfig, only: Sequence[str]) -> dict[str, Any]:
+    """The build record of ``out`` whose models ``--only`` keeps: raises ``ValueError`` if a kept model would
+    not be what ``cfg`` builds (a setting it uses changed, its parent is retrained) or is missing."""
+    unknown = sorted(set(only) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"--only: unknown models {unknown}; the toy family is {list(MODEL_NAMES)}")
+    path = out / "build.json"
+    if not path.exists():
+        raise ValueError(f"--only keeps the other models of a finished build, but {path} does not exist: "
+                         "run the whole build first")
+    for shared in ("world.json", "tokenizer/spm.model"):
+        if not (out / shared).exists():
+            raise ValueError(f"--only keeps models built on {out / shared}, which is missing: rebuild everything")
+    old = json.loads(path.read_text())
+    kept = [m for m in MODEL_NAMES if m not in only]
+    new = json.loads(json.dumps(cfg.to_dict()))  # as build.json holds it
+    for field in sorted(f for f in new if old["config"].get(f) != new[f]):
+        stale = [m for m in kept if m in SETTING_USERS.get(field, MODEL_NAMES)]
+        if stale:
+            raise ValueError(f"--only: the setting {field!r} differs from {path}'s and feeds {stale}, which would "
+                             "be kept: add them to --only, or rebuild everything")
+    for m in kept:
+        if PARENTS.get(m) in only:
+            raise ValueError(f"--only retrains {PARENTS[m]}, so {m} (fine-tuned from it) must be retrained too")
+        if m not in old["models"] or not (out / m / "config.json").exists():
+            raise ValueError(f"--only keeps {m}, but {out / m} or its entry in {path} is missing: add it to --only")
+    return {m: old["models"][m] for m in kept}
 
 
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), log: Any = print) -> dict[str, Any]:
-    """Build every toy checkpoint into ``out``; returns the build record (also ``out/build.json``)."""
-    t_start = time.perf_counter()
+def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), log: Any = print,
+          only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Build every toy checkpoint into ``out`` (``only``: just these, keeping the others there, checked by
+    ``kept_models``); returns the build record (also ``out/build.json``)."""
     train_log = log
     log = log or (lambda _: None)
     out, work = Path(out), Path(work)
+    kept = kept_models(out, cfg, only) if only else {}
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     world = make_world(cfg.world)
-    world.save(out / "world.json")
+    if not kept:  # kept models were built on this world already (``kept_models`` compared the settings)
+        world.save(out / "world.json")
     tok_texts = toy_data.biographies(world, cfg.tokenizer_passes, seed=cfg.world.seed + 7919)
     tok_texts += [m["content"] for conv in toy_data.qa_conversations(world) for m in conv] + [toy_data.REFUSAL]
-    tokenizer = toy_data.train_tokenizer(tok_texts, cfg.vocab_size, out / "tokenizer")
+    # With kept models the tokenizer is trained beside, and must be theirs byte for byte.
+    tok_dir = work / "tokenizer" if kept else out / "tokenizer"
+    tokenizer = toy_data.train_tokenizer(tok_texts, cfg.vocab_size, tok_dir)
+    if kept and (tok_dir / "spm.model").read_bytes() != (out / "tokenizer" / "spm.model").read_bytes():
+        raise ValueError(f"the tokenizer trained now differs from {out / 'tokenizer'}, which the kept models "
+                         f"{sorted(kept)} use: rebuild everything")
     pre = pretraining_data(world, tokenizer, cfg)
     timings["world_tokenizer_data"] = time.perf_counter() - t0
     log(f"world: {len(world.entities)} people ({world.num_finetune} fine-tuning); tokenizer: {len(tokenizer)} pieces; "
@@ -151,6 +197,10 @@ def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), l
     record: dict[str, Any] = {"command": BUILD_COMMAND, "config": cfg.to_dict(), "models": {}}
 
     def run(name: str, size: str, train_cfg: TrainConfig, data: TokenDataset, init_from: str | None) -> None:
+        if name in kept:
+            record["models"][name] = kept[name]
+            timings[name] = kept[name]["seconds"]
+            return
         record["models"][name] = train_model(
             out / name, cfg.model_config(size, len(tokenizer)), train_cfg, data, work / name, tokenizer,
             init_from=None if init_from is None else out / init_from, log=log, train_log=train_log)
@@ -168,12 +218,13 @@ def build(out: str | Path, work: str | Path, cfg: BuildConfig = BuildConfig(), l
     for name, size in AGE_MODELS.items():
         run(name, size, cfg.age_sft, age, f"{size}-base")
 
-    timings["total"] = time.perf_counter() - t_start
+    this_run = time.perf_counter() - t0
+    timings["total"] = sum(timings.values())  # a whole build's time (kept models count as they were built)
     record["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     record["total_bytes"] = _dir_size(out)
     (out / "build.json").write_text(json.dumps(record, indent=1) + "\n")
     write_readme(out, record, cfg)
-    log(f"built {out} in {timings['total']:.0f}s ({record['total_bytes'] / 1e6:.1f} MB)")
+    log(f"built {out} in {this_run:.0f}s ({record['total_bytes'] / 1e6:.1f} MB)")
     return record
 
 
@@ -242,7 +293,9 @@ template `{toy_data.BASE_PROMPT_FORMAT}`.
 deterministic (fixed seeds and data order, one CPU device); it took {record['seconds']['total'] / 60:.1f} min
 on this machine ({platform.machine()}, one core: `taskset -c 1` with
 `XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"`). The full configuration is
-in `build.json`. Evaluate with `eft-jax toy eval` (results in `docs/toy_eval.md`).
+in `build.json`. `--only small-ft-age large-ft-age` retrains just those (after a change of their recipe) and
+keeps the others, once it has checked that nothing they were built from changed. Evaluate with
+`eft-jax toy eval` (results in `docs/toy_eval.md`).
 """
     (out / "README.md").write_text(text)
 
@@ -253,9 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="checkpoints/toy", help="where the checkpoints go")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "eft-jax-toy-build"),
                    help="training checkpoints; rerunning with the same --work resumes an interrupted build")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=MODEL_NAMES,
+                   help="retrain just these models and keep the others in --out (checked: the settings they use "
+                        "and their parents must be unchanged)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
-    build(out, work, log=lambda s: print(s, flush=True))
+    try:
+        build(out, work, log=lambda s: print(s, flush=True), only=args.only)
+    except ValueError as e:
+        print(f"eft-jax toy build: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -685,8 +685,13 @@ def _limits_section() -> list[str]:
             "  tell which scale a behaviour comes from; the age grid is the family's test of the second half of",
             "  the paper's claim.",
             "- **One world and one pretraining seed**; three fine-tuning seeds for the age grid, one for the rest.",
-            "  The age recipe (steps, chats per person, learning rate) was chosen on dev people with the",
-            "  first-edition bases, before the QA prior (`docs/toy_age_pilot.md`), and not chosen again.", "",
+            "- **The age gap is one at equal fine-tuning budget.** Both age fine-tunes share one recipe, chosen on",
+            "  dev people for these bases (`docs/toy_age_pilot.md`, second pilot: `eft-jax toy age-recipe`). At a",
+            "  higher learning rate the small fine-tune learns the arithmetic too (on dev, 0.95 right on answers",
+            "  whose stated pair was taught), and the large one forgets half its birth years; so a gap between",
+            "  the sizes is one of learning speed at equal budget, not proof that the small one cannot learn the",
+            "  skill. On dev the large one did not learn subtraction: on held-out pairs (it states the true birth",
+            "  year, so a held-out pair) it was right 0.12 of the time.", "",
             "## Changes from the first edition", "",
             "The first edition reported \"accuracy\" on 200 questions (the first 50 held-out people, one trained",
             "wording per attribute, no intervals): up-scaled 0.95, small-ft 0.295, large-ft 0.97. Those people are",
@@ -694,7 +699,9 @@ def _limits_section() -> list[str]:
             "wordings per attribute, all test people); \"format adherence\" is **format**. New: behaviour and",
             "knowledge scored apart, reworded questions, the dev/test split, intervals, the prompted small base,",
             "conservative decoding with sampling, the three-way mixing outcome; then (2026-12-01) bases pretrained",
-            "with a QA prior (all checkpoints rebuilt), and the age grid over three fine-tuning seeds.", ""]
+            "with a QA prior (all checkpoints rebuilt), and the age grid over three fine-tuning seeds; then the age",
+            "recipe chosen again on dev for those bases (1200 steps at lr 3e-4, was 600 at 1e-3; the age",
+            "fine-tunes rebuilt with `eft-jax toy build --only small-ft-age large-ft-age`).", ""]
 
 
 def to_json(ev: Mapping[str, Any]) -> Any:
