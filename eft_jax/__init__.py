@@ -10,11 +10,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import signal as _signal
+
 from eft_jax import compile_cache as _compile_cache
+from eft_jax.interrupts import Interrupts as _Interrupts
 
 # JAX's persistent compilation cache, per user, unless EFT_JAX_COMPILE_CACHE=off or the user set
-# jax_compilation_cache_dir themselves (see eft_jax/compile_cache.py for the contract).
-_compile_cache.configure()
+# jax_compilation_cache_dir themselves (see eft_jax/compile_cache.py for the contract). This imports JAX,
+# whose garbage-collection callback swallows a Ctrl-C that lands in it; with Python's own SIGINT handler
+# in place, the import records it and raises it at the end, so ``import eft_jax`` is interrupted as any
+# import is (another handler, e.g. a notebook's, is left alone).
+if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    with _Interrupts() as _interrupts:
+        _compile_cache.configure()
+        _interrupts.check()
+else:
+    _compile_cache.configure()
 
 _EXPORTS = {
     "CheckpointError": "eft_jax.loading.source",

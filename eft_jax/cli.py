@@ -260,7 +260,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eft_jax.jobs.interrupt import Interrupts
+    from eft_jax.interrupts import Interrupts
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""

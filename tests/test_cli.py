@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from eft_jax import cli
-from eft_jax.jobs.interrupt import Interrupts
+from eft_jax.interrupts import Interrupts
 from eft_jax.jobs.records import read_requests
 from eft_jax.jobs.runner import _SameFailure
 from job_helpers import REPO, read_jsonl, run, summary_counts, trio_config
@@ -203,6 +203,28 @@ def test_help_and_version(capsys):
 
 
 # --- Ctrl-C -----------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_swallowed_while_import_eft_jax_imports_jax_interrupts_the_import():
+    """Found by CI under load: a Ctrl-C landing in JAX's gc callback while ``import eft_jax`` imports JAX
+    (before the command's own recorder is installed) was lost, and the job ran to its end with exit 0."""
+    script = """
+import gc, os, signal, sys
+sent = []
+def callback(phase, info):  # a gc callback that is running when the SIGINT arrives, as JAX's can be
+    if not sent and "jax" in sys.modules:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+gc.callbacks.append(callback)
+try:
+    import eft_jax
+except KeyboardInterrupt:
+    sys.exit(42)
+sys.exit(3 if sent else 4)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 42, proc.stderr
 
 
 def test_an_interrupt_swallowed_by_a_callback_is_raised_again_at_the_next_check():

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from eft_jax.config import Config, missing_model_files, resolve_model_path
-from eft_jax.jobs.interrupt import Interrupts
+from eft_jax.interrupts import Interrupts
 from eft_jax.jobs.preflight import check_memory, check_tokenizers, make_job_mesh
 from eft_jax.jobs.progress import Progress, format_duration
 from eft_jax.jobs.openai_batch import Choice, JobDefaults, ResponseContext, error_key, error_line, response_line
