@@ -8,9 +8,8 @@ transformers.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
-
 import signal as _signal
+from typing import TYPE_CHECKING, Any
 
 from eft_jax import compile_cache as _compile_cache
 from eft_jax.interrupts import Interrupts as _Interrupts

@@ -120,13 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     root, recipe = Path(args.root), Recipe(args.steps, args.lr, args.per_person)
     print("| model | recipe | seed | pairs | " + " | ".join(COLUMNS) + " | old QA correct |")
     print("|---|---|---:|---|" + "---:|" * (len(COLUMNS) + 1))
+    built, work = build_config(root), Path(args.work) / bases_digest(root)  # read once, not per seed and size
     for seed in args.seeds:
-        cfg = recipe.apply(build_config(root), seed)
+        cfg = recipe.apply(built, seed)
         tag = f"{cfg.age_sft.steps} steps, lr {cfg.age_sft.optimizer.learning_rate:g}, {cfg.age_per_person}/person"
         for size in args.sizes:
             name = next(n for n, s in AGE_MODELS.items() if s == size)
-            dest = (Path(args.work) / bases_digest(root) / tag.replace(" ", "").replace(",", "-").replace("/", "per")
-                    / f"seed-{seed}" / name)
+            dest = work / tag.replace(" ", "").replace(",", "-").replace("/", "per") / f"seed-{seed}" / name
             scores = score_on_dev(root, finetune(root, cfg, name, dest, log=lambda s: print(s, file=sys.stderr)),
                                   args.people)
             for kind in ("train", "heldout"):
