@@ -30,9 +30,9 @@ Speculative decoding of such rows is refused.
 Shapes are fixed per call so that few programs compile: the caches hold the longest prompt (rows are
 sorted longest first, so the first fill sets it) plus the longest ``max_new_tokens`` rounded up to whole
 chunks; a refill prefills a fixed number of rows (a quarter of the batch, or the whole batch when more
-than half is free; padding rows write nothing), with prompts left-padded to a power-of-two length; a
-batch that is entirely free starts over with the ``start`` program. A call therefore compiles a start
-program, a chunk program per attention window (see 3.) and up to two refill programs per prompt bucket.
+than half is free; padding rows write nothing), with prompts left-padded to a bucket length (16, 24, 32,
+48, ...: ``prompts.prompt_bucket``); a batch that is entirely free starts over with the ``start`` program.
+A call therefore compiles a start program, a chunk program per attention window (see 3.) and up to two refill programs per prompt bucket.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from eft_jax import decode, speculative
-from eft_jax.prompts import bucket_length, left_pad
+from eft_jax.prompts import bucket_length, left_pad, prompt_bucket
 from eft_jax.sampling import RowValues, SamplingParams
 
 if TYPE_CHECKING:
@@ -120,8 +120,8 @@ class SlotLoop:
         self.blank = Row(-1, [[engine.pad_id]] * models, 0, 0)  # fills the rows of a process with none left
         self.out_len = 1 + plan.chunk * math.ceil((int(facts[1]) - 1) / plan.chunk)
         extra = self.k + 1 if self.k else 0  # a speculative round writes k + 1 entries before rewinding
-        self.prompt_len = [bucket_length(int(n)) for n in facts[3: 3 + models]]
-        longest = [bucket_length(int(n)) if self.restarts else 0 for n in facts[3 + models:]]
+        self.prompt_len = [prompt_bucket(int(n)) for n in facts[3: 3 + models]]
+        longest = [prompt_bucket(int(n)) if self.restarts else 0 for n in facts[3 + models:]]
         self.cache_slots = [max(length, most) + self.out_len + extra for length, most in zip(self.prompt_len, longest,
                                                                                               strict=True)]
         self.params = tuple(c.model.run_params for c in engine.runs)  # the fastest layout here (Model.run_params)
@@ -268,7 +268,7 @@ class SlotLoop:
     def _new_rows(self, rows: list[Row | None], size: int, prompt_len: Sequence[int] | None = None) -> decode.NewRows:
         """What ``start`` / ``refill`` start, for ``size`` rows; a missing row repeats a real prompt with
         ``max_new = 0`` (done at once, writes nothing). Prompts are left-padded to ``prompt_len[m]``, or
-        else to a power of two."""
+        else to their bucket (``prompts.prompt_bucket``)."""
         real = [r for r in rows if r is not None]
         filler = real[0] if real else self.blank
         padded = [r if r is not None else filler for r in rows]
@@ -278,7 +278,7 @@ class SlotLoop:
         tokens, positions, layouts = [], [], []
         for m, model_run in enumerate(self.engine.runs):
             seqs = [r.tokens[m] for r in padded]
-            length = max(prompt_len[m] if prompt_len else 0, bucket_length(int(longest[m])))
+            length = max(prompt_len[m] if prompt_len else 0, prompt_bucket(int(longest[m])))
             t, p = left_pad(seqs, length, self.engine.pad_id)
             tokens.append(self.engine.place.rows(t))
             positions.append(self.engine.place.rows(p))

@@ -10,10 +10,11 @@ The request path, one way, one value type per stage::
 batching, ``eft_jax.batching``) and yields what each chunk finished: nothing calls back into the caller.
 ``generate`` / ``stream`` / ``score`` are the short forms for notebooks: prompts in, results out.
 
-Prompt lengths are bucketed to powers of two and output lengths to whole chunks, so a job compiles a
-handful of programs: per batch shape ``start`` (empty caches, prefill and token 0), the decode or
-speculative chunk (one per attention window), and the ``refill`` programs of continuous batching; nothing
-else, since no array is computed eagerly on the way (each eager op would compile a program of its own).
+Prompt lengths are bucketed (16, 24, 32, 48, ...: ``prompts.prompt_bucket``) and output lengths to whole
+chunks, so a job compiles a handful of programs: per batch shape ``start`` (empty caches, prefill and token
+0), the decode or speculative chunk (one per attention window), and the ``refill`` programs of continuous
+batching; nothing else, since no array is computed eagerly on the way (each eager op would compile a program
+of its own).
 
 On a mesh that spans processes (multi-controller JAX), every process calls ``run`` / ``score_rendered``
 together, each with its own requests, decoded in the rows of the batch its devices hold

@@ -18,7 +18,7 @@ and quantization is loaded once and counted once, as ``jobs.runner.build_engine`
   with (the drafter's too): k and v ``[layers, batch, slots, kv_heads, head_dim]`` in the model's dtype,
   ``pos`` int32 ``[batch, slots]``, ``length`` int32 ``[batch]``, placed as ``Model.cache_layout`` places
   them (batch over ``data``; kv heads over ``model`` under tensor-parallel rules when they divide).
-  ``slots`` is what ``batching.SlotLoop`` allocates: the prompt bucket (a power of two) + ``out_len``
+  ``slots`` is what ``batching.SlotLoop`` allocates: the prompt bucket (``prompts.prompt_bucket``) + ``out_len``
   (``1 + chunk * ceil((max_new - 1) / chunk)``) + ``k + 1`` with speculative decoding. The batch is
   ``job.batch_size`` rounded up to a multiple of the ``data`` axis.
 - **working memory** - an estimate of the largest buffers a step holds besides weights and caches:
@@ -67,7 +67,7 @@ from eft_jax.config import Config, ModelEntry, resolve_model_path
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
 from eft_jax.models.kv_cache import CACHE_LOGICAL_AXES, CacheLayout
-from eft_jax.prompts import bucket_length
+from eft_jax.prompts import bucket_length, prompt_bucket
 from eft_jax.sharding import DATA, MODEL, logical_to_spec, resolve_rules
 
 __all__ = [
@@ -385,7 +385,7 @@ def plan_memory(config: Config, specs: Mapping[str, ModelSpec], axes: Mapping[st
     for key, names in loads.items():
         e, spec, dtype = entry(names[0])
         cfg = spec.config
-        prompt = min(bucket_length(workload.prompt_tokens), bucket_length(cfg.max_position_embeddings))
+        prompt = min(prompt_bucket(workload.prompt_tokens), bucket_length(cfg.max_position_embeddings))
         kv = working = 0
         model_split = mesh.shape[MODEL] if e.sharding == "tensor_parallel" else 1
         heads = cfg.num_heads // model_split if cfg.num_heads % model_split == 0 else cfg.num_heads

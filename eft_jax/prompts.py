@@ -82,6 +82,15 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return size
 
 
+def prompt_bucket(n: int, minimum: int = 16) -> int:
+    """Round a prompt length up to the next of 16, 24, 32, 48, 64, 96, ... (powers of two and one and a half
+    times them, at least ``minimum``): prefill computes every padded position, so this grid wastes at most a
+    third of it (a power of two: up to half), for at most twice the prompt-length programs."""
+    size = bucket_length(n, minimum)
+    three_quarters = 3 * size // 4
+    return three_quarters if n <= three_quarters and three_quarters >= minimum and size % 4 == 0 else size
+
+
 def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded tokens and positions ``[batch, length]``; padding has position -1."""
     tokens = np.full((len(rows), length), pad_id, np.int32)

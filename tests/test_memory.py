@@ -18,7 +18,7 @@ from eft_jax import memory
 from eft_jax.config import ConfigError, ModelEntry, load_config
 from eft_jax.jobs.records import read_requests
 from eft_jax.loading import load_model, load_tokenizer
-from eft_jax.prompts import render_tokens
+from eft_jax.prompts import bucket_length, prompt_bucket, render_tokens
 from eft_jax.sharding import make_mesh
 from conftest import bytes_per_device
 from job_helpers import read_jsonl, run, trio_config
@@ -64,6 +64,15 @@ def test_cache_slots_as_the_batching_loop():
     # prompt bucket + 1 + chunk * ceil((max_new - 1) / chunk) + (k + 1 with speculative decoding)
     assert memory.cache_slots(64, 24, 8) == 64 + 1 + 24
     assert memory.cache_slots(64, 25, 8, speculative_k=4) == 64 + 1 + 24 + 5
+
+
+def test_prompt_bucket_is_the_smallest_length_of_the_grid_that_holds_the_prompt():
+    grid = sorted({m * 2 ** k for m in (16, 24) for k in range(12)})  # 16, 24, 32, 48, 64, 96, ...
+    for n in range(0, 3000):
+        assert prompt_bucket(n) == next(g for g in grid if g >= n), n
+    # never longer than the power-of-two bucket, never more than a third of it padding above 16
+    assert all(prompt_bucket(n) <= bucket_length(n) for n in range(3000))
+    assert all(prompt_bucket(n) - n < prompt_bucket(n) / 3 for n in range(17, 3000))
 
 
 def test_prompt_bound_covers_the_rendered_prompts(family, tmp_path):
