@@ -32,7 +32,8 @@ sorted longest first, so the first fill sets it) plus the longest ``max_new_toke
 chunks; a refill prefills a fixed number of rows (a quarter of the batch, or the whole batch when more
 than half is free; padding rows write nothing), with prompts left-padded to a bucket length (16, 24, 32,
 48, ...: ``prompts.prompt_bucket``); a batch that is entirely free starts over with the ``start`` program.
-A call therefore compiles a start program, a chunk program per attention window (see 3.) and up to two refill programs per prompt bucket.
+A call therefore compiles a start program, a chunk program per attention window (see 3.) and up to two
+refill programs per prompt bucket.
 """
 
 from __future__ import annotations
