@@ -556,7 +556,7 @@ def main() -> None:
     warm = best["eft-jax warm"]
     generated = {k: r["tokens"] for k, r in read_jsonl(warm.out).items()}
     flops = job_flops(family, rows, generated)
-    startup, rate = measure_floor(sys.executable if not args.eft_jax_src else eft_command(args.eft_jax_src)[0][0])
+    startup, rate = measure_floor(sys.executable)  # eft-jax runs under it too (-m eft_jax.cli, or its script)
     floor = startup + flops / rate
     print(f"floor of any JAX tool on this machine: {floor:.2f}s = start-up (import jax, CPU client) {startup:.2f}s + "
           f"{flops / 1e9:.1f} GFLOP (prompts and answers through the 3 models, no padding) at the measured float32 "
