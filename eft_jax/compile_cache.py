@@ -33,6 +33,10 @@ Contract:
   0 (no size floor) by default and is left alone. The directory is not size-capped (JAX's default); the
   entries of the shipped toy configs take a few MB.
 
+The engine's own programs (prefill, refill, decode and speculative chunks, scoring) go one step further:
+:mod:`eft_jax.programs` saves them whole in ``eft-jax-programs/`` inside this directory, so that a later
+process skips tracing and lowering them too, and bypasses JAX's cache for them.
+
 The cache is trusted like any JAX compilation cache: do not point it at a directory others can write.
 """
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from eft_jax import programs
 from eft_jax.eft import eft_logprobs, gather_logprobs
 from eft_jax.models import llama
 from eft_jax.models.config import LlamaConfig
@@ -309,7 +310,7 @@ def _prompt_seen(plan: Plan, rows: NewRows) -> Bool[Array, "rows vocab"]:
     return seen.at[jnp.arange(toks.shape[0])[:, None], ids].set(True, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@programs.jit(static_argnums=0)
 def start(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"],
           seed: Int[Array, ""]) -> DecodeState:
     """What the engine runs: empty caches (``rows.layouts``, static) + prefill + output token 0 in ONE
@@ -339,7 +340,7 @@ def put_rows(state: DecodeState, new: DecodeState, slots: Int[Array, " rows"]) -
     return DecodeState(caches=caches, values=values, **fields)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("state",))
+@programs.jit(static_argnums=0, donate_argnames=("state",))
 def refill(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"], seed: Int[Array, ""],
            slots: Int[Array, " rows"], state: DecodeState) -> DecodeState:
     """Continuous batching: prefill new prompts (``rows.layouts``: caches of the same slots as ``state``'s,
@@ -368,7 +369,7 @@ def unwindow_caches(full: tuple[KVCache, ...], part: tuple[KVCache, ...]) -> tup
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnames=("state",))
+@programs.jit(static_argnums=(0, 5), donate_argnames=("state",))
 def decode_chunk(
     plan: Plan, params: tuple[Any, ...], weights: Float[Array, " n_ft"], seed: Int[Array, ""], state: DecodeState,
     windows: tuple[int, ...] | None = None,
@@ -403,7 +404,7 @@ def run_steps(plan: Plan, step: Any, state: Any, length: int, done: Any) -> Any:
     return state
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@programs.jit(static_argnums=0)
 def score_batch(
     plan: Plan,
     params: tuple[Any, ...],

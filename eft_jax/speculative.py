@@ -24,13 +24,13 @@ done keep running (static shapes) but write nothing; the host stops the batch wh
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from eft_jax import programs
 from eft_jax.decode import (
     DecodeState, NewRows, Plan, eft_distribution, emit, put_rows, row_weights, run_steps, sampling_distribution,
     set_rows, start_state, unwindow_caches, window_caches,
@@ -74,14 +74,14 @@ def init_spec_state(state: DecodeState) -> SpecState:
     return SpecState(state, *counters, jnp.zeros((batch, out), jnp.int32), jnp.zeros((batch, out), bool))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@programs.jit(static_argnums=0)
 def start(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"],
           seed: Int[Array, ""]) -> SpecState:
     """``decode.start`` (empty caches, prefill, output token 0) and zero speculative counters, in one program."""
     return init_spec_state(start_state(plan, params, rows, weights, seed))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("spec",))
+@programs.jit(static_argnums=0, donate_argnames=("spec",))
 def refill(plan: Plan, params: tuple[Any, ...], rows: NewRows, weights: Float[Array, " n_ft"], seed: Int[Array, ""],
            slots: Int[Array, " rows"], spec: SpecState) -> SpecState:
     """Continuous batching: ``decode.refill`` for a speculative state (the new rows' counters start at 0)."""
@@ -190,7 +190,7 @@ def spec_round(plan: Plan, k: int, drafter: int, params: tuple[Any, ...], weight
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 8), donate_argnames=("spec",))
+@programs.jit(static_argnums=(0, 1, 2, 3, 8), donate_argnames=("spec",))
 def spec_chunk(plan: Plan, k: int, drafter: int, rounds: int, params: tuple[Any, ...], weights: Float[Array, " n_ft"],
                seed: Int[Array, ""], spec: SpecState, windows: tuple[int, ...] | None = None) -> SpecState:
     """``rounds`` speculative rounds in one loop (``decode.run_steps``; no host round trip inside); ``windows`` as for

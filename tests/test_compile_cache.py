@@ -83,7 +83,9 @@ def test_config_key_switches_off_and_redirects_before_anything_compiles(tmp_path
 
 
 def test_second_run_of_a_job_compiles_nothing(tmp_path):
-    """Run a tiny job twice: the first fills the cache, the second only reads it (no compilation, no new entry)."""
+    """Run a tiny job twice: the first fills the caches, the second only reads them (no compilation, no new
+    entry). The engine's programs are saved whole (eft_jax.programs, loaded without tracing: JAX logs
+    nothing for them), every other program goes through JAX's cache."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": i, "prompt": f"Where was person {i} born?"}) + "\n" for i in range(3)))
     cache = tmp_path / "cache"
@@ -91,13 +93,20 @@ def test_second_run_of_a_job_compiles_nothing(tmp_path):
             "--no-progress", "eft.ref=null", "eft.fine_tuned=[]", "eft.weights=[]", "speculative.k=0",
             "job.max_new_tokens=3", "job.chunk_size=2", "job.batch_size=2", f"job.compile_cache={cache}"]
     first = _run(args, tmp_path, JAX_LOG_COMPILES="1", EFT_JAX_COMPILE_CACHE="off")
-    written = _entries(cache)
+    written, saved = _entries(cache), _saved(cache)
     programs = first.stderr.count("Finished XLA compilation")
-    assert programs >= 2 and len(written) == programs  # every program was written
+    assert len(saved) >= 2  # start and decode_chunk
+    assert len(written) + len(saved) == programs  # every program was written, once
+    output = (tmp_path / "o.jsonl").read_bytes()
     second = _run(args, tmp_path, JAX_LOG_COMPILES="1", EFT_JAX_COMPILE_CACHE="off")
-    assert second.stderr.count("Finished XLA compilation") == programs
-    assert second.stderr.count("Persistent compilation cache hit") == programs  # all read, none compiled
-    assert _entries(cache) == written
+    assert second.stderr.count("Finished XLA compilation") == len(written)
+    assert second.stderr.count("Persistent compilation cache hit") == len(written)  # all read, none compiled
+    assert (_entries(cache), _saved(cache)) == (written, saved)
+    assert (tmp_path / "o.jsonl").read_bytes() == output
+
+
+def _saved(path: Path) -> set[str]:
+    return {p.name for p in (path / "eft-jax-programs").glob("*.program")}
 
 
 # --- Programs compiled by one generate call (in this process) ---------------------------------------------

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
@@ -49,6 +49,25 @@ from eft_jax.models.attention import attention
 from eft_jax.models.config import LlamaConfig, longrope_long_frequencies, rope_inverse_frequencies
 from eft_jax.models.kv_cache import KVCache
 from eft_jax.models.quant import QUANTIZED, check_quantize, int8_matmul_blocked, scale_path
+
+
+def _import_nnx() -> Any:
+    """``flax.nnx``, without the IPython import it makes to ask whether it runs in a notebook (to colour its
+    reprs): ~0.4 s of a job's start-up where IPython is installed. IPython not imported yet means this
+    process is no IPython session, so the answer (no) is the same without asking."""
+    if "IPython" in sys.modules:
+        from flax import nnx
+        return nnx
+    sys.modules["IPython"] = None  # type: ignore[assignment]  # `import IPython` raises ImportError
+    try:
+        from flax import nnx
+    finally:
+        if sys.modules.get("IPython", 0) is None:
+            del sys.modules["IPython"]
+    return nnx
+
+
+nnx = _import_nnx()
 
 Params = dict[str, Any]  # nested dict of arrays, as produced by nnx.State.to_pure_dict()
 
