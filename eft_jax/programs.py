@@ -22,7 +22,10 @@ Contract:
 - **Where.** ``eft-jax-programs/`` inside the directory JAX's persistent compilation cache uses
   (:func:`eft_jax.compile_cache.cache_dir`): on and off with it, and deleting it is always safe. One file
   per program, ``<sha256 of the key>.program``, written atomically; the file holds the key's text, which is
-  compared on load (a different key is a miss).
+  compared on load (a different key is a miss). A program takes about what JAX's entry for it would (~1 MB
+  for the toy models' decode programs). Nothing is evicted (JAX's ``jax_compilation_cache_max_size`` covers
+  only JAX's own entries): programs of older eft-jax versions or other shapes stay until the directory is
+  deleted.
 - **A miss** compiles with JAX's own persistent cache bypassed for that one compile: an executable JAX
   loaded from its cache cannot be serialized again on XLA:CPU (jaxlib 0.10.2: the reloaded program fails
   when called, ``NOT_FOUND: Function ... not found``), and the saved program replaces JAX's entry anyway.
