@@ -401,8 +401,8 @@ def plan_memory(config: Config, specs: Mapping[str, ModelSpec], axes: Mapping[st
             scores = rows * heads * prompt * s * 4
             acts = 2 * rows * prompt * mlp * jnp.dtype(dtype).itemsize
         else:
-            response = bucket_length(workload.new_tokens, minimum=8)
-            seq = min(bucket_length(workload.prompt_tokens + workload.new_tokens),
+            response = prompt_bucket(workload.new_tokens, minimum=8)  # as scoring pads them
+            seq = min(prompt_bucket(workload.prompt_tokens + workload.new_tokens),
                       bucket_length(cfg.max_position_embeddings))
             working = n_runs * rows * response * cfg.vocab_size * 4
             scores = rows * heads * seq * seq * 4

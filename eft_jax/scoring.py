@@ -2,8 +2,9 @@
 ``decode.score_batch`` (teacher forcing: one forward per model over prompt + response, no sampling).
 
 Pairs are grouped longest first (prompt + response) so that similar lengths share a batch; each model's sequences are
-left-padded to a power-of-two length and responses to a power of two (at least 8), so a job compiles a
-few programs. A short last batch repeats its first pair (the copies' outputs are dropped).
+left-padded to the next of 16, 24, 32, 48, 64, ... and responses to the next of 8, 12, 16, 24, 32, ...
+(``prompts.prompt_bucket``: at most a third is padding), so a job compiles a few programs. A short last
+batch repeats its first pair (the copies' outputs are dropped).
 
 On a mesh that spans processes each process scores its own pairs in the rows of a batch it owns
 (``lockstep.Peers``); the number of batches and each batch's padded lengths are agreed over the processes.
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 from eft_jax import decode
-from eft_jax.prompts import bucket_length, left_pad
+from eft_jax.prompts import left_pad, prompt_bucket
 from eft_jax.requests import Rendered
 from eft_jax.results import ScoreResult
 from eft_jax.lockstep import Peers
@@ -50,12 +51,13 @@ def _score_batch(plan: decode.Plan, params: tuple[Any, ...], peers: Peers, label
     longest = peers.ints([max(len(r.response) for r in rows),
                           *(max(len(r.tokens[m]) + len(r.response) for r in rows) for m in range(len(plan.configs)))
                           ]).max(0)
-    resp_len = bucket_length(int(longest[0]), minimum=8)
+    # Padded to the grid 8, 12, 16, 24, 32, 48, ... (at most a third is padding; few programs).
+    resp_len = prompt_bucket(int(longest[0]), minimum=8)
     place = peers.place
     tokens, positions, predict_at = [], [], []
     for m in range(len(plan.configs)):
         seqs = [list(r.tokens[m]) + list(r.response) for r in rows]
-        length = bucket_length(int(longest[1 + m]))
+        length = prompt_bucket(int(longest[1 + m]))
         t, p = left_pad(seqs, length, plan.pad_id)
         # Left padding puts each response at the end: token j is predicted at length - r - 1 + j.
         at = np.zeros((len(rows), resp_len), np.int32)

@@ -94,23 +94,26 @@ def test_identity_large_equals_small_gives_the_fine_tune(loaded):
 
 
 def test_score_matches_the_formula(family, loaded, family_logit_tol):
+    """Pairs of different lengths in one batch (padded to the grid 8, 12, 16, 24, ...: some land on the 3/4
+    steps), each token's EFT log-prob against transformers' forwards combined in numpy."""
     spec = _specs(loaded)["up"]
-    response = "hi there!"
-    [res] = Engine(spec).score([PROMPTS[0]], [response])
+    responses = ["hi there!", "a somewhat longer answer", "and this one is longer still, to need more slots"]
+    results = Engine(spec).score([PROMPTS[0]] * len(responses), responses, batch_size=4)
     torch_of = {k: v[1] for k, v in family.items()}
     tok = loaded["small_ft"].tokenizer
-    target = tok(response, add_special_tokens=False)["input_ids"]
     prompt_ids = [render_tokens(c.model.tokenizer, PROMPTS[0], c.prompt_format) for c in spec.components]
-    expected = []
-    for j, t in enumerate(target):
-        lps = [next_token_logprobs(torch_of[r], prompt_ids[m] + target[:j], TOKENIZER_SIZE)
-               for m, r in enumerate(["large_base", "small_base", "small_ft"])]
-        expected.append(eft_reference(lps[0], lps[1], lps[2:], [1.0])[t])
     tol = eft_logprob_tolerance(family_logit_tol, [1.0])  # as above
-    np.testing.assert_allclose(res.token_logprobs, expected, atol=tol, rtol=0)
-    assert res.logprob == pytest.approx(sum(expected), abs=len(expected) * tol)  # a sum of len(expected) of them
-    # Per-model log-probs: ft - ref is the per-token implicit reward.
-    assert set(res.component_logprobs) == {"large_base", "small_base", "small_ft"}
+    for res, response in zip(results, responses, strict=True):
+        target = tok(response, add_special_tokens=False)["input_ids"]
+        expected = []
+        for j, t in enumerate(target):
+            lps = [next_token_logprobs(torch_of[r], prompt_ids[m] + target[:j], TOKENIZER_SIZE)
+                   for m, r in enumerate(["large_base", "small_base", "small_ft"])]
+            expected.append(eft_reference(lps[0], lps[1], lps[2:], [1.0])[t])
+        np.testing.assert_allclose(res.token_logprobs, expected, atol=tol, rtol=0)
+        assert res.logprob == pytest.approx(sum(expected), abs=len(expected) * tol)  # a sum of len(expected) of them
+        # Per-model log-probs: ft - ref is the per-token implicit reward.
+        assert set(res.component_logprobs) == {"large_base", "small_base", "small_ft"}
 
 
 # --- Other families: the same check with a trio of each (windows of 8 tokens, shorter than the prompts) ---
