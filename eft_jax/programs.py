@@ -17,8 +17,9 @@ Contract:
   the trace context ``jax.jit`` itself keys on: x64, matmul precision, ...); the static arguments (their
   ``repr``); the pytree structure of the other arguments and each leaf's shape, dtype, weak type and
   sharding (mesh axes, device ids in mesh order, partition spec). A call whose key cannot be written the
-  same way in another process (a ``repr`` with a memory address, a sharding of another kind), and every call
-  of a multi-process job, is a plain ``jax.jit`` call.
+  same way in another process (a ``repr`` with a memory address, a static array whose ``repr`` may be cut
+  short, a sharding of another kind), a call inside another trace, and every call of a multi-process job, is
+  a plain ``jax.jit`` call.
 - **Where.** ``eft-jax-programs/`` inside the directory JAX's persistent compilation cache uses
   (:func:`eft_jax.compile_cache.cache_dir`): on and off with it, and deleting it is always safe. One file
   per program, ``<sha256 of the key>.program``, written atomically; the file holds the key's text, which is
@@ -109,6 +110,8 @@ class SavedJit:
             return self.jitted(*args, **kwargs)
         dynamic = tuple(a for i, a in enumerate(args) if i not in self.static)
         leaves, tree = jax.tree.flatten(dynamic)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # called inside another trace: inline it
+            return self.jitted(*args)
         signatures = tuple(_signature(x) for x in leaves)
         local = (tuple(args[i] for i in self.static), tree, signatures, _trace_context())
         if local not in self.programs:
@@ -139,7 +142,8 @@ class SavedJit:
         lines = [FORMAT, f"function: {self.name}", *_environment(), *statics, f"tree: {tree}",
                  *(f"leaf: {_signature_text(s)}" for s in signatures)]
         text = "\n".join(lines)
-        if " at 0x" in text:  # an object's default repr: not the same in another process
+        # An object's default repr is not the same in another process; an array's may be cut short ("...").
+        if " at 0x" in text or any("array(" in s or "..." in s for s in statics):
             raise Unkeyable(self.name)
         return text
 

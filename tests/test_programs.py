@@ -132,10 +132,35 @@ class _Opaque:
         self.n = n
 
 
+class _Table:
+    """A hashable static argument holding an array, whose repr numpy cuts short past 1000 elements."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def __hash__(self) -> int:
+        return hash(self.values.tobytes())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Table) and np.array_equal(self.values, other.values)
+
+    def __repr__(self) -> str:
+        return f"_Table({self.values!r})"
+
+
 def test_a_call_that_cannot_be_keyed_runs_as_plain_jit(store):
     x, w = _args()
     f = programs.jit(lambda opaque, x, w: _mix(opaque.n, x, w), static_argnums=0)
     np.testing.assert_array_equal(np.asarray(f(_Opaque(2), x, w)), np.asarray(_reference(2, x, w)))
+    # Two tables whose reprs are equal ("...") must not share a program.
+    a, b = np.zeros(2000, np.float32), np.zeros(2000, np.float32)
+    b[1000] = 1.0
+    assert repr(_Table(a)) == repr(_Table(b))
+    g = programs.jit(lambda table, x: x + table.values.sum(), static_argnums=0)
+    assert float(g(_Table(a), jnp.float32(0))) == 0.0 and float(g(_Table(b), jnp.float32(0))) == 1.0
+    # Inside another trace the call is inlined there.
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, w: programs.jit(_mix, static_argnums=0)(2, x, w))(x, w)),
+                                  np.asarray(_reference(2, x, w)))
     assert not _files(store)
 
 
