@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import inspect
 import io
 import os
 import pickle
@@ -93,6 +94,9 @@ class SavedJit:
         self.static = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         self.jitted = jax.jit(fun, static_argnums=self.static, donate_argnames=donate_argnames)
         self.name = f"{fun.__module__}.{fun.__qualname__}"
+        # Defaults of trailing positional parameters, filled in so that an omitted static argument is keyed.
+        self.defaults = [p.default for p in inspect.signature(fun).parameters.values()
+                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         # This process's programs by (static args, tree, leaf signatures, trace context); None: plain jit.
         self.programs: dict[Any, Any] = {}
         functools.update_wrapper(self, fun)
@@ -106,7 +110,9 @@ class SavedJit:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         directory = store_dir()
-        if kwargs or directory is None or jax.process_count() > 1:
+        if len(args) < len(self.defaults):
+            args = args + tuple(self.defaults[len(args):])
+        if kwargs or directory is None or jax.process_count() > 1 or inspect.Parameter.empty in args:
             return self.jitted(*args, **kwargs)
         dynamic = tuple(a for i, a in enumerate(args) if i not in self.static)
         leaves, tree = jax.tree.flatten(dynamic)

@@ -72,6 +72,19 @@ def test_a_fresh_process_loads_the_saved_program_and_gets_the_traced_bytes(store
     assert len(_files(store)) == 1
 
 
+def _mix_twice(x: jax.Array, w: jax.Array, n: int = 2) -> jax.Array:
+    return _mix(n, x, w)
+
+
+def test_an_omitted_static_argument_takes_its_default(store, monkeypatch):
+    x, w = _args()
+    first = programs.jit(_mix_twice, static_argnums=2)(x, w)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(_reference(2, x, w)))
+    _forbid_compiling(monkeypatch)
+    np.testing.assert_array_equal(np.asarray(programs.jit(_mix_twice, static_argnums=2)(x, w, 2)), np.asarray(first))
+    assert len(_files(store)) == 1
+
+
 def test_every_part_of_the_key_misses_when_it_changes(store, monkeypatch):
     x, w = _args()
     programs.jit(_mix, static_argnums=0)(3, x, w)
