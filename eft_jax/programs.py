@@ -112,7 +112,9 @@ class SavedJit:
         directory = store_dir()
         if len(args) < len(self.defaults):
             args = args + tuple(self.defaults[len(args):])
-        if kwargs or directory is None or jax.process_count() > 1 or inspect.Parameter.empty in args:
+        # (Identity test: `in` would compare every argument, arrays included, with ==.)
+        no_default = any(a is inspect.Parameter.empty for a in args)
+        if kwargs or directory is None or jax.process_count() > 1 or no_default:
             return self.jitted(*args, **kwargs)
         dynamic = tuple(a for i, a in enumerate(args) if i not in self.static)
         leaves, tree = jax.tree.flatten(dynamic)
@@ -121,21 +123,20 @@ class SavedJit:
         signatures = tuple(_signature(x) for x in leaves)
         local = (tuple(args[i] for i in self.static), tree, signatures, _trace_context())
         if local not in self.programs:
-            self.programs[local] = self._load_or_compile(directory, args, tree, signatures)
+            self.programs[local] = self._load_or_compile(directory, args, dynamic, tree, signatures)
         program = self.programs[local]
         return self.jitted(*args) if program is None else program(*dynamic)
 
-    def _load_or_compile(self, directory: Path, args: tuple, tree: Any, signatures: tuple) -> Any:
-        """The compiled program for ``args``: loaded from ``directory``, else compiled and saved (None:
-        this call cannot be keyed, use the plain jit)."""
+    def _load_or_compile(self, directory: Path, args: tuple, dynamic: tuple, tree: Any, signatures: tuple) -> Any:
+        """The compiled program for ``args`` (``dynamic``: those not static): loaded from ``directory``, else
+        compiled and saved (None: this call cannot be keyed, use the plain jit)."""
         try:
             key = self.key_text(args, tree, signatures)
         except Unkeyable:
             return None
         path = directory / (hashlib.sha256(key.encode()).hexdigest() + _SUFFIX)
-        dynamic_tree = jax.tree.structure((tuple(a for i, a in enumerate(args) if i not in self.static), {}))
         if path.exists():
-            program = _load(path, key, dynamic_tree)
+            program = _load(path, key, jax.tree.structure((dynamic, {})))
             if program is not None:
                 return program
         compiled = _compile_fresh(self.jitted.lower(*args))
