@@ -9,6 +9,7 @@ from typing import Any
 
 from eft_jax.loading.safetensors_source import SafetensorsSource
 from eft_jax.loading.source import CheckpointError
+from eft_jax.loading.tokenizer_json import PLAIN_CLASSES, TokenizerJson
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -53,11 +54,15 @@ def open_hf_dir(directory: Path) -> tuple[dict[str, Any], SafetensorsSource]:
 
 
 def load_hf_tokenizer(directory: Path) -> Any:
-    """The directory's tokenizer (chat template included), or None with a warning if it has none."""
+    """The directory's tokenizer (chat template included), or None with a warning if it has none: a
+    ``TokenizerJson`` for a plain ``tokenizer.json`` one (no transformers import), else transformers' own."""
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         warnings.warn(f"{directory}: no tokenizer files; text prompts will not work with this model", stacklevel=3)
         return None
     try:
+        plain = TokenizerJson.from_directory(directory)
+        if plain is not None:
+            return plain
         if _plain_fast_tokenizer(directory):
             # The class AutoTokenizer would pick, without its import of transformers' model and config
             # machinery (which imports torch where installed): ~0.5 s instead of ~2 s, once per process.
@@ -67,23 +72,18 @@ def load_hf_tokenizer(directory: Path) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(directory))
-    except Exception as e:  # transformers raises many types here; all mean the same to the user
+    except Exception as e:  # transformers and tokenizers raise many types here; all mean the same to the user
         raise CheckpointError(f"{directory}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-
-
-# What transformers writes as the class of a tokenizer with no model-specific class (transformers 5 names it
-# TokenizersBackend, 4.x PreTrainedTokenizerFast; in 5 the second is an alias of the first).
-_PLAIN_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def _plain_fast_tokenizer(directory: Path) -> bool:
     """Whether the directory's tokenizer is a plain ``tokenizer.json`` one (``tokenizer_class`` one of
-    ``_PLAIN_FAST_CLASSES``), which ``PreTrainedTokenizerFast`` loads exactly as AutoTokenizer does."""
+    ``PLAIN_CLASSES``), which ``PreTrainedTokenizerFast`` loads exactly as AutoTokenizer does."""
     try:
         declared = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
     except (OSError, ValueError, AttributeError):
         return False
-    return declared in _PLAIN_FAST_CLASSES and (directory / "tokenizer.json").is_file()
+    return declared in PLAIN_CLASSES and (directory / "tokenizer.json").is_file()
 
 
 def declared_end_ids(directory: Path, hf_config: dict[str, Any]) -> tuple[int, ...]:

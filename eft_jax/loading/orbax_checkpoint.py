@@ -87,6 +87,6 @@ def restore_params(path: Path, cfg: LlamaConfig, shardings: Any, dtype: Any, qua
 def load_checkpoint_tokenizer(path: Path) -> Any:
     if not (path / "tokenizer").is_dir():
         return None
-    from transformers import AutoTokenizer
+    from eft_jax.loading.hf_dir import load_hf_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    return load_hf_tokenizer(path / "tokenizer")  # saved as the source had it: TokenizerJson or transformers
