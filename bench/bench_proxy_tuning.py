@@ -9,7 +9,8 @@ left padding). Its code is not vendored: point ``--proxy-tuning-dir`` at a check
 
 What is measured: the wall time of a whole job, from process start to the finished output file, of
 each tool run as a subprocess on the same prompts (same token ids for every model, greedy, the same
-``max_new_tokens``, stop at EOS, float32 compute):
+``max_new_tokens``, stop at EOS, float32 compute; ``PYTHONDONTWRITEBYTECODE`` unset, so that each tool's
+modules are byte-compiled once, as an installed package's are):
 
 - eft-jax: ``eft-jax generate --config CFG --prompts FILE --out FILE`` with a config written under
   ``--work`` (up-scaling: large base + 1.0 * (small fine-tune - small base)), swept over
@@ -379,6 +380,10 @@ class Run:
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run ``cmd``; return its wall time (process start to exit) and its stdout + stderr."""
+    env = dict(os.environ if env is None else env)
+    # Both tools as installed: Python caches their byte-compiled modules (a machine that sets
+    # PYTHONDONTWRITEBYTECODE would make each run compile every source file of a checkout again).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -57,7 +57,7 @@ class Model:
     def __init__(self, config: LlamaConfig, params: dict[str, Any], tokenizer: Any, mesh: Mesh,
                  rules: ShardingRules, source: str, end_token_ids: tuple[int, ...] = ()):
         self.config = config
-        self.tokenizer = tokenizer  # transformers.PreTrainedTokenizerBase, or None for a checkpoint without one
+        self.tokenizer = tokenizer  # loading.tokenizer_json.TokenizerJson or a transformers tokenizer; None: none
         self.mesh = mesh
         self.rules = rules
         self.source = source

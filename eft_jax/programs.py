@@ -210,9 +210,9 @@ def _environment() -> list[str]:
     config = {name: value for name, value in jax.config.values.items()
               if not any(word in name for word in _CONFIG_NOT_IN_KEY)}
     return [
-        f"eft_jax source: {_source_digest()}",
+        f"eft_jax source: {source_digest()}",
         f"python: {sys.version_info[:3]}",
-        *(f"{package}: {_version(package)}" for package in _PACKAGES),
+        *(f"{package}: {package_version(package)}" for package in _PACKAGES),
         f"backend: {devices[0].platform} {devices[0].client.platform_version}",
         f"devices: {[(d.id, d.device_kind) for d in devices]} processes {jax.process_count()}",
         f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')}",
@@ -234,7 +234,7 @@ def _trace_context_text() -> str:
     return repr([(n, getattr(v, "axis_sizes", v)) for n, v in zip(names, values, strict=True)])
 
 
-def _source_digest() -> str:
+def source_digest() -> str:
     """sha256 over every ``.py`` file of the installed eft_jax package (path and bytes). Not memoised: a
     file edited in a live session (autoreload) must change the key; hashing takes a few milliseconds."""
     root = Path(__file__).resolve().parent
@@ -244,7 +244,7 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

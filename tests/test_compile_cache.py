@@ -97,12 +97,17 @@ def test_second_run_of_a_job_compiles_nothing(tmp_path):
     programs = first.stderr.count("Finished XLA compilation")
     assert len(saved) >= 2  # start and decode_chunk
     assert len(written) + len(saved) == programs  # every program was written, once
+    trees = {p.name for p in (cache / "eft-jax-programs").glob("params-*.json")}  # eft_jax.models.param_tree
+    assert len(trees) == 1  # one model: its (config, dtype)
     output = (tmp_path / "o.jsonl").read_bytes()
-    second = _run(args, tmp_path, JAX_LOG_COMPILES="1", EFT_JAX_COMPILE_CACHE="off")
+    second = _run(["-X", "importtime", *args], tmp_path, JAX_LOG_COMPILES="1", EFT_JAX_COMPILE_CACHE="off")
     assert second.stderr.count("Finished XLA compilation") == len(written)
     assert second.stderr.count("Persistent compilation cache hit") == len(written)  # all read, none compiled
     assert (_entries(cache), _saved(cache)) == (written, saved)
     assert (tmp_path / "o.jsonl").read_bytes() == output
+    # Nothing left to trace, and the memory plan's parameter tree read from disk: flax is never imported.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")}
+    assert "jax" in imported and "flax" not in imported and "transformers" not in imported
 
 
 def _saved(path: Path) -> set[str]:

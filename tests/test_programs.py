@@ -112,7 +112,7 @@ def test_every_part_of_the_key_misses_when_it_changes(store, monkeypatch):
     environment = {
         "matmul precision": lambda m: m.setattr(jax.config, "jax_default_matmul_precision", "bfloat16", raising=False),
         "XLA_FLAGS": lambda m: m.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false"),
-        "source": lambda m: m.setattr(programs, "_source_digest", lambda: "another version of eft-jax"),
+        "source": lambda m: m.setattr(programs, "source_digest", lambda: "another version of eft-jax"),
     }
     for name, change in environment.items():
         before = _files(store)
