@@ -422,21 +422,9 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype: Any = jnp.float32) -> P
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def forward(
-    cfg: LlamaConfig,
-    params: Params,
-    tokens: Int[Array, "batch seq"],
-    positions: Int[Array, "batch seq"],
-    cache: KVCache | None = None,
-    logits_at: Int[Array, "batch n"] | None = None,
-) -> tuple[Float[Array, "batch seq_or_n vocab"], KVCache | None]:
-    """Logits (float32, padded vocab) for ``tokens`` at ``positions`` (-1 marks padding).
-
-    With a cache, the new tokens' keys/values are written at each row's ``cache.length`` and they attend
-    to everything already cached at positions <= their own; the updated cache is returned. Without a
-    cache, tokens attend causally to each other. ``logits_at`` (column indices per row) restricts the
-    output to those columns: ``[batch, n, vocab]``. Pure: call it under ``jax.jit`` with ``cfg`` static.
-    """
+def forward(cfg: LlamaConfig, params: Params, tokens: Array, positions: Array, cache: KVCache | None,
+            logits_at: Array | None) -> tuple[Array, KVCache | None]:
+    """:func:`eft_jax.models.llama.forward`: the params merged into the module, inside the traced function."""
     graphdef, abstract = _graphdef_and_abstract(cfg, "float32", params_quantize(params))
     # The module gets the stacked layers' shapes only; their buffers, in either layout, go in as ``layers``.
     model = nnx.merge(graphdef, {**params, "layers": abstract.to_pure_dict()["layers"]})
