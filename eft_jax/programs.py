@@ -273,14 +273,23 @@ def _save(path: Path, key: str, compiled: Any) -> None:
         data = pickle.dumps((FORMAT, key, blob, out_tree, _device_ids(compiled)))
     except Exception:  # noqa: BLE001 - e.g. closed-over constants, or XLA:CPU's sort comparators (top-p)
         return  # not serializable: used as compiled, not saved
+    try:
+        write_atomically(path, data)
+    except OSError as e:
+        warnings.warn(f"eft-jax: could not save a compiled program to {path} ({e}); the next run compiles it "
+                      "again", stacklevel=4)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file beside it (a reader never sees a partial file); on
+    OSError the temporary file is removed and the error raised."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_bytes(data)
         os.replace(temporary, path)
-    except OSError as e:
+    except OSError:
         temporary.unlink(missing_ok=True)
-        warnings.warn(f"eft-jax: could not save a compiled program to {path} ({e}); the next run compiles it "
-                      "again", stacklevel=4)
+        raise
 
 
 def _device_ids(compiled: Any) -> list[int]:

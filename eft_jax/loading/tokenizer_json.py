@@ -65,9 +65,7 @@ class TokenizerJson:
         self.directory = directory
         self._tokenizer = backend
         self.chat_template = chat_template
-        self.special_tokens_map = {k: config[k] for k in NAMED_SPECIAL if config.get(k) is not None}
-        extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
-        self.extra_special_tokens = list(extra)
+        self.special_tokens_map, self.extra_special_tokens = _special_tokens(config)
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         for name in NAMED_SPECIAL:
             setattr(self, name, self.special_tokens_map.get(name))
@@ -81,9 +79,12 @@ class TokenizerJson:
                 or not (directory / "tokenizer.json").is_file()
                 or any((directory / name).exists() for name in ("special_tokens_map.json", "added_tokens.json",
                                                                 "chat_template.json", "additional_chat_templates"))
-                or not set(config) <= _CONFIG_KEYS or config.get("split_special_tokens")
-                or not _plain_strings(config)):
+                or not set(config) <= _CONFIG_KEYS or config.get("split_special_tokens")):
             return None
+        named, extra = _special_tokens(config)
+        specials = [*named.values(), *extra]
+        if not isinstance(extra, list) or not all(isinstance(t, str) for t in specials):
+            return None  # AddedToken dicts with their own flags
         template_file = directory / "chat_template.jinja"
         chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
         if chat_template is not None and not isinstance(chat_template, str):
@@ -93,8 +94,6 @@ class TokenizerJson:
 
         backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
         added = {t.content: t for t in backend.get_added_tokens_decoder().values()}
-        specials = [config[k] for k in NAMED_SPECIAL if config.get(k) is not None]
-        specials += list(config.get("extra_special_tokens", config.get("additional_special_tokens")) or [])
         declared = config.get("added_tokens_decoder") or {}
         if not isinstance(declared, dict) or not all(_same_added_token(d, added) for d in declared.values()) \
                 or not set(specials) <= set(added):
@@ -237,11 +236,11 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _plain_strings(config: Mapping[str, Any]) -> bool:
-    """Whether every special token of the config is a plain string (not an AddedToken dict with its own flags)."""
+def _special_tokens(config: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The config's named special tokens (by attribute name, unset ones left out) and its extra ones (a list,
+    ``extra_special_tokens`` or, from transformers 4, ``additional_special_tokens``)."""
     extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
-    named = [config[k] for k in NAMED_SPECIAL if config.get(k) is not None]
-    return isinstance(extra, list) and all(isinstance(t, str) for t in [*named, *extra])
+    return {k: config[k] for k in NAMED_SPECIAL if config.get(k) is not None}, extra
 
 
 def _same_added_token(declared: Any, added: Mapping[str, Any]) -> bool:

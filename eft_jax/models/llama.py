@@ -49,10 +49,9 @@ from jaxtyping import Array, Float, Int
 from eft_jax.models import param_tree
 from eft_jax.models.config import LlamaConfig, longrope_long_frequencies, rope_inverse_frequencies
 from eft_jax.models.kv_cache import KVCache
+from eft_jax.models.param_tree import Params, get_path, set_path
 from eft_jax.models.quant import check_quantize, int8_matmul_blocked
 
-
-Params = dict[str, Any]  # nested dict of arrays, as produced by nnx.State.to_pure_dict()
 
 # run_params: the largest per-layer slice that may be copied when the runtime cannot view it.
 _MAX_COPIED_BYTES = 4096
@@ -287,19 +286,19 @@ def run_params(params: Params, *, transpose: bool = False, consume: bool = False
     head = params.get("lm_head")
     # Leaf paths only: a list of the leaves themselves would keep every stacked buffer alive to the end.
     for keys in [[k.key for k in path] for path, _ in jax.tree_util.tree_leaves_with_path(layers)]:
-        x = _get(layers, keys)
+        x = get_path(layers, keys)
         host = np.asarray(x)  # on CPU: the device buffer itself (read-only), not a copy
         sharding = _one_device(x)
         permuted = transpose and tuple(keys) in _MINOR_PERM
         for i, layer in enumerate(per_layer):
             if permuted:
-                _set(layer, keys, jax.device_put(np.ascontiguousarray(to_minor(("layers", *keys), host[i])), sharding))
+                set_path(layer, keys, jax.device_put(np.ascontiguousarray(to_minor(("layers", *keys), host[i])), sharding))
                 continue
             view = jax.device_put(host[i], sharding)
             if not transpose and view.unsafe_buffer_pointer() != x.unsafe_buffer_pointer() + i * view.nbytes \
                     and view.nbytes >= _MAX_COPIED_BYTES:
                 return params
-            _set(layer, keys, view)
+            set_path(layer, keys, view)
         if consume:
             _pop(layers, keys)
         del host, x
@@ -337,19 +336,8 @@ def _one_device(x: Array) -> Any:
     return NamedSharding(x.sharding.mesh, PartitionSpec()) if isinstance(x.sharding, NamedSharding) else x.sharding
 
 
-def _get(tree: dict[str, Any], keys: list[str]) -> Any:
-    for key in keys:
-        tree = tree[key]
-    return tree
-
-
 def _pop(tree: dict[str, Any], keys: list[str]) -> None:
     for key in keys[:-1]:
         tree = tree[key]
     del tree[keys[-1]]
 
-
-def _set(tree: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[keys[-1]] = value

@@ -405,8 +405,8 @@ def _graphdef_and_abstract(cfg: LlamaConfig, dtype_name: str, quantize: str | No
 def param_tree(cfg: LlamaConfig, dtype_name: str, quantize: str | None) -> tuple[Params, Params]:
     """The params pytree as ``jax.ShapeDtypeStruct`` leaves in ``dtype_name`` (int8 projections and float32 scales
     with ``quantize``), and the same tree with each leaf's logical axis names (stacked layers get "layers")."""
-    abstract = _graphdef_and_abstract(cfg, dtype_name, quantize)[1].to_pure_dict()
-    state = _graphdef_and_abstract(cfg, "float32", quantize)[1]
+    state = _graphdef_and_abstract(cfg, dtype_name, quantize)[1]
+    abstract = state.to_pure_dict()
     axes = jax.tree.map(
         lambda v: tuple(v.get_metadata()["logical_axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )

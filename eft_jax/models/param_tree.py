@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from eft_jax.models.config import LlamaConfig
 
 FORMAT = "eft-jax param tree v1"  # bump when the file layout changes
 
-Params = dict[str, Any]
+Params = dict[str, Any]  # nested dict of arrays (or of their shapes / axes), as nnx.State.to_pure_dict() gives
 
 
 def abstract_params(cfg: LlamaConfig, dtype_name: str, quantize: str | None) -> Params:
@@ -53,7 +52,10 @@ def _trees(cfg: LlamaConfig, dtype_name: str, quantize: str | None) -> tuple[Par
     if loaded is not None:
         return loaded
     trees = _computed(cfg, dtype_name, quantize)
-    _write(path, key, trees)
+    try:
+        programs.write_atomically(path, _encoded(key, trees))
+    except OSError:
+        pass  # not saved: computed again next time
     return trees
 
 
@@ -71,36 +73,35 @@ def _read(path: Path, key: str) -> tuple[Params, Params] | None:
         abstract: Params = {}
         axes: Params = {}
         for keys, shape, dtype, names in saved["leaves"]:
-            _set(abstract, keys, jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)))
-            _set(axes, keys, tuple(names))
+            set_path(abstract, keys, jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)))
+            set_path(axes, keys, tuple(names))
         return abstract, axes
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent, or unreadable: computed and rewritten
 
 
-def _write(path: Path, key: str, trees: tuple[Params, Params]) -> None:
+def _encoded(key: str, trees: tuple[Params, Params]) -> bytes:
     abstract, axes = trees
-    leaves = [[[k.key for k in keys], list(leaf.shape), leaf.dtype.name, list(_get(axes, [k.key for k in keys]))]
-              for keys, leaf in jax.tree_util.tree_leaves_with_path(abstract)]
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps({"key": key, "leaves": leaves}))
-        os.replace(temporary, path)
-    except OSError:
-        temporary.unlink(missing_ok=True)  # not saved: computed again next time
+    leaves = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        keys = [k.key for k in path]
+        leaves.append([keys, list(leaf.shape), leaf.dtype.name, list(get_path(axes, keys))])
+    return json.dumps({"key": key, "leaves": leaves}).encode()
 
 
 def _copy(tree: Params) -> Params:
     return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
-def _get(tree: Params, keys: list[str]) -> Any:
+def get_path(tree: Params, keys: list[str]) -> Any:
+    """The value at ``keys`` (a path of dict keys) in a nested dict."""
     for key in keys:
         tree = tree[key]
     return tree
 
 
-def _set(tree: Params, keys: list[str], value: Any) -> None:
+def set_path(tree: Params, keys: list[str], value: Any) -> None:
+    """Put ``value`` at ``keys`` in a nested dict, creating the dicts on the way."""
     for key in keys[:-1]:
         tree = tree.setdefault(key, {})
     tree[keys[-1]] = value
