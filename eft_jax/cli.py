@@ -310,7 +310,10 @@ def entry() -> None:
     Otherwise the objects still alive are frozen out of the garbage collector first (``gc.freeze``): the
     interpreter's teardown would traverse every one of them (JAX's, flax's, the job's modules: ~0.5 s of a toy
     job's ~8 s), to free memory the process is about to give back anyway. Files are closed before ``main``
-    returns; JAX's exit handlers still run."""
+    returns; JAX's exit handlers still run. The same is done before ``main``: what the imports built lives to
+    the end, and the collections during the job then traverse only the job's own objects (~0.07 s of a warm
+    toy job's ~4 s)."""
+    gc.freeze()
     code = main()
     if code == 130:
         sys.stdout.flush()

@@ -99,6 +99,10 @@ def test_second_run_of_a_job_compiles_nothing(tmp_path):
     assert len(written) + len(saved) == programs  # every program was written, once
     trees = {p.name for p in (cache / "eft-jax-programs").glob("params-*.json")}  # eft_jax.models.param_tree
     assert len(trees) == 1  # one model: its (config, dtype)
+    # The job's programs, remembered for the next run's warm start (programs.warm_start), in order of use.
+    (listing,) = (cache / "eft-jax-programs").glob("*.programs.json")
+    used = json.loads(listing.read_text())["programs"]
+    assert set(used) == saved and used[0] != used[-1]
     output = (tmp_path / "o.jsonl").read_bytes()
     second = _run(["-X", "importtime", *args], tmp_path, JAX_LOG_COMPILES="1", EFT_JAX_COMPILE_CACHE="off")
     assert second.stderr.count("Finished XLA compilation") == len(written)

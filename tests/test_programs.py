@@ -6,9 +6,12 @@ Everything here runs in-process with the store pointed at a temporary directory 
 JAX's cache off), except the case that needs JAX's own cache, which runs in subprocesses.
 """
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -136,6 +139,118 @@ def test_an_unreadable_program_is_a_warned_miss_and_is_rewritten(store, monkeypa
     np.testing.assert_array_equal(np.asarray(out), np.asarray(_reference(2, x, w)))
     _forbid_compiling(monkeypatch)
     np.testing.assert_array_equal(np.asarray(programs.jit(_mix, static_argnums=0)(2, x, w)), np.asarray(out))
+
+
+# --- warm starts ------------------------------------------------------------------------------------------
+
+def _reads_by_thread(monkeypatch, hold: threading.Event | None = None,
+                     began: threading.Event | None = None) -> list[tuple[str, str]]:
+    """Record (thread name, file name) of every program read; with ``hold``, a background read sets ``began``
+    and waits for ``hold``."""
+    reads = []
+    read = programs._read
+
+    def recording(path):
+        reads.append((threading.current_thread().name, path.name))
+        if hold is not None and threading.current_thread() is not threading.main_thread():
+            began.set()
+            hold.wait(60)
+        return read(path)
+    monkeypatch.setattr(programs, "_read", recording)
+    return reads
+
+
+def _program_file(store: Path, n: int, x, w) -> str:
+    """The file name the call ``_mix(n, x, w)`` keys to."""
+    leaves, tree = jax.tree.flatten((x, w))
+    key = programs.jit(_mix, static_argnums=0).key_text((n, x, w), tree, tuple(programs._signature(v) for v in leaves))
+    return hashlib.sha256(key.encode()).hexdigest() + ".program"
+
+
+def test_a_warm_start_loads_the_programs_the_last_one_used_in_the_background(store, monkeypatch):
+    x, w = _args()
+    expected = [np.asarray(_reference(n, x, w)) for n in (3, 2, 1)]
+    with programs.warm_start("job A"):
+        for n in (3, 2, 1):
+            programs.jit(_mix, static_argnums=0)(n, x, w)
+    (listing,) = store.glob("*.programs.json")
+    files = [_program_file(store, n, x, w) for n in (3, 2, 1)]
+    assert json.loads(listing.read_text()) == {"tag": "job A", "programs": files}  # in the order of use
+
+    _forbid_compiling(monkeypatch)
+    reads = _reads_by_thread(monkeypatch)
+    with programs.warm_start("job A"):
+        for future in list(programs._PRELOADS.values()):
+            future.result(60)  # every load done before the calls: all of them come from the background
+        outs = [np.asarray(programs.jit(_mix, static_argnums=0)(n, x, w)) for n in (3, 2, 1)]
+    for out, ref in zip(outs, expected, strict=True):
+        np.testing.assert_array_equal(out, ref)
+    assert [name for _, name in reads] == files
+    assert all(thread.startswith("eft-jax-preload") for thread, _ in reads), reads
+    assert not programs._PRELOADS and not programs._WARM_STARTS
+
+
+def test_a_call_waits_for_its_program_s_load_or_loads_it_itself_if_not_begun(store, monkeypatch):
+    x, w = _args()
+    with programs.warm_start("job A"):
+        for n in (3, 2):
+            programs.jit(_mix, static_argnums=0)(n, x, w)
+    _forbid_compiling(monkeypatch)
+    hold, began = threading.Event(), threading.Event()
+    reads = _reads_by_thread(monkeypatch, hold, began)
+    with programs.warm_start("job A"):
+        # The background thread is held inside the first load (program 3); program 2's has not begun: its
+        # call loads it on this thread at once. Program 3's call then waits for the background load.
+        assert began.wait(60)
+        out2 = programs.jit(_mix, static_argnums=0)(2, x, w)
+        threading.Timer(0.2, hold.set).start()
+        out3 = programs.jit(_mix, static_argnums=0)(3, x, w)
+    np.testing.assert_array_equal(np.asarray(out2), np.asarray(_reference(2, x, w)))
+    np.testing.assert_array_equal(np.asarray(out3), np.asarray(_reference(3, x, w)))
+    f3, f2 = _program_file(store, 3, x, w), _program_file(store, 2, x, w)
+    assert sorted(reads) == sorted([("MainThread", f2), (reads[0][0], f3)]) and reads[0][0].startswith("eft-jax-preload")
+
+
+def test_a_warm_start_remembers_what_its_job_used_and_ignores_a_bad_list(store, monkeypatch):
+    x, w = _args()
+    with programs.warm_start("job A"):
+        programs.jit(_mix, static_argnums=0)(3, x, w)
+        programs.jit(_mix, static_argnums=0)(2, x, w)
+    (listing,) = store.glob("*.programs.json")
+    # The next run of the tag uses only program 1: the unused preloads are dropped, the list becomes [1].
+    with programs.warm_start("job A"):
+        programs.jit(_mix, static_argnums=0)(1, x, w)
+    assert json.loads(listing.read_text())["programs"] == [_program_file(store, 1, x, w)]
+    assert not programs._PRELOADS
+    # Broken lists, a list of another tag, names that are not program files: nothing preloaded, the job runs.
+    reads = _reads_by_thread(monkeypatch)
+    for bad in ("{not json", json.dumps({"tag": "job B", "programs": [_program_file(store, 1, x, w)]}),
+                json.dumps({"tag": "job A", "programs": ["../../elsewhere.program", "missing.program", 7]}),
+                json.dumps(["job A"])):
+        listing.write_text(bad)
+        with programs.warm_start("job A"):
+            assert not programs._PRELOADS
+            np.testing.assert_array_equal(np.asarray(programs.jit(_mix, static_argnums=0)(1, x, w)),
+                                          np.asarray(_reference(1, x, w)))
+        assert json.loads(listing.read_text())["programs"] == [_program_file(store, 1, x, w)]
+    assert all(thread == "MainThread" for thread, _ in reads)
+    # A broken program file in the list: the background failure is quiet, the call's own load warns once.
+    (path,) = [p for p in store.glob("*.program") if p.name == _program_file(store, 1, x, w)]
+    path.write_bytes(path.read_bytes()[:100])
+    with programs.warm_start("job A"), pytest.warns(UserWarning, match="unreadable compiled program"):
+        for future in list(programs._PRELOADS.values()):
+            future.exception(60)
+        np.testing.assert_array_equal(np.asarray(programs.jit(_mix, static_argnums=0)(1, x, w)),
+                                      np.asarray(_reference(1, x, w)))
+
+
+def test_a_warm_start_does_nothing_when_the_store_is_off(monkeypatch):
+    monkeypatch.setattr(programs, "store_dir", lambda: None)
+    x, w = _args()
+    with programs.warm_start("job A"):
+        assert not programs._WARM_STARTS
+        np.testing.assert_array_equal(np.asarray(programs.jit(_mix, static_argnums=0)(2, x, w)),
+                                      np.asarray(_reference(2, x, w)))
 
 
 class _Opaque:

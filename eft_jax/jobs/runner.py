@@ -54,6 +54,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from eft_jax import programs
 from eft_jax.config import Config, missing_model_files, resolve_model_path
 from eft_jax.interrupts import Interrupts
 from eft_jax.jobs.preflight import check_memory, check_tokenizers, make_job_mesh
@@ -456,7 +457,8 @@ def run_generate(config: Config, prompts: Path, out: Path, *, overwrite: bool = 
     shard: run only that shard's lines, into ``shard.path(out)``.
     """
     log = log or sys.stderr  # looked up now: a caller (a notebook, a test) may have redirected it
-    with interrupts or Interrupts() as interrupts:
+    # The compiled programs the last run of this config used load in the background meanwhile.
+    with interrupts or Interrupts() as interrupts, programs.warm_start(f"generate {config!r}"):
         job = _prepare(config, "generate", prompts, out, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
                        interrupts=interrupts, log=log, shard=shard)
         return _generate(job, overwrite=overwrite, progress=progress, log=log)
@@ -765,7 +767,7 @@ def run_score(config: Config, pairs: Path, out: Path, *, rewards: bool = False, 
         raise JobError(f"{config.source}: --rewards needs an EFT config (eft.ref and eft.fine_tuned); "
                        "the implicit reward is log p_ft - log p_ref")
     log = log or sys.stderr
-    with interrupts or Interrupts() as interrupts:
+    with interrupts or Interrupts() as interrupts, programs.warm_start(f"score {config!r}"):
         job = _prepare(config, "score", pairs, out, overwrite=overwrite, ignore_fingerprint=ignore_fingerprint,
                        interrupts=interrupts, log=log, shard=shard)
         return _score(job, rewards=rewards, overwrite=overwrite, progress=progress, log=log)
