@@ -57,6 +57,9 @@ The peer's environment: its loop was written for transformers 4.3x (it imports
 sequence each step: wrong outputs, slow). Run it with ``--peer-python`` from a virtualenv that has
 transformers 4.38.2 over the system's torch:
 ``python -m venv --system-site-packages /tmp/peer-venv && /tmp/peer-venv/bin/pip install transformers==4.38.2``.
+That virtualenv sees this machine's JAX and flax, which transformers 4.x imports when it finds them (~1.3 s):
+the peer runs with ``USE_FLAX=0 USE_TF=0`` (transformers' own switches), as in its own environment without
+JAX, and the harness warns if it imported JAX anyway.
 
 Usage:
     python bench/bench_proxy_tuning.py --proxy-tuning-dir DIR [--peer-python /tmp/peer-venv/bin/python]
@@ -164,7 +167,7 @@ def run_peer(args: argparse.Namespace) -> None:
     other_ids = sum(tokenizer(r["text"]).input_ids != r["base_ids"] for r in rows)  # checked after the clock
     print(json.dumps({"peer_phases": {"prompts_with_other_ids": other_ids, "import": t_import - t0, "load": t_load - t_import, "generate": t_gen - t_load,
                                       "write": t_end - t_gen, "dtype": str(model.base.dtype),
-                                      "tokens": sum(len(t) for t in out_rows)}}))
+                                      "tokens": sum(len(t) for t in out_rows), "jax_imported": "jax" in sys.modules}}))
 
 
 def _peer_tokenizer(spec: dict) -> Any:
@@ -425,10 +428,15 @@ def run_eft(work: Path, bs: int, cache: Path, tag: str, fresh: bool, src: str | 
 def run_peer_job(args: argparse.Namespace, work: Path, bs: int, tag: str) -> Run:
     """This script's ``--run-peer`` mode as a subprocess, at batch size ``bs``."""
     out = work / f"peer-bs{bs}-{tag}.jsonl"
+    # As in the peer's own environment (torch + transformers, no JAX): transformers 4.x imports JAX (~1.3 s)
+    # when it finds it installed, as it is in a virtualenv made over this machine's site-packages.
+    env = {**os.environ, "USE_FLAX": "0", "USE_TF": "0"}
     wall, log = timed([args.peer_python, __file__, "--run-peer", "--proxy-tuning-dir", args.proxy_tuning_dir,
-                       "--peer-input", str(work / "peer-input.json"), "--out", str(out), "--batch-size", str(bs)])
+                       "--peer-input", str(work / "peer-input.json"), "--out", str(out), "--batch-size", str(bs)], env)
     phases = json.loads(next(line for line in log.splitlines() if line.startswith('{"peer_phases"')))["peer_phases"]
-    detail = {k: float(v) for k, v in phases.items() if k != "dtype"}
+    detail = {k: float(v) for k, v in phases.items() if k not in ("dtype", "jax_imported")}
+    if phases.get("jax_imported"):
+        print("# warning: the peer imported JAX (its own environment would not have it): its start-up is overstated")
     if phases["prompts_with_other_ids"]:
         print(f"# warning: the peer's tokenizer gave {phases['prompts_with_other_ids']} prompts other ids than eft-jax")
     detail["startup"] = wall - sum(detail[k] for k in ("import", "load", "generate", "write")) + detail["import"]
