@@ -160,7 +160,7 @@ def _reads_by_thread(monkeypatch, hold: threading.Event | None = None,
     return reads
 
 
-def _program_file(store: Path, n: int, x, w) -> str:
+def _program_file(n: int, x, w) -> str:
     """The file name the call ``_mix(n, x, w)`` keys to."""
     leaves, tree = jax.tree.flatten((x, w))
     key = programs.jit(_mix, static_argnums=0).key_text((n, x, w), tree, tuple(programs._signature(v) for v in leaves))
@@ -174,7 +174,7 @@ def test_a_warm_start_loads_the_programs_the_last_one_used_in_the_background(sto
         for n in (3, 2, 1):
             programs.jit(_mix, static_argnums=0)(n, x, w)
     (listing,) = store.glob("*.programs.json")
-    files = [_program_file(store, n, x, w) for n in (3, 2, 1)]
+    files = [_program_file(n, x, w) for n in (3, 2, 1)]
     assert json.loads(listing.read_text()) == {"tag": "job A", "programs": files}  # in the order of use
 
     _forbid_compiling(monkeypatch)
@@ -207,7 +207,7 @@ def test_a_call_waits_for_its_program_s_load_or_loads_it_itself_if_not_begun(sto
         out3 = programs.jit(_mix, static_argnums=0)(3, x, w)
     np.testing.assert_array_equal(np.asarray(out2), np.asarray(_reference(2, x, w)))
     np.testing.assert_array_equal(np.asarray(out3), np.asarray(_reference(3, x, w)))
-    f3, f2 = _program_file(store, 3, x, w), _program_file(store, 2, x, w)
+    f3, f2 = _program_file(3, x, w), _program_file(2, x, w)
     assert sorted(reads) == sorted([("MainThread", f2), (reads[0][0], f3)]) and reads[0][0].startswith("eft-jax-preload")
 
 
@@ -220,11 +220,11 @@ def test_a_warm_start_remembers_what_its_job_used_and_ignores_a_bad_list(store, 
     # The next run of the tag uses only program 1: the unused preloads are dropped, the list becomes [1].
     with programs.warm_start("job A"):
         programs.jit(_mix, static_argnums=0)(1, x, w)
-    assert json.loads(listing.read_text())["programs"] == [_program_file(store, 1, x, w)]
+    assert json.loads(listing.read_text())["programs"] == [_program_file(1, x, w)]
     assert not programs._PRELOADS
     # Broken lists, a list of another tag, names that are not program files: nothing preloaded, the job runs.
     reads = _reads_by_thread(monkeypatch)
-    for bad in ("{not json", json.dumps({"tag": "job B", "programs": [_program_file(store, 1, x, w)]}),
+    for bad in ("{not json", json.dumps({"tag": "job B", "programs": [_program_file(1, x, w)]}),
                 json.dumps({"tag": "job A", "programs": ["../../elsewhere.program", "missing.program", 7]}),
                 json.dumps(["job A"])):
         listing.write_text(bad)
@@ -232,10 +232,10 @@ def test_a_warm_start_remembers_what_its_job_used_and_ignores_a_bad_list(store, 
             assert not programs._PRELOADS
             np.testing.assert_array_equal(np.asarray(programs.jit(_mix, static_argnums=0)(1, x, w)),
                                           np.asarray(_reference(1, x, w)))
-        assert json.loads(listing.read_text())["programs"] == [_program_file(store, 1, x, w)]
+        assert json.loads(listing.read_text())["programs"] == [_program_file(1, x, w)]
     assert all(thread == "MainThread" for thread, _ in reads)
     # A broken program file in the list: the background failure is quiet, the call's own load warns once.
-    (path,) = [p for p in store.glob("*.program") if p.name == _program_file(store, 1, x, w)]
+    (path,) = [p for p in store.glob("*.program") if p.name == _program_file(1, x, w)]
     path.write_bytes(path.read_bytes()[:100])
     with programs.warm_start("job A"), pytest.warns(UserWarning, match="unreadable compiled program"):
         for future in list(programs._PRELOADS.values()):
