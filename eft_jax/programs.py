@@ -145,11 +145,11 @@ class SavedJit:
         path = directory / (hashlib.sha256(key.encode()).hexdigest() + _SUFFIX)
         for session in _WARM_STARTS:
             session.used.append(path.name)
-        program = _take_preloaded(path, key)
-        if program is None and path.exists():
-            program = _load(path, key)
-        if program is not None:
-            return program
+        loaded = _take_preloaded(path)
+        if loaded is None and path.exists():
+            loaded = _load(path)
+        if loaded is not None and loaded[0] == key:  # another key in the file: a miss
+            return loaded[1]
         compiled = _compile_fresh(self.jitted.lower(*args))
         _save(path, key, compiled, jax.tree.structure((dynamic, {})))
         return compiled
@@ -344,15 +344,14 @@ class _DeviceUnpickler(pickle.Unpickler):
         return self.devices_by_id[device_id]
 
 
-def _load(path: Path, key: str) -> Any:
-    """The program saved at ``path`` for ``key``, or None (a miss: another key, or a broken file, warned)."""
+def _load(path: Path) -> tuple[str, Any] | None:
+    """:func:`_read`, or None for a broken file (warned: a miss, compiled again)."""
     try:
-        saved_key, program = _read(path)
+        return _read(path)
     except Exception as e:  # noqa: BLE001 - any failure to read a cache entry is a miss, never a failed job
         warnings.warn(f"eft-jax: ignoring the unreadable compiled program {path} ({type(e).__name__}: {e}); "
                       "compiling it again", stacklevel=4)
         return None
-    return program if saved_key == key else None
 
 
 # --- warm starts: a job's programs loaded in the background while it loads its models -------------------
@@ -414,16 +413,15 @@ def warm_start(tag: str) -> Iterator[None]:
         session.close()
 
 
-def _take_preloaded(path: Path, key: str) -> Any:
-    """The program a warm start loaded (or is loading) from ``path``, if its key is ``key``; else None."""
+def _take_preloaded(path: Path) -> tuple[str, Any] | None:
+    """What a warm start's :func:`_read` of ``path`` gave (waiting for it if it has begun), or None."""
     future = _PRELOADS.pop(path, None)
     if future is None or future.cancel():  # not begun: the caller loads it now rather than wait its turn
         return None
     try:
-        saved_key, program = future.result()
+        return future.result()
     except Exception:  # noqa: BLE001 - the caller's own load reports a broken file
         return None
-    return program if saved_key == key else None
 
 
 def _read_list(path: Path, tag: str) -> list[str]:
